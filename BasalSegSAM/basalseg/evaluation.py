@@ -1,0 +1,152 @@
+"""Segmentation metrics, per structure, and their reports.
+
+Definitions (``P`` predicted voxels of a structure, ``R`` reference voxels, volumes in mm^3 from
+voxel counts times the voxel volume):
+
+* **Dice** = 2 |P n R| / (|P| + |R|); 1 is perfect overlap. Both empty counts as 1.
+* **Volume accuracy** = 1 - |V_P - V_R| / V_R; 1 is the exact volume, 0.96 means the volumes
+  differ by 4% of the reference. It ignores position: a shifted structure of the right size
+  scores 1, which is why Dice and HD95 are reported beside it. Undefined (NaN) when V_R = 0.
+* **HD95** = 95th percentile of the symmetric surface distances between P and R, in mm (MONAI's
+  ``compute_hausdorff_distance`` with ``percentile=95`` and the voxel spacing); NaN when either
+  is empty.
+
+Means over structures skip NaNs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .structures import STRUCTURES
+
+__all__ = ["structure_metrics", "evaluate_labelmaps", "evaluate_files", "summarise", "metrics_csv", "markdown_table",
+           "METRIC_COLUMNS"]
+
+METRIC_COLUMNS = ["case", "structure", "dice", "volume_accuracy", "hd95_mm", "volume_pred_ml", "volume_ref_ml"]
+
+
+def _hd95(pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, float, float]) -> float:
+    from monai.metrics import compute_hausdorff_distance
+
+    if not pred.any() or not ref.any():
+        return float("nan")
+    # crop to both masks' box (+1) so the distance transforms stay small
+    both = pred | ref
+    idx = np.nonzero(both)
+    box = tuple(slice(max(int(i.min()) - 1, 0), int(i.max()) + 2) for i in idx)
+    p = torch.from_numpy(pred[box][None, None].astype(np.float32))
+    r = torch.from_numpy(ref[box][None, None].astype(np.float32))
+    value = compute_hausdorff_distance(p, r, include_background=True, percentile=95, spacing=list(spacing))
+    return float(value.reshape(-1)[0])
+
+
+def structure_metrics(pred: np.ndarray, ref: np.ndarray, spacing=(1.0, 1.0, 1.0), voxel_volume_mm3: float | None = None) -> dict:
+    """Dice, volume accuracy and HD95 for one binary structure (see module docstring)."""
+    pred, ref = np.asarray(pred, bool), np.asarray(ref, bool)
+    if pred.shape != ref.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from reference {ref.shape}")
+    vv = float(voxel_volume_mm3 if voxel_volume_mm3 is not None else np.prod(spacing))
+    n_p, n_r = int(pred.sum()), int(ref.sum())
+    inter = int((pred & ref).sum())
+    dice = 1.0 if n_p + n_r == 0 else 2.0 * inter / (n_p + n_r)
+    vp, vr = n_p * vv, n_r * vv
+    vacc = float("nan") if vr == 0 else 1.0 - abs(vp - vr) / vr
+    return {"dice": dice, "volume_accuracy": vacc, "hd95_mm": _hd95(pred, ref, tuple(spacing)),
+            "volume_pred_ml": vp / 1000.0, "volume_ref_ml": vr / 1000.0}
+
+
+def evaluate_labelmaps(pred: np.ndarray, ref: np.ndarray, spacing=(1.0, 1.0, 1.0), case: str = "",
+                       values: str = "label") -> list[dict]:
+    """One row per structure for two labelmaps on the same grid.
+
+    Args:
+        pred, ref: labelmaps, FreeSurfer values (``values="label"``) or class indices (``"class"``).
+        spacing: voxel size in mm.
+        case: name put in each row.
+    """
+    rows = []
+    for s in STRUCTURES:
+        v = s.label if values == "label" else s.class_index
+        m = structure_metrics(pred == v, ref == v, spacing)
+        rows.append({"case": case, "structure": s.name, **m})
+    return rows
+
+
+def evaluate_files(pred_path: str | os.PathLike, ref_path: str | os.PathLike, ref_mapping: dict | None = None,
+                   resample: bool = False) -> list[dict]:
+    """Metrics for a predicted and a reference label file (NIfTI or NRRD).
+
+    Args:
+        ref_mapping: reference label value -> FreeSurfer value, for references in another numbering.
+        resample: put the prediction on the reference grid (nearest neighbour) when the grids differ;
+            otherwise differing grids are an error.
+
+    Raises:
+        InputImageError: unreadable file, or different grids without ``resample``.
+    """
+    from .errors import InputImageError
+    from .imageio import load_volume
+    from .spatial import Grid, resample_to_grid
+
+    pred = load_volume(pred_path, check=False)
+    ref = load_volume(ref_path, check=False)
+    p = np.rint(np.asarray(pred.data)).astype(np.int32).reshape(pred.data.shape[:3])
+    r = np.rint(np.asarray(ref.data)).astype(np.int32).reshape(ref.data.shape[:3])
+    if p.shape != r.shape or not np.allclose(pred.affine, ref.affine, atol=1e-3):
+        if not resample:
+            raise InputImageError(f"{pred_path} and {ref_path} are on different grids ({p.shape} vs {r.shape}); "
+                                  "pass --resample to compare on the reference grid")
+        p = resample_to_grid(p, pred.affine, Grid(r.shape, ref.affine), order=0)
+    if ref_mapping:
+        mapped = np.zeros_like(r)
+        for src, dst in ref_mapping.items():
+            mapped[r == int(src)] = int(dst)
+        r = mapped
+    case = Path(pred_path).name
+    return evaluate_labelmaps(p, r, tuple(float(s) for s in ref.spacing), case=case)
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Mean of each metric per structure and over all structures (NaNs skipped)."""
+    out: dict = {"per_structure": {}, "mean": {}}
+    metrics = ["dice", "volume_accuracy", "hd95_mm"]
+    for s in STRUCTURES:
+        sel = [r for r in rows if r["structure"] == s.name]
+        out["per_structure"][s.name] = {m: _nanmean([r[m] for r in sel]) for m in metrics}
+    for m in metrics:
+        out["mean"][m] = _nanmean([r[m] for r in rows])
+    return out
+
+
+def _nanmean(values) -> float:
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def metrics_csv(rows: list[dict]) -> str:
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()})
+    return buffer.getvalue()
+
+
+def markdown_table(summaries: dict[str, dict], metric_names=("dice", "volume_accuracy", "hd95_mm")) -> str:
+    """A markdown table with one row per method/variant and mean metrics as columns."""
+    head = "| variant | " + " | ".join({"dice": "Dice", "volume_accuracy": "volume accuracy", "hd95_mm": "HD95 (mm)"}[m]
+                                       for m in metric_names) + " |"
+    lines = [head, "|" + "---|" * (len(metric_names) + 1)]
+    for name, summary in summaries.items():
+        vals = " | ".join(f"{summary['mean'][m]:.3f}" if not math.isnan(summary["mean"][m]) else "n/a" for m in metric_names)
+        lines.append(f"| {name} | {vals} |")
+    return "\n".join(lines) + "\n"

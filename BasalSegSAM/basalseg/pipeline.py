@@ -1,0 +1,303 @@
+"""The whole method, stage by stage, usable from a shell, from tests and from Slicer.
+
+1. input -> canonical 1 mm RAS (:mod:`basalseg.spatial`), intensities to [0, 1]
+2. prompt generator -> per-slice boxes and points (:mod:`basalseg.prompter`)
+3. frozen foundation backend per slice -> stacked 3D masks (:mod:`basalseg.foundation`)
+4. masks -> SDM channels (:mod:`basalseg.sdm`)
+5. student U-Net on [T1, SDM] -> labelmap (:mod:`basalseg.student`), back on the input grid
+
+Networks and the backend are passed in or loaded lazily, so tests can use small real ones.
+Structures the prompt generator does not find get no prompts and are left empty in the output
+(never invented by the student); when it finds none at all, :class:`NothingFoundError` says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import __version__
+from .errors import BasalSegError, Cancelled
+from .foundation import FoundationBackend, SliceMaskCache, make_backend, pick_device, run_foundation
+from .imageio import Volume
+from .intensity import normalize01
+from .prompter import generate_prompts
+from .prompts import PromptSet
+from .sdm import DEFAULT_BAND
+from .spatial import Grid, resample_to_grid, to_canonical
+from .structures import STRUCTURES, classes_to_labels
+from .student import build_student_input, predict_student, student_roi
+
+__all__ = ["PipelineConfig", "Pipeline", "SegmentResult", "NothingFoundError", "ProgressFn"]
+
+log = logging.getLogger("basalseg")
+
+#: ``progress(stage, fraction)``: stage is one of "prepare", "prompter", "foundation", "sdm",
+#: "student", "resample"; fraction in [0, 1] within that stage.
+ProgressFn = Callable[[str, float], None]
+
+
+class NothingFoundError(BasalSegError):
+    """The prompt generator found none of the structures (not a brain T1, or they are outside the field of view)."""
+
+
+@dataclass
+class PipelineConfig:
+    """Options of a run (all have working defaults).
+
+    Attributes:
+        foundation: ``"litemedsam"`` (offline default) or ``"sam2"``.
+        checkpoint: foundation weights (file, or SAM-2 catalogue name); None = backend default.
+        device: ``"cpu"``, ``"cuda"`` or None (CUDA when available).
+        weights_dir: folder with the prompter/student manifest; None = shipped weights.
+        prompter_checkpoint, student_checkpoint: explicit checkpoint files (override the manifest).
+        band: SDM band half-width in voxels; None = the band the student was trained with.
+        crop: crop each slice to its region of interest before the foundation encoder.
+        threads: torch CPU threads (None = torch's default).
+        min_prompt_pixels: a structure needs this many prompter pixels on a slice to get a prompt.
+    """
+
+    foundation: str = "litemedsam"
+    checkpoint: str | None = None
+    device: str | None = None
+    weights_dir: str | None = None
+    prompter_checkpoint: str | None = None
+    student_checkpoint: str | None = None
+    band: float | None = None
+    crop: bool = True
+    threads: int | None = None
+    min_prompt_pixels: int = 4
+    backend_options: dict = field(default_factory=dict)
+
+
+@dataclass
+class SegmentResult:
+    """Everything a run produced.
+
+    Attributes:
+        volume: the input (its grid and affine are the output's).
+        labels: ``volume.shape`` int16 labelmap, FreeSurfer values.
+        grid: the canonical grid used internally.
+        image01: canonical image in [0, 1].
+        classes: canonical class-index labelmap (the student's output).
+        coarse: the prompter's canonical labelmap.
+        masks: ``(8, X, Y, Z)`` stacked foundation masks.
+        prompts: the prompts used.
+        timings: seconds per stage.
+        provenance: versions, backend, weights, options.
+        missing: structure keys that got no prompts (left empty).
+    """
+
+    volume: Volume
+    labels: np.ndarray
+    grid: Grid
+    image01: np.ndarray
+    classes: np.ndarray
+    coarse: np.ndarray | None
+    masks: np.ndarray
+    prompts: PromptSet
+    timings: dict
+    provenance: dict
+    missing: list[str]
+
+
+class Pipeline:
+    """Runs the stages; networks are loaded on first use unless passed in.
+
+    Args:
+        config: options.
+        backend: a foundation backend instance (else built from ``config``).
+        prompter, student: networks (else loaded from the weights manifest or checkpoint files).
+    """
+
+    def __init__(self, config: PipelineConfig | None = None, backend: FoundationBackend | None = None,
+                 prompter: torch.nn.Module | None = None, student: torch.nn.Module | None = None):
+        self.config = config or PipelineConfig()
+        if self.config.threads:
+            torch.set_num_threads(int(self.config.threads))
+        self.device = pick_device(self.config.device)
+        self._backend = backend
+        self._prompter = prompter
+        self._student = student
+        self.weights_info: dict = {}
+
+    # -- lazily loaded parts -------------------------------------------------------------
+    @property
+    def backend(self) -> FoundationBackend:
+        if self._backend is None:
+            self._backend = make_backend(self.config.foundation, self.config.checkpoint, str(self.device),
+                                         **self.config.backend_options)
+        return self._backend
+
+    def _load(self, kind: str) -> torch.nn.Module:
+        from .weights import load_model
+
+        checkpoint = self.config.prompter_checkpoint if kind == "prompter" else self.config.student_checkpoint
+        foundation = None if kind == "prompter" else self.config.foundation
+        net, info = load_model(kind, foundation, self.config.weights_dir, checkpoint, device=self.device)
+        self.weights_info[kind] = {k: info[k] for k in ("file", "sha256", "trained")}
+        if kind == "student":
+            self.student_meta = info["meta"]
+        return net
+
+    def student_mode(self) -> tuple[str, float]:
+        """The student's input mode and SDM band. The band is ``config.band`` when set, else the one
+        the student was trained with (recorded in its checkpoint), else :data:`DEFAULT_BAND`."""
+        meta = getattr(self, "student_meta", {}) or {}
+        mode = meta.get("input_mode", "sdm")
+        trained = meta.get("band")
+        band = float(self.config.band if self.config.band is not None else (trained or DEFAULT_BAND))
+        if trained is not None and band != float(trained):
+            log.warning("the student was trained with SDM band %s but band %s was asked for", trained, band)
+        return mode, band
+
+    @property
+    def prompter(self) -> torch.nn.Module:
+        if self._prompter is None:
+            self._prompter = self._load("prompter")
+        return self._prompter.to(self.device).eval()
+
+    @property
+    def student(self) -> torch.nn.Module:
+        if self._student is None:
+            self._student = self._load("student")
+        return self._student.to(self.device).eval()
+
+    # -- stages ----------------------------------------------------------------------------
+    def prepare(self, volume: Volume) -> tuple[np.ndarray, Grid]:
+        """Canonical 1 mm image in [0, 1] and its grid."""
+        data, grid = to_canonical(volume)
+        return normalize01(data), grid
+
+    def generate_prompts(self, volume: Volume, prepared: tuple[np.ndarray, Grid] | None = None
+                         ) -> tuple[PromptSet, np.ndarray, np.ndarray, Grid]:
+        """Stage 2 only: ``(prompts, coarse_classes, image01, grid)``."""
+        image01, grid = prepared or self.prepare(volume)
+        prompts, coarse = generate_prompts(self.prompter, image01, grid, self.device,
+                                           min_pixels=self.config.min_prompt_pixels)
+        prompts.source.update({"image": volume.path})
+        return prompts, coarse, image01, grid
+
+    def segment(self, volume: Volume, prompts: PromptSet | None = None, progress: ProgressFn | None = None,
+                should_stop: Callable[[], bool] | None = None, cache: SliceMaskCache | None = None) -> SegmentResult:
+        """Run every stage on a checked input volume.
+
+        Args:
+            volume: input (see :func:`basalseg.imageio.load_volume`).
+            prompts: prompts to use instead of the prompt generator's (e.g. edited ones); they
+                must be on this image's canonical grid.
+            progress: stage progress callback.
+            should_stop: polled between steps; True cancels (raises :class:`Cancelled`).
+            cache: foundation masks of unchanged slices are reused from it (and it is updated).
+
+        Raises:
+            NothingFoundError: no structure found. PromptsError: prompts for another grid.
+            Cancelled: ``should_stop`` returned True.
+        """
+        report = progress or (lambda stage, fraction: None)
+        stop = should_stop or (lambda: False)
+        timings: dict[str, float] = {}
+
+        def checkpoint(stage: str) -> None:
+            if stop():
+                raise Cancelled(f"cancelled before the {stage} stage")
+
+        t0 = time.perf_counter()
+        report("prepare", 0.0)
+        # Load every network first: a missing or corrupt checkpoint fails in seconds, not after
+        # minutes of foundation-model work.
+        if prompts is None:
+            _ = self.prompter
+        _ = self.student, self.backend
+        image01, grid = self.prepare(volume)
+        timings["prepare"] = time.perf_counter() - t0
+        report("prepare", 1.0)
+
+        coarse = None
+        checkpoint("prompter")
+        t = time.perf_counter()
+        if prompts is None:
+            report("prompter", 0.0)
+            prompts, coarse, _, _ = self.generate_prompts(volume, (image01, grid))
+            report("prompter", 1.0)
+        else:
+            prompts.check_grid(grid)
+        timings["prompter"] = time.perf_counter() - t
+        found = prompts.structures_found()
+        missing = [s.key for s in STRUCTURES if s.key not in found]
+        if not found:
+            raise NothingFoundError(
+                "the prompt generator found none of the 8 structures in this image; is it a brain T1 "
+                "that covers the basal ganglia and thalamus?")
+        if missing:
+            log.warning("no prompts for %s: left empty", ", ".join(missing))
+
+        checkpoint("foundation")
+        t = time.perf_counter()
+        masks = run_foundation(self.backend, image01, prompts, crop=self.config.crop, cache=cache,
+                               progress=lambda done, total: report("foundation", done / max(total, 1)),
+                               should_stop=stop)
+        timings["foundation"] = time.perf_counter() - t
+
+        checkpoint("sdm")
+        t = time.perf_counter()
+        student = self.student
+        mode, band = self.student_mode()
+        roi = student_roi(masks, _box_mask(prompts) if coarse is None else coarse)
+        inputs = build_student_input(image01[roi], masks[(slice(None),) + roi], mode, band)
+        timings["sdm"] = time.perf_counter() - t
+        report("sdm", 1.0)
+
+        checkpoint("student")
+        t = time.perf_counter()
+        report("student", 0.0)
+        crop_classes = predict_student(student, inputs, self.device)
+        for key in missing:  # never invent a structure the prompter did not find
+            crop_classes[crop_classes == next(s.class_index for s in STRUCTURES if s.key == key)] = 0
+        classes = np.zeros(grid.shape, dtype=np.uint8)
+        classes[roi] = crop_classes
+        timings["student"] = time.perf_counter() - t
+        report("student", 1.0)
+
+        checkpoint("resample")
+        t = time.perf_counter()
+        labels_c = classes_to_labels(classes)
+        labels = resample_to_grid(labels_c, grid.affine, Grid(volume.shape, volume.affine), order=0)
+        timings["resample"] = time.perf_counter() - t
+        timings["total"] = time.perf_counter() - t0
+        report("resample", 1.0)
+        return SegmentResult(volume=volume, labels=labels.astype(np.int16), grid=grid, image01=image01,
+                             classes=classes, coarse=coarse, masks=masks, prompts=prompts, timings=timings,
+                             provenance=self.provenance(), missing=missing)
+
+    def provenance(self) -> dict:
+        import monai
+
+        backend = self._backend.describe() if self._backend is not None else {"backend": self.config.foundation}
+        return {
+            "basalseg": __version__,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "monai": monai.__version__,
+            "numpy": np.__version__,
+            "device": str(self.device),
+            "foundation": backend,
+            "weights": self.weights_info,
+            "options": {"band": self.student_mode()[1], "student_input": self.student_mode()[0], "crop": self.config.crop,
+                        "min_prompt_pixels": self.config.min_prompt_pixels},
+        }
+
+
+def _box_mask(prompts: PromptSet) -> np.ndarray:
+    """Boolean canonical volume that is True inside every prompt box (for the student's crop)."""
+    mask = np.zeros(prompts.grid.shape, dtype=bool)
+    for p in prompts.prompts:
+        x0, y0, x1, y1 = (int(round(v)) for v in p.box)
+        mask[x0 : x1 + 1, y0 : y1 + 1, p.slice] = True
+    return mask

@@ -1,0 +1,299 @@
+"""Per-slice prompts: extraction from a coarse labelmap, and the editable ``prompts.json``.
+
+Coordinate convention (stated once, used by every backend and by the Slicer bridge):
+
+* Prompts live on the **canonical grid** (:mod:`basalseg.spatial`): RAS+, isotropic, indexed
+  ``[i, j, k]``. A prompt belongs to one **axial slice** ``k`` (``volume[:, :, k]``).
+* In that slice, ``x`` is the ``i`` index and ``y`` the ``j`` index, in voxel (pixel-centre)
+  units, so the 2D slice image seen by a foundation model is ``volume[:, :, k].T`` (rows ``y``,
+  columns ``x``).
+* A **box** is ``[x0, y0, x1, y1]`` (XYXY) with both corners inclusive: the box covers pixel
+  centres ``x0..x1`` and ``y0..y1``.
+* **Points** are ``[x, y]``; ``point_labels`` are 1 for a positive point (inside the structure)
+  and 0 for a negative one (background). Generated prompts carry 5 positive points; negative
+  points are never generated, users add them when correcting a leak.
+
+``prompts.json`` (format ``basalseg-prompts``, version 1) stores the canonical grid's shape and
+affine, so the boxes can be placed in world space (the Slicer module does), and a prompt file
+made for another image is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from .errors import PromptsError
+from .spatial import Grid
+from .structures import STRUCTURES, Structure, get_structure
+
+__all__ = [
+    "Prompt",
+    "PromptSet",
+    "prompts_from_classes",
+    "prompt_from_mask",
+    "load_prompts",
+    "prompts_from_dict",
+    "save_prompts",
+    "PROMPTS_FORMAT",
+    "PROMPTS_VERSION",
+]
+
+PROMPTS_FORMAT = "basalseg-prompts"
+PROMPTS_VERSION = 1
+AXIS_CONVENTION = (
+    "Canonical RAS+ grid indexed [i,j,k]; a prompt belongs to axial slice k; x=i, y=j in voxel units; "
+    "box=[x0,y0,x1,y1] inclusive pixel centres; points=[x,y]; point_labels 1=positive, 0=negative."
+)
+
+
+@dataclass
+class Prompt:
+    """The prompt for one structure on one axial slice (see module docstring for axes).
+
+    Attributes:
+        structure: the structure's key (``left_putamen``).
+        slice: axial slice index ``k`` on the canonical grid.
+        box: ``[x0, y0, x1, y1]`` inclusive, pixels.
+        points: ``(P, 2)`` list of ``[x, y]``.
+        point_labels: ``P`` values, 1 positive, 0 negative.
+    """
+
+    structure: str
+    slice: int
+    box: list[float]
+    points: list[list[float]] = field(default_factory=list)
+    point_labels: list[int] = field(default_factory=list)
+
+    @property
+    def struct(self) -> Structure:
+        return get_structure(self.structure)
+
+    def to_dict(self) -> dict:
+        return {
+            "structure": self.structure,
+            "slice": int(self.slice),
+            "box": [round(float(v), 3) for v in self.box],
+            "points": [[round(float(x), 3), round(float(y), 3)] for x, y in self.points],
+            "point_labels": [int(v) for v in self.point_labels],
+        }
+
+
+@dataclass
+class PromptSet:
+    """All prompts for one image, with the canonical grid they refer to."""
+
+    grid: Grid
+    prompts: list[Prompt] = field(default_factory=list)
+    source: dict = field(default_factory=dict)
+
+    def slices(self) -> list[int]:
+        """Axial slice indices that carry at least one prompt, ascending."""
+        return sorted({p.slice for p in self.prompts})
+
+    def on_slice(self, k: int) -> list[Prompt]:
+        """Prompts on slice ``k`` in structure (class index) order."""
+        return sorted((p for p in self.prompts if p.slice == k), key=lambda p: p.struct.class_index)
+
+    def for_structure(self, key: str) -> list[Prompt]:
+        key = get_structure(key).key
+        return sorted((p for p in self.prompts if p.structure == key), key=lambda p: p.slice)
+
+    def structures_found(self) -> list[str]:
+        keys = {p.structure for p in self.prompts}
+        return [s.key for s in STRUCTURES if s.key in keys]
+
+    def to_dict(self) -> dict:
+        return {
+            "format": PROMPTS_FORMAT,
+            "version": PROMPTS_VERSION,
+            "axis_convention": AXIS_CONVENTION,
+            "grid": self.grid.to_dict(),
+            "source": self.source,
+            "prompts": [p.to_dict() for p in sorted(self.prompts, key=lambda p: (p.slice, p.struct.class_index))],
+        }
+
+    def validate(self) -> "PromptSet":
+        """Check every prompt against the grid; raise :class:`PromptsError` naming the first problem."""
+        nx, ny, nz = self.grid.shape
+        seen: set[tuple[str, int]] = set()
+        for n, p in enumerate(self.prompts):
+            where = f"prompt {n} ({p.structure}, slice {p.slice})"
+            p.structure = get_structure(p.structure).key  # raises UnknownStructureError
+            if not 0 <= p.slice < nz:
+                raise PromptsError(f"{where}: slice {p.slice} is outside the image (0..{nz - 1})")
+            if (p.structure, p.slice) in seen:
+                raise PromptsError(f"{where}: a second prompt for the same structure and slice")
+            seen.add((p.structure, p.slice))
+            if len(p.box) != 4 or not all(math.isfinite(v) for v in p.box):
+                raise PromptsError(f"{where}: box must be 4 finite numbers [x0, y0, x1, y1]")
+            x0, y0, x1, y1 = p.box
+            if x0 > x1 or y0 > y1:
+                raise PromptsError(f"{where}: box {p.box} has x0 > x1 or y0 > y1")
+            if x0 < 0 or y0 < 0 or x1 > nx - 1 or y1 > ny - 1:
+                raise PromptsError(f"{where}: box {p.box} lies outside the image (x 0..{nx - 1}, y 0..{ny - 1})")
+            if len(p.points) != len(p.point_labels):
+                raise PromptsError(f"{where}: {len(p.points)} points but {len(p.point_labels)} point_labels")
+            for pt, lab in zip(p.points, p.point_labels):
+                if len(pt) != 2 or not all(math.isfinite(v) for v in pt):
+                    raise PromptsError(f"{where}: point {pt} must be [x, y]")
+                if not (0 <= pt[0] <= nx - 1 and 0 <= pt[1] <= ny - 1):
+                    raise PromptsError(f"{where}: point {pt} lies outside the image")
+                if lab not in (0, 1):
+                    raise PromptsError(f"{where}: point label {lab} must be 1 (positive) or 0 (negative)")
+        return self
+
+    def check_grid(self, grid: Grid, atol: float = 1e-3) -> None:
+        """Refuse prompts made for another image grid."""
+        if tuple(grid.shape) != tuple(self.grid.shape) or not np.allclose(grid.affine, self.grid.affine, atol=atol):
+            raise PromptsError(
+                "prompts were made for another image: their grid "
+                f"{list(self.grid.shape)} does not match this image's canonical grid {list(grid.shape)}"
+            )
+
+
+def prompt_from_mask(mask2d: np.ndarray, structure: str, k: int, n_points: int = 5, box_margin: int = 2) -> Prompt:
+    """Box and positive points for one structure's mask on one slice.
+
+    Args:
+        mask2d: boolean ``(X, Y)`` mask, indexed ``[x, y]`` (= ``volume[:, :, k]``).
+        structure: structure key.
+        k: slice index.
+        n_points: number of positive points. The first is the mask's deepest pixel (largest
+            distance to the background); the others are chosen by farthest-point sampling among
+            pixels at least 2 px inside (all mask pixels when too few are), so they spread over
+            the structure. Ties go to the lowest index, so the result is deterministic.
+        box_margin: pixels added on each side of the tight box, clipped to the slice.
+
+    Returns:
+        The prompt.
+    """
+    mask2d = np.asarray(mask2d, dtype=bool)
+    xs, ys = np.nonzero(mask2d)
+    if xs.size == 0:
+        raise ValueError("empty mask")
+    nx, ny = mask2d.shape
+    box = [
+        float(max(xs.min() - box_margin, 0)),
+        float(max(ys.min() - box_margin, 0)),
+        float(min(xs.max() + box_margin, nx - 1)),
+        float(min(ys.max() + box_margin, ny - 1)),
+    ]
+    depth = ndimage.distance_transform_edt(np.pad(mask2d, 1))[1:-1, 1:-1]
+    candidates = np.argwhere(depth >= 2.0)
+    if len(candidates) < n_points:
+        candidates = np.argwhere(mask2d)
+    first = np.unravel_index(int(np.argmax(depth)), depth.shape)
+    chosen = [np.array(first)]
+    dist = np.linalg.norm(candidates - chosen[0], axis=1)
+    while len(chosen) < min(n_points, len(candidates)):
+        nxt = candidates[int(np.argmax(dist))]
+        chosen.append(nxt)
+        dist = np.minimum(dist, np.linalg.norm(candidates - nxt, axis=1))
+    while len(chosen) < n_points:  # tiny masks: repeat the deepest point
+        chosen.append(chosen[0])
+    points = [[float(c[0]), float(c[1])] for c in chosen]
+    return Prompt(structure, int(k), box, points, [1] * n_points)
+
+
+def prompts_from_classes(
+    classes: np.ndarray, grid: Grid, min_pixels: int = 4, n_points: int = 5, box_margin: int = 2
+) -> PromptSet:
+    """Prompts for every structure on every axial slice of a class-index labelmap.
+
+    Args:
+        classes: ``(X, Y, Z)`` class indices (0..8) on the canonical grid (usually the prompt
+            generator's coarse output).
+        grid: that canonical grid.
+        min_pixels: slices where a structure has fewer pixels get no prompt.
+        n_points, box_margin: see :func:`prompt_from_mask`.
+    """
+    if classes.shape != tuple(grid.shape):
+        raise ValueError(f"labelmap shape {classes.shape} does not match grid {grid.shape}")
+    prompts: list[Prompt] = []
+    for s in STRUCTURES:
+        mask = classes == s.class_index
+        per_slice = mask.sum(axis=(0, 1))
+        for k in np.nonzero(per_slice >= min_pixels)[0]:
+            prompts.append(prompt_from_mask(mask[:, :, k], s.key, int(k), n_points, box_margin))
+    return PromptSet(grid=grid, prompts=prompts)
+
+
+def _parse(data: object, name: str) -> PromptSet:
+    if not isinstance(data, dict):
+        raise PromptsError(f"{name}: top level must be a JSON object")
+    if data.get("format") != PROMPTS_FORMAT:
+        raise PromptsError(f"{name}: not a BasalSegSAM prompts file (format {data.get('format')!r})")
+    if data.get("version") != PROMPTS_VERSION:
+        raise PromptsError(f"{name}: prompts version {data.get('version')!r} is not supported (need {PROMPTS_VERSION})")
+    try:
+        grid = Grid.from_dict(data["grid"])
+        if len(grid.shape) != 3 or min(grid.shape) < 1 or grid.affine.shape != (4, 4):
+            raise ValueError("grid must have a 3D shape and a 4x4 affine")
+        prompts = []
+        for n, item in enumerate(data.get("prompts", [])):
+            if not isinstance(item, dict):
+                raise ValueError(f"prompt {n} is not an object")
+            points = item.get("points", [])
+            labels = item.get("point_labels", [1] * len(points))
+            prompts.append(
+                Prompt(
+                    structure=str(item["structure"]),
+                    slice=_as_int(item["slice"], f"prompt {n} slice"),
+                    box=[float(v) for v in item["box"]],
+                    points=[[float(v) for v in pt] for pt in points],
+                    point_labels=[_as_int(v, f"prompt {n} point label") for v in labels],
+                )
+            )
+    except PromptsError:
+        raise
+    except (KeyError, TypeError, ValueError) as exc:
+        missing = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise PromptsError(f"{name}: malformed prompts ({missing})") from exc
+    source = data.get("source") if isinstance(data.get("source"), dict) else {}
+    try:
+        return PromptSet(grid=grid, prompts=prompts, source=source).validate()
+    except PromptsError as exc:
+        raise type(exc)(f"{name}: {exc}") from None
+
+
+def _as_int(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+        raise ValueError(f"{what} must be an integer, got {value!r}")
+    return int(value)
+
+
+def load_prompts(path: str | os.PathLike) -> PromptSet:
+    """Read and validate a ``prompts.json``.
+
+    Raises:
+        PromptsError: unreadable, malformed or out-of-range; the message names the problem.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PromptsError(f"{path}: cannot read prompts ({exc})") from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PromptsError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+    return _parse(data, str(path))
+
+
+def prompts_from_dict(data: dict, name: str = "prompts") -> PromptSet:
+    """Validate prompts given as a parsed JSON object (see :func:`load_prompts`)."""
+    return _parse(data, name)
+
+
+def save_prompts(prompt_set: PromptSet, path: str | os.PathLike) -> None:
+    """Write ``prompts.json`` atomically (temporary file, then rename)."""
+    from .outputs import atomic_write_text
+
+    atomic_write_text(Path(path), json.dumps(prompt_set.to_dict(), indent=1))

@@ -1,0 +1,77 @@
+"""Stage 5: the student U-Net reads [T1, SDM channels] and gives the final labelmap.
+
+The student works at 1 mm on a crop of the canonical grid: the bounding box of the foundation
+masks and the prompter's regions, grown by :data:`STUDENT_MARGIN` voxels. MONAI sliding-window
+inference covers crops of any size with :data:`STUDENT_ROI` windows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+
+from .spatial import bounding_box
+
+__all__ = ["student_input", "build_student_input", "student_roi", "predict_student", "STUDENT_ROI", "STUDENT_MARGIN",
+           "INPUT_MODES"]
+
+#: what the student reads besides the T1: "sdm" (the method), "mask" (raw foundation masks), "t1" (nothing;
+#: an ablation baseline).
+INPUT_MODES = ("sdm", "mask", "t1")
+
+STUDENT_ROI = (96, 96, 96)
+STUDENT_MARGIN = 12
+
+
+def student_input(image01: np.ndarray, sdm: np.ndarray) -> np.ndarray:
+    """Stack the T1 (``(X, Y, Z)`` in [0, 1]) and the SDM channels (``(8, X, Y, Z)``) to ``(9, X, Y, Z)``."""
+    if sdm.shape[1:] != image01.shape:
+        raise ValueError(f"SDM shape {sdm.shape[1:]} does not match the image {image01.shape}")
+    return np.concatenate([image01[None].astype(np.float32), sdm.astype(np.float32)], axis=0)
+
+
+def build_student_input(image01: np.ndarray, masks: np.ndarray, mode: str = "sdm", band: float = 10.0) -> np.ndarray:
+    """The student's input channels for one crop.
+
+    Args:
+        image01: ``(X, Y, Z)`` T1 in [0, 1].
+        masks: ``(8, X, Y, Z)`` foundation masks.
+        mode: one of :data:`INPUT_MODES`: ``"sdm"`` -> ``(9, ...)`` T1 + SDM channels,
+            ``"mask"`` -> ``(9, ...)`` T1 + binary masks, ``"t1"`` -> ``(1, ...)``.
+        band: SDM band (``"sdm"`` only).
+    """
+    from .sdm import sdm_channels
+
+    if mode == "sdm":
+        return student_input(image01, sdm_channels(masks, band=band))
+    if mode == "mask":
+        return student_input(image01, masks.astype(np.float32))
+    if mode == "t1":
+        return image01[None].astype(np.float32)
+    raise ValueError(f"unknown student input mode {mode!r}; expected one of {INPUT_MODES}")
+
+
+def student_roi(masks: np.ndarray, coarse: np.ndarray | None = None, margin: int = STUDENT_MARGIN) -> tuple[slice, ...] | None:
+    """Crop (slices) around the foundation masks ``(8, X, Y, Z)`` and the prompter's regions; None when both are empty."""
+    union = masks.any(axis=0)
+    if coarse is not None:
+        union = union | (coarse > 0)
+    return bounding_box(union, margin)
+
+
+@torch.inference_mode()
+def predict_student(net: torch.nn.Module, inputs: np.ndarray, device: torch.device | str = "cpu",
+                    overlap: float = 0.25, return_probabilities: bool = False):
+    """Class indices (uint8, ``(X, Y, Z)``) for a ``(9, X, Y, Z)`` student input crop.
+
+    With ``return_probabilities`` also returns the softmax ``(9, X, Y, Z)`` float32.
+    """
+    x = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))[None].to(device)
+    logits = sliding_window_inference(x, STUDENT_ROI, sw_batch_size=1, predictor=net, overlap=overlap,
+                                      mode="gaussian", padding_mode="constant", cval=0.0)
+    probs = torch.softmax(logits.float(), dim=1)[0]
+    classes = probs.argmax(0).to(torch.uint8).cpu().numpy()
+    if return_probabilities:
+        return classes, probs.cpu().numpy()
+    return classes

@@ -1,0 +1,1 @@
+"""Training: prepared cases, the prompter and student trainings, the foundation cache, losses."""

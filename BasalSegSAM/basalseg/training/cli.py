@@ -1,0 +1,163 @@
+"""``basalseg train`` and ``basalseg synth``: build a cohort, train, export weights.
+
+``basalseg synth --out COHORT --n 60 --seed 0``
+    a SynthSeg-style synthetic cohort from the bundled templates (:mod:`basalseg.data.synth`).
+
+``basalseg train --cohort COHORT [--cohort ...] --work WORK [--stage all|prepare|prompter|cache|student]``
+    1. prepare: every case to canonical space (``WORK/cases``);
+    2. prompter: train the prompt generator (``WORK/prompter/prompter.pt``);
+    3. cache: run the frozen foundation model once per case from the prompter's jittered prompts
+       (``WORK/foundation/<backend>/``);
+    4. student: train the student (``WORK/student-<mode>[-band<b>]-<backend>/student.pt``).
+    ``--export DIR`` copies the trained networks into a weights folder with its manifest, which
+    ``--weights DIR`` (or ``$BASALSEG_WEIGHTS``) then uses. Every stage skips work already done;
+    ``--resume`` continues an interrupted network training from its last epoch.
+
+Validation cases (``--val N``, default 4) are taken out of the training cases by a seeded
+shuffle and used only to pick the best epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import random
+import shutil
+from pathlib import Path
+
+__all__ = ["register"]
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train the prompt generator and the student on labelled cohorts")
+    p.add_argument("--cohort", action="append", required=True, type=Path,
+                   help="cohort folder in nnU-Net layout (imagesTr/NAME_0000.nii.gz, labelsTr/NAME.nii.gz); repeatable")
+    p.add_argument("--label-mapping", default=None, help="JSON file: cohort label value -> FreeSurfer value")
+    p.add_argument("--work", required=True, type=Path, help="working folder for caches, runs and logs")
+    p.add_argument("--stage", default="all", choices=["all", "prepare", "prompter", "cache", "student"])
+    p.add_argument("--val", type=int, default=4, help="cases held out of training to pick the best epoch")
+    p.add_argument("--foundation", default="litemedsam", choices=["litemedsam", "sam2"])
+    p.add_argument("--checkpoint", default=None, help="foundation checkpoint (file or SAM-2 catalogue name)")
+    p.add_argument("--device", default=None, choices=["cpu", "cuda", "auto"])
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--prompter-steps", type=int, default=1500)
+    p.add_argument("--student-steps", type=int, default=1500)
+    p.add_argument("--steps-per-epoch", type=int, default=50)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--max-minutes", type=float, default=None, help="stop each network's training after this long")
+    p.add_argument("--mode", default="sdm", choices=["sdm", "mask", "t1"], help="student input (ablations: mask, t1)")
+    p.add_argument("--band", type=float, default=10.0, help="SDM band half-width in voxels")
+    p.add_argument("--jitter", type=int, default=2, help="box jitter (pixels) for the foundation cache")
+    p.add_argument("--boundary-weight", type=float, default=0.5, help="final weight of the boundary loss")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue interrupted trainings from their last epoch")
+    p.add_argument("--export", type=Path, default=None, help="write trained weights and manifest.json into this folder")
+    p.set_defaults(handler=cmd_train)
+
+    p = sub.add_parser("synth", help="generate a synthetic labelled cohort from the bundled templates")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--n", type=int, default=60, help="number of subjects")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--template", action="append", default=None, help="mni152 and/or icbm2009c (default: mni152)")
+    p.set_defaults(handler=cmd_synth)
+
+
+def _split(names: list[str], n_val: int, seed: int) -> tuple[list[str], list[str]]:
+    order = sorted(names)
+    random.Random(seed).shuffle(order)
+    n_val = min(max(n_val, 0), max(len(order) - 1, 0))
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+def _run_name(mode: str, band: float, foundation: str) -> str:
+    return f"student-{mode}" + (f"-band{band:g}" if mode == "sdm" else "") + f"-{foundation}"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..data.cohort import read_cohort
+    from ..errors import BasalSegError
+    from ..foundation import make_backend, pick_device
+    from ..networks import load_checkpoint
+    from .foundation_cache import build_foundation_cache
+    from .prepare import prepare_cases
+    from .train_prompter import train_prompter
+    from .train_student import train_student
+    from .trainer import TrainConfig
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(None if args.device in (None, "auto") else args.device)
+    cases = [c for folder in args.cohort for c in read_cohort(folder, args.label_mapping)]
+    names = [c.name for c in cases]
+    if len(set(names)) != len(names):
+        raise BasalSegError("case names repeat across cohorts; rename them so each is unique")
+    work: Path = args.work
+    stages = ["prepare", "prompter", "cache", "student"] if args.stage == "all" else [args.stage]
+    train_names, val_names = _split(names, args.val, args.seed)
+    (work).mkdir(parents=True, exist_ok=True)
+    (work / "split.json").write_text(json.dumps({"train": train_names, "val": val_names}, indent=1))
+    print(f"{len(cases)} cases: {len(train_names)} training, {len(val_names)} validation")
+
+    prepared = {p.stem: p for p in prepare_cases(cases, work)}  # every stage needs them; cached
+    prompter_dir = work / "prompter"
+    if "prompter" in stages and not (prompter_dir / "prompter.pt").is_file():
+        cfg = TrainConfig(args.prompter_steps, args.steps_per_epoch, args.lr, max_minutes=args.max_minutes, seed=args.seed)
+        print("training the prompt generator:", train_prompter([prepared[n] for n in train_names],
+                                                                [prepared[n] for n in val_names],
+                                                                prompter_dir, cfg, args.resume, str(device)))
+    cache_dir = work / "foundation" / args.foundation
+    if "cache" in stages:
+        prompter, _ = load_checkpoint(prompter_dir / "prompter.pt", "prompter", device)
+        backend = make_backend(args.foundation, args.checkpoint, str(device))
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(names), desc=f"foundation cache ({args.foundation})", unit="case")
+        build_foundation_cache([prepared[n] for n in sorted(names)], prompter, backend, cache_dir, jitter=args.jitter,
+                               seed=args.seed, device=device,
+                               progress=lambda done, total: bar.update(done - bar.n))
+        bar.close()
+    run_dir = work / _run_name(args.mode, args.band, args.foundation)
+    if "student" in stages and not (run_dir / "student.pt").is_file():
+        cfg = TrainConfig(args.student_steps, args.steps_per_epoch, args.lr, max_minutes=args.max_minutes, seed=args.seed)
+        print("training the student:", train_student([cache_dir / f"{n}.npz" for n in train_names],
+                                                     [cache_dir / f"{n}.npz" for n in val_names], run_dir, cfg,
+                                                     args.mode, args.band, args.resume, str(device),
+                                                     a_max=args.boundary_weight))
+    if args.export:
+        export_weights(prompter_dir / "prompter.pt", run_dir / "student.pt", args.export, args.foundation,
+                       cohorts=[str(c) for c in args.cohort])
+        print(f"exported weights to {args.export}")
+    return 0
+
+
+def export_weights(prompter: Path, student: Path, folder: Path, foundation: str, cohorts: list[str]) -> None:
+    """Copy trained networks into a weights folder and record them in its manifest."""
+    from ..networks import load_checkpoint
+    from ..weights import write_manifest_entry
+
+    folder.mkdir(parents=True, exist_ok=True)
+    date = datetime.date.today().isoformat()
+    for kind, src, name, file in (("prompter", prompter, "prompter", "prompter.pt"),
+                                  ("student", student, f"student-{foundation}", f"student_{foundation}.pt")):
+        if not src.is_file():
+            continue
+        _, meta = load_checkpoint(src, kind)
+        shutil.copyfile(src, folder / f".{file}.tmp")
+        (folder / f".{file}.tmp").replace(folder / file)
+        entry = {"name": name, "kind": kind, "file": file, "trained": bool(meta.get("trained")), "date": date,
+                 "training": {"cohorts": cohorts, **{k: v for k, v in meta.get("training", {}).items() if k != "cases"},
+                              "n_cases": len(meta.get("training", {}).get("cases", []))}}
+        if kind == "student":
+            entry.update({"foundation": foundation, "input_mode": meta.get("input_mode"), "band": meta.get("band")})
+        write_manifest_entry(folder, entry)
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from ..data.synth import generate_cohort
+
+    paths = generate_cohort(args.out, n=args.n, seed=args.seed, templates=args.template or ["mni152"])
+    print(f"wrote {len(paths)} synthetic subjects to {args.out}")
+    return 0

