@@ -78,9 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands() -> list:
     """``register(subparsers)`` functions of the other command modules (each sets ``handler``)."""
+    from .evaluation import register as evaluate
     from .training.cli import register as training
+    from .training.evaluate_cohort import register as evaluate_cohort
 
-    return [training]
+    return [training, evaluate, evaluate_cohort]
 
 
 def _progress_mode(mode: str) -> str:

@@ -21,7 +21,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .structures import STRUCTURES
 
@@ -32,6 +31,7 @@ METRIC_COLUMNS = ["case", "structure", "dice", "volume_accuracy", "hd95_mm", "vo
 
 
 def _hd95(pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, float, float]) -> float:
+    import torch
     from monai.metrics import compute_hausdorff_distance
 
     if not pred.any() or not ref.any():
@@ -129,12 +129,14 @@ def _nanmean(values) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
-def metrics_csv(rows: list[dict]) -> str:
+def metrics_csv(rows: list[dict], extra_columns: tuple[str, ...] = ()) -> str:
+    """CSV text of metric rows (:data:`METRIC_COLUMNS`, after any ``extra_columns``)."""
     import csv
     import io
 
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, lineterminator="\n", extrasaction="ignore")
+    writer = csv.DictWriter(buffer, fieldnames=list(extra_columns) + METRIC_COLUMNS, lineterminator="\n",
+                            extrasaction="ignore")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()})
@@ -150,3 +152,43 @@ def markdown_table(summaries: dict[str, dict], metric_names=("dice", "volume_acc
         vals = " | ".join(f"{summary['mean'][m]:.3f}" if not math.isnan(summary["mean"][m]) else "n/a" for m in metric_names)
         lines.append(f"| {name} | {vals} |")
     return "\n".join(lines) + "\n"
+
+
+def register(sub) -> None:
+    """``basalseg evaluate PRED REF``: metrics of one segmentation against a reference."""
+    p = sub.add_parser("evaluate", help="Dice, volume accuracy and HD95 of a segmentation against a reference")
+    p.add_argument("pred", type=Path, help="predicted labelmap (FreeSurfer values), e.g. OUT/segmentation.nii.gz")
+    p.add_argument("ref", type=Path, help="reference labelmap")
+    p.add_argument("--ref-mapping", default=None, help="JSON: reference label value -> FreeSurfer value")
+    p.add_argument("--resample", action="store_true", help="resample the prediction onto the reference grid if they differ")
+    p.add_argument("--out", type=Path, default=None, help="folder for metrics.csv and report.md")
+    p.set_defaults(handler=_cmd_evaluate)
+
+
+def _cmd_evaluate(args) -> int:
+    import json
+
+    from .outputs import atomic_write_text
+
+    mapping = None
+    if args.ref_mapping:
+        from .data.cohort import read_label_mapping
+
+        mapping = read_label_mapping(args.ref_mapping)
+    rows = evaluate_files(args.pred, args.ref, mapping, args.resample)
+    summary = summarise(rows)
+    lines = ["| structure | Dice | volume accuracy | HD95 (mm) | V pred (mL) | V ref (mL) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['structure']} | {r['dice']:.3f} | {r['volume_accuracy']:.3f} | {r['hd95_mm']:.2f} | "
+                     f"{r['volume_pred_ml']:.3f} | {r['volume_ref_ml']:.3f} |")
+    m = summary["mean"]
+    lines.append(f"| **mean** | **{m['dice']:.3f}** | **{m['volume_accuracy']:.3f}** | **{m['hd95_mm']:.2f}** | | |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if args.out:
+        atomic_write_text(args.out / "metrics.csv", metrics_csv(rows))
+        atomic_write_text(args.out / "report.md", f"# {args.pred} vs {args.ref}\n\n{table}\n"
+                          "Dice = 2|P∩R|/(|P|+|R|); volume accuracy = 1 − |Vpred − Vref|/Vref; "
+                          "HD95 = 95th percentile symmetric surface distance (mm).\n")
+        atomic_write_text(args.out / "summary.json", json.dumps(summary, indent=1))
+    return 0

@@ -215,8 +215,10 @@ class Pipeline:
         if prompts is None:
             _ = self.prompter
         _ = self.student, self.backend
+        timings["load"] = time.perf_counter() - t0
+        t = time.perf_counter()
         image01, grid = self.prepare(volume)
-        timings["prepare"] = time.perf_counter() - t0
+        timings["prepare"] = time.perf_counter() - t
         report("prepare", 1.0)
 
         coarse = None

@@ -1,0 +1,360 @@
+"""Between MRML nodes and the pipeline's arrays: volumes, labelmaps, segmentations, tables.
+
+Axis order, stated once (the same as ``basalseg.imageio``):
+
+* Pipeline arrays are indexed ``[i, j, k]`` (IJK, the volume's voxel axes) with a 4x4
+  ``affine`` mapping ``(i, j, k, 1)`` to **world RAS** millimetres.
+* Slicer's ``slicer.util.arrayFromVolume`` gives ``[k, j, i]``; this module transposes with
+  ``.transpose(2, 1, 0)`` in both directions and nowhere else.
+* The affine is the volume's ``IJKToRAS`` matrix, times its parent transform's matrix to world
+  when the volume sits under a **linear** transform (a non-linear one must be hardened first).
+  Segmentations made here go under the same parent transform as their volume and store their
+  labelmaps in the volume's own (node) coordinates, so they overlay the volume exactly.
+
+Segments are named and coloured from ``basalseg.structures`` (FreeSurfer names ``Left-Putamen``
+and colours) and tagged with their FreeSurfer label value (segment tag ``BasalSegSAM.Label``).
+A new segmentation node is made by default; existing segments are never overwritten unless
+``onConflict="replace"`` is asked for (the widget asks the user first).
+
+Only MRML (``slicer``, ``vtk``) and numpy are used: no Qt, so this runs with ``slicer-core``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import slicer
+import vtk
+from vtk.util import numpy_support
+
+from basalseg.imageio import Volume
+from basalseg.outputs import VOLUME_COLUMNS, volume_rows
+from basalseg.structures import STRUCTURES, Structure
+
+__all__ = [
+    "worldAffine",
+    "volumeFromNode",
+    "ijkToRasOfNode",
+    "writeVolumeNifti",
+    "labelsToSegmentation",
+    "labelsFromSegmentation",
+    "findConflictingSegments",
+    "volumesToTable",
+    "tableRows",
+    "SegmentConflictError",
+    "LABEL_TAG",
+    "NODE_ATTRIBUTE",
+]
+
+#: Segment tag holding a segment's FreeSurfer label value.
+LABEL_TAG = "BasalSegSAM.Label"
+#: Node attribute set on every node this module creates (value: its role).
+NODE_ATTRIBUTE = "BasalSegSAM.Role"
+
+
+class SegmentConflictError(ValueError):
+    """The target segmentation already has segments with the structures' names."""
+
+
+# ---------------------------------------------------------------------------------------------
+# volumes
+# ---------------------------------------------------------------------------------------------
+
+
+def _matrixToArray(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)], dtype=np.float64)
+
+
+def _arrayToMatrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, float(array[r, c]))
+    return matrix
+
+
+def ijkToRasOfNode(volumeNode) -> np.ndarray:
+    """The node's own ``IJKToRAS`` matrix (node coordinates, no parent transform), 4x4."""
+    matrix = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(matrix)
+    return _matrixToArray(matrix)
+
+
+def _parentToWorld(node) -> np.ndarray:
+    parent = node.GetParentTransformNode()
+    if parent is None:
+        return np.eye(4)
+    if not parent.IsTransformToWorldLinear():
+        raise ValueError(f"'{node.GetName()}' is under a non-linear transform; harden the transform first")
+    matrix = vtk.vtkMatrix4x4()
+    parent.GetMatrixTransformToWorld(matrix)
+    return _matrixToArray(matrix)
+
+
+def worldAffine(volumeNode) -> np.ndarray:
+    """Voxel ``(i, j, k, 1)`` -> world RAS mm: parent transform (linear only) times ``IJKToRAS``."""
+    return _parentToWorld(volumeNode) @ ijkToRasOfNode(volumeNode)
+
+
+def volumeFromNode(volumeNode, dtype=np.float32) -> Volume:
+    """A scalar volume node as a ``basalseg`` :class:`~basalseg.imageio.Volume`.
+
+    Args:
+        volumeNode: ``vtkMRMLScalarVolumeNode`` (or labelmap) with image data.
+        dtype: array type of ``Volume.data`` (float32 for the pipeline; None keeps the node's).
+
+    Returns:
+        ``Volume`` with ``data[i, j, k]`` (a copy) and the world ``affine``.
+
+    Raises:
+        ValueError: no node, no image data, not 3D scalar, or a non-linear parent transform.
+    """
+    if volumeNode is None:
+        raise ValueError("no input volume selected")
+    if volumeNode.GetImageData() is None:
+        raise ValueError(f"volume '{volumeNode.GetName()}' has no image data")
+    if volumeNode.GetImageData().GetNumberOfScalarComponents() != 1:
+        raise ValueError(f"volume '{volumeNode.GetName()}' has several components per voxel; a scalar T1 volume is needed")
+    kji = slicer.util.arrayFromVolume(volumeNode)
+    data = np.array(kji.transpose(2, 1, 0), dtype=dtype, copy=True) if dtype is not None else np.array(kji.transpose(2, 1, 0))
+    return Volume(data=data, affine=worldAffine(volumeNode), path=None,
+                  meta={"format": "mrml", "node": volumeNode.GetName(), "dtype": str(kji.dtype)})
+
+
+_NIFTI_DTYPES = {np.dtype(t) for t in ("uint8", "int8", "int16", "uint16", "int32", "uint32", "float32", "float64")}
+
+
+def writeVolumeNifti(volumeNode, path: str) -> np.ndarray:
+    """Write a volume node to NIfTI (world affine as qform and sform); return that affine.
+
+    Voxel values keep their type when NIfTI has it, else become float32. The file is what the
+    ``basalseg`` command reads in the background run, so the pipeline sees the node's voxels and
+    geometry exactly.
+    """
+    import nibabel as nib
+
+    volume = volumeFromNode(volumeNode, dtype=None)
+    data = volume.data if volume.data.dtype in _NIFTI_DTYPES else volume.data.astype(np.float32)
+    image = nib.Nifti1Image(np.ascontiguousarray(data), volume.affine)
+    image.set_qform(volume.affine, code=1)
+    image.set_sform(volume.affine, code=1)
+    image.header.set_xyzt_units("mm")
+    nib.save(image, str(path))
+    return volume.affine
+
+
+# ---------------------------------------------------------------------------------------------
+# segmentations
+# ---------------------------------------------------------------------------------------------
+
+
+def findConflictingSegments(segmentationNode) -> list[str]:
+    """Names of the 8 structures that already exist as segments in ``segmentationNode``."""
+    if segmentationNode is None:
+        return []
+    segmentation = segmentationNode.GetSegmentation()
+    return [s.name for s in STRUCTURES if segmentation.GetSegmentIdBySegmentName(s.name)]
+
+
+def _orientedMask(mask_ijk: np.ndarray, ijkToRas: np.ndarray):
+    """A ``vtkOrientedImageData`` (uint8) holding ``mask_ijk`` on the grid ``ijkToRas``."""
+    image = slicer.vtkOrientedImageData()
+    image.SetDimensions(*mask_ijk.shape)
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    scalars = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
+    scalars[:] = np.asarray(mask_ijk, dtype=np.uint8).transpose(2, 1, 0).ravel()
+    image.SetImageToWorldMatrix(_arrayToMatrix(ijkToRas))
+    return image
+
+
+def labelsToSegmentation(labels: np.ndarray, volumeNode, segmentationNode=None, onConflict: str = "new",
+                         name: Optional[str] = None, structures: tuple[Structure, ...] = STRUCTURES):
+    """Put a FreeSurfer-valued labelmap into a segmentation node as 8 named, coloured segments.
+
+    Args:
+        labels: ``(I, J, K)`` labelmap on ``volumeNode``'s grid (values 10-13, 49-52; others ignored).
+        volumeNode: the volume the labels were computed on (geometry and parent transform).
+        segmentationNode: where to add the segments; None makes a new node.
+        onConflict: what to do when ``segmentationNode`` already has segments with the
+            structures' names: ``"new"`` (default) makes a new node and leaves it untouched,
+            ``"replace"`` removes those segments first, ``"error"`` raises.
+        name: name of a new node (default ``"<volume> BasalSegSAM"``, made unique).
+        structures: the structures to write (all 8 by default; absent ones become empty segments).
+
+    Returns:
+        The segmentation node that holds the segments.
+
+    Raises:
+        ValueError: labels do not match the volume's shape. SegmentConflictError: conflict and
+        ``onConflict="error"``.
+    """
+    if onConflict not in ("new", "replace", "error"):
+        raise ValueError(f"onConflict must be 'new', 'replace' or 'error', got {onConflict!r}")
+    labels = np.asarray(labels)
+    dims = volumeNode.GetImageData().GetDimensions()
+    if labels.shape != tuple(dims):
+        raise ValueError(f"labels of shape {labels.shape} do not match volume '{volumeNode.GetName()}' {tuple(dims)}")
+    scene = volumeNode.GetScene()
+    conflicts = findConflictingSegments(segmentationNode)
+    if conflicts:
+        if onConflict == "error":
+            raise SegmentConflictError(
+                f"segmentation '{segmentationNode.GetName()}' already has segments {', '.join(conflicts)}")
+        if onConflict == "new":
+            segmentationNode = None
+        else:
+            for segName in conflicts:
+                segmentationNode.GetSegmentation().RemoveSegment(
+                    segmentationNode.GetSegmentation().GetSegmentIdBySegmentName(segName))
+    if segmentationNode is None:
+        baseName = name or f"{volumeNode.GetName()} BasalSegSAM"
+        segmentationNode = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", scene.GenerateUniqueName(baseName))
+        segmentationNode.SetAttribute(NODE_ATTRIBUTE, "segmentation")
+        segmentationNode.CreateDefaultDisplayNodes()
+    segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+    segmentationNode.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
+    ijkToRas = ijkToRasOfNode(volumeNode)
+    segmentation = segmentationNode.GetSegmentation()
+    wasModifying = segmentationNode.StartModify()
+    try:
+        for s in structures:
+            segmentId = segmentation.AddEmptySegment("", s.name, list(s.color_float))
+            segment = segmentation.GetSegment(segmentId)
+            segment.SetTag(LABEL_TAG, str(s.label))
+            mask = labels == s.label
+            if mask.any():
+                image = _orientedMask(mask, ijkToRas)
+                if not slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(image, segmentationNode, segmentId):
+                    raise RuntimeError(f"could not write segment {s.name}")
+    finally:
+        segmentationNode.EndModify(wasModifying)
+    return segmentationNode
+
+
+def _structureOfSegment(segment) -> Optional[Structure]:
+    value = vtk.reference("")
+    if segment.GetTag(LABEL_TAG, value):
+        for s in STRUCTURES:
+            if str(s.label) == str(value).strip():
+                return s
+    for s in STRUCTURES:
+        if segment.GetName() == s.name:
+            return s
+    return None
+
+
+def labelsFromSegmentation(segmentationNode, volumeNode) -> np.ndarray:
+    """The segmentation's structure segments as one FreeSurfer-valued labelmap on the volume's grid.
+
+    Segments are recognised by their ``BasalSegSAM.Label`` tag, else by their FreeSurfer name;
+    other segments are ignored. Where segments overlap (after manual edits), the later structure
+    in :data:`~basalseg.structures.STRUCTURES` order wins.
+
+    Returns:
+        ``(I, J, K)`` int16 labelmap.
+    """
+    dims = tuple(volumeNode.GetImageData().GetDimensions())
+    if segmentationNode.GetTransformNodeID() != volumeNode.GetTransformNodeID():
+        raise ValueError("the segmentation and the volume are under different transforms; harden them first")
+    reference = slicer.vtkOrientedImageData()
+    reference.SetDimensions(*dims)
+    reference.SetImageToWorldMatrix(_arrayToMatrix(ijkToRasOfNode(volumeNode)))
+    labels = np.zeros(dims, dtype=np.int16)
+    segmentation = segmentationNode.GetSegmentation()
+    labelmapName = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    if segmentation.GetNumberOfSegments() and not segmentation.ContainsRepresentation(labelmapName):
+        segmentationNode.CreateBinaryLabelmapRepresentation()  # e.g. a segmentation loaded as surfaces
+    found: dict[int, str] = {}
+    for n in range(segmentation.GetNumberOfSegments()):
+        segmentId = segmentation.GetNthSegmentID(n)
+        structure = _structureOfSegment(segmentation.GetSegment(segmentId))
+        if structure is not None and structure.class_index not in found:
+            found[structure.class_index] = segmentId
+    for s in STRUCTURES:
+        segmentId = found.get(s.class_index)
+        if segmentId is None:
+            continue
+        image = slicer.vtkOrientedImageData()
+        segmentationNode.GetBinaryLabelmapRepresentation(segmentId, image)
+        if image.GetPointData().GetScalars() is None or image.IsEmpty():
+            continue
+        resampled = slicer.vtkOrientedImageData()
+        if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+                image, reference, resampled, False, True):
+            raise RuntimeError(f"could not resample segment {s.name} onto the volume grid")
+        kji = numpy_support.vtk_to_numpy(resampled.GetPointData().GetScalars()).reshape(dims[::-1])
+        labels[kji.transpose(2, 1, 0) > 0] = s.label
+    return labels
+
+
+# ---------------------------------------------------------------------------------------------
+# volumes table
+# ---------------------------------------------------------------------------------------------
+
+_COLUMN_TYPES = {"structure": vtk.vtkStringArray, "label": vtk.vtkIntArray, "voxels": vtk.vtkIntArray,
+                 "volume_mm3": vtk.vtkDoubleArray, "volume_ml": vtk.vtkDoubleArray}
+_COLUMN_UNITS = {"volume_mm3": "mm3", "volume_ml": "mL"}
+_COLUMN_DESCRIPTIONS = {
+    "structure": "FreeSurfer structure name",
+    "label": "FreeSurfer aseg label value",
+    "voxels": "number of voxels of the structure on the input volume's grid",
+    "volume_mm3": "voxels times the volume of one voxel",
+    "volume_ml": "volume in millilitres (mm3 / 1000)",
+}
+
+
+def volumesToTable(labels: np.ndarray, voxelVolumeMm3: float, tableNode=None, scene=None, name: str = "BasalSegSAM volumes"):
+    """Fill a table node with one row per structure (``basalseg.outputs.volume_rows``).
+
+    Columns: ``structure, label, voxels, volume_mm3, volume_ml``: the same numbers as the
+    command line's ``volumes.csv``.
+
+    Args:
+        labels: FreeSurfer-valued labelmap.
+        voxelVolumeMm3: volume of one voxel (|det| of the world affine).
+        tableNode: table to overwrite (its old rows are replaced); None makes a new one in ``scene``.
+        scene: scene for a new table (default ``slicer.mrmlScene``).
+        name: name of a new table (made unique).
+
+    Returns:
+        The table node.
+    """
+    rows = volume_rows(labels, voxelVolumeMm3)
+    if tableNode is None:
+        scene = scene or slicer.mrmlScene
+        tableNode = scene.AddNewNodeByClass("vtkMRMLTableNode", scene.GenerateUniqueName(name))
+        tableNode.SetAttribute(NODE_ATTRIBUTE, "volumes")
+    wasModifying = tableNode.StartModify()
+    try:
+        tableNode.RemoveAllColumns()
+        for column in VOLUME_COLUMNS:
+            array = _COLUMN_TYPES[column]()
+            array.SetName(column)
+            for row in rows:
+                array.InsertNextValue(row[column])
+            tableNode.AddColumn(array)
+            tableNode.SetColumnDescription(column, _COLUMN_DESCRIPTIONS[column])
+            if column in _COLUMN_UNITS:
+                tableNode.SetColumnUnitLabel(column, _COLUMN_UNITS[column])
+    finally:
+        tableNode.EndModify(wasModifying)
+    return tableNode
+
+
+def tableRows(tableNode) -> list[dict]:
+    """A volumes table's rows as dicts with the ``volumes.csv`` columns and Python types."""
+    table = tableNode.GetTable()
+    rows = []
+    for r in range(table.GetNumberOfRows()):
+        row = {}
+        for column in VOLUME_COLUMNS:
+            value = table.GetValueByName(r, column)
+            if column == "structure":
+                row[column] = value.ToString()
+            elif column in ("label", "voxels"):
+                row[column] = value.ToInt()
+            else:
+                row[column] = value.ToDouble()
+        rows.append(row)
+    return rows

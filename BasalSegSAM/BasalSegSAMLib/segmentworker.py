@@ -1,0 +1,204 @@
+"""``basalseg segment`` with a slice-mask cache kept on disk between runs (child-process side).
+
+The Slicer module runs every job in a fresh child process, so the foundation model's per-slice
+masks (``basalseg.foundation.runner.SliceMaskCache``) would be lost between two clicks on
+Segment. This command is ``basalseg segment`` plus ``--cache FILE``: it loads the masks of the
+previous run, reruns the foundation model only for slices whose prompts changed, and saves the
+cache again after a successful run. Everything else (arguments, outputs, JSON progress, exit
+status, errors) is the ``basalseg segment`` command's own::
+
+    python -m BasalSegSAMLib.segmentworker IMAGE --out DIR --cache FILE [basalseg segment options]
+
+Before the ``done`` event it writes one extra JSON line::
+
+    {"event": "cache", "slices": 31, "reused": 29, "computed": 2}
+
+A cache is only reused for the same image (voxels and affine), foundation backend, checkpoint
+and crop setting (see :func:`cacheKey`); otherwise it starts empty. The file is an ``.npz``
+(no pickle): one JSON ``meta`` entry plus one boolean array per slice and structure.
+
+Imports no Slicer or Qt; runs with any Python that has the pipeline's dependencies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["main", "cacheKey", "loadCache", "saveCache", "CACHE_FORMAT"]
+
+CACHE_FORMAT = "basalseg-slice-mask-cache/1"
+log = logging.getLogger("basalseg")
+
+
+def cacheKey(volume, foundation: str, checkpoint: str | None, crop: bool) -> dict:
+    """What cached masks depend on besides the prompts (which each entry's signature covers)."""
+    digest = hashlib.sha1()
+    digest.update(np.ascontiguousarray(volume.data, dtype=np.float32).tobytes())
+    digest.update(np.asarray(volume.affine, dtype=np.float64).round(6).tobytes())
+    digest.update(repr(tuple(volume.shape)).encode())
+    return {"format": CACHE_FORMAT, "image": digest.hexdigest(), "foundation": foundation,
+            "checkpoint": checkpoint or "", "crop": bool(crop)}
+
+
+def loadCache(path: str | os.PathLike, key: dict):
+    """The cache saved at ``path`` when it was made for ``key``, else an empty one (never raises
+    for a missing, stale or unreadable file: the masks are simply recomputed)."""
+    from basalseg.foundation.runner import SliceMaskCache
+
+    cache = SliceMaskCache()
+    path = Path(path)
+    if not path.is_file():
+        return cache
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(str(data["meta"]))
+            if meta.get("key") != key:
+                log.info("slice-mask cache %s was made for another image or backend; starting afresh", path)
+                return cache
+            for entry in meta["entries"]:
+                masks = {item["structure"]: (int(item["x0"]), int(item["y0"]), np.array(data[item["array"]], dtype=bool))
+                         for item in entry["masks"]}
+                cache.entries[int(entry["slice"])] = (str(entry["signature"]), str(entry["backend"]), masks)
+    except Exception as exc:  # a damaged cache only costs time
+        log.warning("ignoring unreadable slice-mask cache %s (%s)", path, exc)
+        return SliceMaskCache()
+    return cache
+
+
+def saveCache(path: str | os.PathLike, cache, key: dict) -> None:
+    """Write the cache atomically (temporary file, then rename)."""
+    from basalseg.outputs import atomic_write_bytes
+
+    arrays: dict[str, np.ndarray] = {}
+    entries = []
+    for k, (signature, backend, masks) in sorted(cache.entries.items()):
+        items = []
+        for structure, (x0, y0, mask) in sorted(masks.items()):
+            name = f"m{len(arrays)}"
+            arrays[name] = np.asarray(mask, dtype=bool)
+            items.append({"structure": structure, "x0": int(x0), "y0": int(y0), "array": name})
+        entries.append({"slice": int(k), "signature": signature, "backend": backend, "masks": items})
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, meta=np.array(json.dumps({"key": key, "entries": entries})), **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _split(argv: list[str]) -> tuple[str | None, list[str]]:
+    cachePath, rest, n = None, [], 0
+    while n < len(argv):
+        if argv[n] == "--cache" and n + 1 < len(argv):
+            cachePath = argv[n + 1]
+            n += 2
+            continue
+        if argv[n].startswith("--cache="):
+            cachePath = argv[n].split("=", 1)[1]
+        else:
+            rest.append(argv[n])
+        n += 1
+    return cachePath, rest
+
+
+def _run(args: argparse.Namespace, cachePath: str | None) -> int:
+    from basalseg.imageio import load_volume
+    from basalseg.outputs import StagedOutputDir
+    from basalseg.pipeline import Pipeline, PipelineConfig
+    from basalseg.progress import emit_json, make_reporter
+    from basalseg.prompts import load_prompts
+    from basalseg.results import write_result
+
+    StagedOutputDir(args.out, overwrite=args.overwrite)  # refuse an occupied folder before any work
+    if args.band is not None and args.band <= 0:
+        from basalseg.errors import BasalSegError
+
+        raise BasalSegError(f"--band must be > 0, got {args.band}")
+    volume = load_volume(args.image)
+    prompts = load_prompts(args.prompts) if args.prompts else None
+    config = PipelineConfig(
+        foundation=args.foundation, checkpoint=args.checkpoint,
+        device=None if args.device in (None, "auto") else args.device,
+        weights_dir=args.weights, prompter_checkpoint=args.prompter, student_checkpoint=args.student,
+        band=args.band, crop=not args.no_crop, threads=args.threads,
+    )
+    key = cacheKey(volume, config.foundation, config.checkpoint, config.crop)
+    cache = loadCache(cachePath, key) if cachePath else None
+    before = dict(cache.entries) if cache is not None else {}
+    mode = "json" if args.progress == "json" else ("bar" if args.progress == "bar" or (args.progress == "auto" and sys.stderr.isatty()) else "none")
+    reporter, close = make_reporter(mode)
+    try:
+        result = Pipeline(config).segment(volume, prompts=prompts, progress=reporter, cache=cache)
+        write_result(result, args.out, overwrite=args.overwrite, qc=not args.no_qc)
+    finally:
+        close()
+    slices = result.prompts.slices()
+    reused = sum(1 for k in slices if cache is not None and k in before and before[k] is cache.entries.get(k))
+    if cache is not None:
+        try:
+            saveCache(cachePath, cache, key)
+        except Exception as exc:  # the result is written; a cache that cannot be saved only costs time
+            log.warning("could not save the slice-mask cache %s (%s)", cachePath, exc)
+    if mode == "json":
+        emit_json(event="cache", slices=len(slices), reused=reused, computed=len(slices) - reused)
+        emit_json(event="done", out=str(args.out))
+    else:
+        print(f"wrote {args.out}/; foundation masks reused for {reused} of {len(slices)} slices")
+    return 0
+
+
+def _onSigterm(signum, frame):  # pragma: no cover - exercised through a subprocess
+    from basalseg.errors import Cancelled
+
+    raise Cancelled("cancelled (terminated)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (0 success, 2 expected error, 130 cancelled, 1 bug)."""
+    from basalseg.cli import build_parser
+    from basalseg.errors import BasalSegError, Cancelled
+    from basalseg.progress import emit_json
+
+    cachePath, rest = _split(list(sys.argv[1:] if argv is None else argv))
+    args = build_parser().parse_args(["segment", *rest])
+    logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING, format="basalseg: %(message)s")
+    os.environ.setdefault("SAM2_BUILD_CUDA", "0")
+    try:
+        signal.signal(signal.SIGTERM, _onSigterm)
+    except (ValueError, AttributeError):  # not the main thread, or no SIGTERM
+        pass
+    jsonMode = args.progress == "json"
+
+    def fail(message: str, kind: str, code: int) -> int:
+        print(f"basalseg: error: {message}", file=sys.stderr)
+        if jsonMode:
+            emit_json(event="error", message=message, kind=kind)
+        return code
+
+    try:
+        return _run(args, cachePath)
+    except KeyboardInterrupt:
+        return fail("cancelled (interrupted)", "Cancelled", Cancelled.exit_code)
+    except BasalSegError as exc:
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
+        return fail(str(exc), type(exc).__name__, exc.exit_code)
+    except MemoryError:
+        return fail("out of memory; try a smaller image or --device cuda", "MemoryError", 2)
+    except Exception as exc:
+        if args.debug:
+            raise
+        return fail(f"{type(exc).__name__}: {exc}", "internal", 1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,732 @@
+"""``basalseg batch INPUT_DIR --out OUT_DIR``: a cohort in one command, resumable.
+
+**Inputs.** Either a folder of T1 files (``.nii``, ``.nii.gz``, ``.nrrd``, ``.nhdr``; the folder
+itself, not its sub-folders) or a BIDS dataset: ``sub-*/ses-*/anat/*_T1w.nii[.gz]`` and
+``sub-*/anat/*_T1w.nii[.gz]`` (``derivatives/``, ``sourcedata/`` and hidden folders are not
+searched). Giving one subject's folder (``sub-01/``) works too.
+
+**Outputs** (``OUT_DIR``):
+
+``<scan>/``
+    one result folder per scan, exactly as ``basalseg segment`` writes it
+    (:func:`basalseg.results.write_result`). ``<scan>`` is ``sub-XX[_ses-YY]`` for BIDS (with the
+    other entities, e.g. ``_run-2``, added when a session has several T1w images) and the file
+    name without its extension otherwise. ``provenance.json`` gains ``scan_info`` (subject,
+    session, session date and where the date came from), ``brain_volume``
+    (:mod:`basalseg.icv`) and ``foundation_student_dice``
+    (:func:`basalseg.report.foundation_student_dice`).
+``volumes.csv``
+    the cohort table, one row per scan and structure: ``scan, subject, session, session_date,
+    structure, label, volume_ml, volume_mm3, voxels, brain_mask_ml, brain_volume_ml,
+    brain_estimate``; the structure columns are copied from each scan's ``volumes.csv``. The brain
+    columns repeat on each of a scan's rows (blank where not estimated, see :mod:`basalseg.icv`):
+    divide by them to normalise.
+``volumes_wide.csv``
+    the same, one row per scan (``<Structure>_ml`` columns) for spreadsheets and statistics.
+``failures.csv``
+    the scans that have no result (``scan, input, kind, message, time``); empty when none.
+``batch_log.jsonl``
+    one JSON object per event, appended: each run's start and end, and per scan
+    ``done`` / ``skipped`` / ``failed`` with the time taken or the error (and a traceback for an
+    unexpected one).
+``report.html`` and ``report/``
+    the QC report (:mod:`basalseg.report`), regenerated at the end of every run.
+
+All tables and the report are written atomically and rebuilt on every run from **all** complete
+result folders in ``OUT_DIR``.
+
+**Resuming.** A scan whose folder is complete (every result file present, ``provenance.json``
+valid, files matching the sha256 it records) is skipped: never redone or overwritten unless
+``--overwrite`` is given (which redoes every scan, replacing each result atomically). A scan
+whose run was interrupted left at most a hidden staging folder (``.<scan>.staging-*``); it is
+removed and the scan redone. A folder that exists but is not a complete result (files deleted or
+edited by hand) is **not** touched: the scan is reported as failed and ``--redo-incomplete``
+replaces it. A lock file stops two batches from writing into one ``OUT_DIR`` at the same time.
+
+**Failures.** A scan that fails (unreadable image, prompt generator found nothing, ...) is logged
+and the batch goes on; at the end the failures are listed and the exit status is 3. Problems that
+would fail every scan (missing weights, no CUDA) stop the batch before the first scan (status 2).
+The networks and the foundation backend are loaded once for the whole batch.
+
+**Session dates** (for ``basalseg compare``'s interval), first found: the ``acq_time`` of the
+image in the BIDS ``*_scans.tsv``, the session's ``acq_time`` in ``sub-XX_sessions.tsv``, the
+``AcquisitionDateTime``/``AcquisitionDate`` of the JSON sidecar, an ISO date (``YYYY-MM-DD``) in
+the NIfTI header's ``descrip`` field. Only the date is kept (``YYYY-MM-DD``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import io
+import json
+import os
+import re
+import shutil
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import BasalSegError, Cancelled, OutputWriteError
+from .imageio import SUPPORTED_SUFFIXES
+
+__all__ = ["Scan", "discover_scans", "session_date", "run_batch", "BatchSummary", "write_cohort_tables",
+           "COHORT_COLUMNS", "BATCH_FAILED_EXIT", "register", "LOG_NAME"]
+
+#: Exit status when some scans failed (the others are done).
+BATCH_FAILED_EXIT = 3
+LOG_NAME = "batch_log.jsonl"
+LOCK_NAME = ".basalseg-batch.lock"
+COHORT_COLUMNS = ["scan", "subject", "session", "session_date", "structure", "label", "volume_ml", "volume_mm3", "voxels",
+                  "brain_mask_ml", "brain_volume_ml", "brain_estimate"]
+_SKIP_DIRS = {"derivatives", "sourcedata", "code", "stimuli"}
+_ISO_DATE = re.compile(r"(?<!\d)((?:19|20)\d\d)-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])(?!\d)")
+
+
+# ---------------------------------------------------------------------------------------------
+# discovery
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Scan:
+    """One input image of the batch.
+
+    Attributes:
+        name: its result folder's name under OUT_DIR (unique in the batch).
+        path: the image file.
+        subject, session: BIDS ``sub-XX`` / ``ses-YY`` (for plain folders, subject = name, no session).
+        entities: the BIDS entities of the file name.
+        session_date, date_source: ``YYYY-MM-DD`` and where it was read, when known.
+    """
+
+    name: str
+    path: Path
+    subject: str
+    session: str = ""
+    entities: dict = field(default_factory=dict)
+    session_date: str | None = None
+    date_source: str | None = None
+
+    def info(self) -> dict:
+        return {"scan": self.name, "subject": self.subject, "session": self.session, "session_date": self.session_date,
+                "date_source": self.date_source, "bids_entities": self.entities, "input": str(self.path)}
+
+
+def _strip_suffix(name: str) -> str:
+    lower = name.lower()
+    for suffix in SUPPORTED_SUFFIXES:
+        if lower.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _safe(name: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9._+-]+", "_", name).strip("._") or "scan"
+    return f"scan-{name}" if name in ("report",) else name
+
+
+def _entities(filename: str) -> dict:
+    stem = _strip_suffix(filename)
+    parts = stem.split("_")
+    out = {}
+    for part in parts[:-1]:  # the last part is the suffix (T1w)
+        if "-" in part:
+            key, value = part.split("-", 1)
+            out[key] = value
+    return out
+
+
+def _is_file(path: Path) -> bool:
+    """A file, or a broken symlink (a DataLad/git-annex file not fetched yet: listed, so that it is
+    reported as failed rather than silently left out)."""
+    return path.is_file() or (path.is_symlink() and not path.exists())
+
+
+def _is_t1w(path: Path) -> bool:
+    name = path.name
+    return _is_file(path) and not name.startswith(".") and name.endswith(("_T1w.nii.gz", "_T1w.nii"))
+
+
+def _bids_scans(root: Path, subject_dirs: list[Path]) -> list[Scan]:
+    scans = []
+    for sub in subject_dirs:
+        anat_dirs = [(sub / "anat", "")] + [(ses / "anat", ses.name) for ses in sorted(sub.glob("ses-*")) if ses.is_dir()]
+        for anat, session in anat_dirs:
+            if not anat.is_dir():
+                continue
+            for path in sorted(p for p in anat.iterdir() if _is_t1w(p)):
+                ents = _entities(path.name)
+                scans.append(Scan(name="", path=path, subject=sub.name, session=session, entities=ents))
+    groups: dict[str, list[Scan]] = {}
+    for s in scans:
+        groups.setdefault(_safe(f"{s.subject}_{s.session}" if s.session else s.subject), []).append(s)
+    for base, members in groups.items():
+        for s in members:
+            extra = [f"{k}-{v}" for k, v in s.entities.items() if k not in ("sub", "ses")]
+            s.name = base if len(members) == 1 else _safe("_".join([base, *extra]))
+    _make_unique(scans)
+    for s in scans:
+        s.session_date, s.date_source = session_date(s.path)
+    return scans
+
+
+def _make_unique(scans: list[Scan]) -> None:
+    seen: dict[str, int] = {}
+    for s in scans:
+        if s.name in seen:
+            seen[s.name] += 1
+            s.name = f"{s.name}_{seen[s.name]}"
+        else:
+            seen[s.name] = 1
+
+
+def discover_scans(input_dir: str | os.PathLike) -> list[Scan]:
+    """The T1 images of a plain folder or a BIDS tree (see the module docstring), in a stable order.
+
+    Raises:
+        BasalSegError: not a folder, or no image found.
+    """
+    root = Path(input_dir)
+    if not root.is_dir():
+        raise BasalSegError(f"{root}: no such folder" if not root.exists() else f"{root} is a file, not a folder of T1 images")
+    subjects = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("sub-") and p.name not in _SKIP_DIRS)
+    if subjects:
+        scans = _bids_scans(root, subjects)
+        kind = "BIDS T1w images (sub-*/[ses-*/]anat/*_T1w.nii[.gz])"
+    elif root.name.startswith("sub-") and ((root / "anat").is_dir() or any(root.glob("ses-*/anat"))):
+        scans = _bids_scans(root.parent, [root])
+        kind = "BIDS T1w images"
+    else:
+        files = sorted(p for p in root.iterdir() if _is_file(p) and not p.name.startswith(".")
+                       and any(p.name.lower().endswith(s) for s in SUPPORTED_SUFFIXES))
+        scans = [Scan(name=_safe(_strip_suffix(p.name)), path=p, subject=_safe(_strip_suffix(p.name))) for p in files]
+        _make_unique(scans)
+        for s in scans:
+            s.subject = s.name
+            s.session_date, s.date_source = session_date(s.path)
+        kind = f"images ({', '.join(SUPPORTED_SUFFIXES)})"
+    if not scans:
+        raise BasalSegError(f"no T1 images found in {root}: looked for {kind}")
+    return scans
+
+
+# ---------------------------------------------------------------------------------------------
+# session dates
+# ---------------------------------------------------------------------------------------------
+
+
+def _iso_date(value) -> str | None:
+    """``YYYY-MM-DD`` from an ISO date/datetime string (also ``YYYYMMDD``); None otherwise."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    if not text or text.lower() in ("n/a", "na", "nan"):
+        return None
+    m = _ISO_DATE.search(text)
+    if m:
+        try:
+            return datetime.date(int(m.group(1)), int(m.group(2)), int(m.group(3))).isoformat()
+        except ValueError:
+            return None
+    m = re.fullmatch(r"((?:19|20)\d\d)(\d\d)(\d\d)", text)
+    if m:
+        try:
+            return datetime.date(int(m.group(1)), int(m.group(2)), int(m.group(3))).isoformat()
+        except ValueError:
+            return None
+    return None
+
+
+def _read_tsv(path: Path) -> list[dict]:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            return list(csv.DictReader(handle, delimiter="\t"))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []
+
+
+def _bids_parts(path: Path) -> tuple[Path, str, str] | None:
+    """``(subject_dir, sub-XX, ses-YY or "")`` for a file inside a BIDS subject folder."""
+    parts = Path(os.path.abspath(path)).parts  # not resolve(): annexed files are symlinks out of the tree
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i].startswith("sub-") and i < len(parts) - 1:
+            sub_dir = Path(*parts[: i + 1])
+            session = parts[i + 1] if i + 1 < len(parts) - 1 and parts[i + 1].startswith("ses-") else ""
+            return sub_dir, parts[i], session
+    return None
+
+
+def session_date(path: str | os.PathLike) -> tuple[str | None, str | None]:
+    """The acquisition date of an image file: ``(YYYY-MM-DD, source)`` or ``(None, None)``.
+
+    Sources, first found: BIDS ``*_scans.tsv`` ``acq_time`` of this file, BIDS ``*_sessions.tsv``
+    ``acq_time`` of its session, the JSON sidecar's ``AcquisitionDateTime`` / ``AcquisitionDate``,
+    an ISO date in the NIfTI header's ``descrip``.
+    """
+    path = Path(path)
+    bids = _bids_parts(path)
+    if bids is not None:
+        sub_dir, _, ses = bids
+        level = sub_dir / ses if ses else sub_dir
+        for tsv in sorted(level.glob("*_scans.tsv")):
+            for row in _read_tsv(tsv):
+                name = (row.get("filename") or "").strip()
+                if name and os.path.abspath(level / name) == os.path.abspath(path):
+                    date = _iso_date(row.get("acq_time"))
+                    if date:
+                        return date, f"{tsv.name} acq_time"
+        if ses:
+            for tsv in sorted(sub_dir.glob("*_sessions.tsv")):
+                for row in _read_tsv(tsv):
+                    if (row.get("session_id") or "").strip() in (ses, ses[4:]):
+                        date = _iso_date(row.get("acq_time"))
+                        if date:
+                            return date, f"{tsv.name} acq_time"
+    sidecar = path.with_name(_strip_suffix(path.name) + ".json")
+    if sidecar.is_file():
+        try:
+            meta = json.loads(sidecar.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            meta = {}
+        for key in ("AcquisitionDateTime", "AcquisitionDate"):
+            date = _iso_date(meta.get(key)) if isinstance(meta, dict) else None
+            if date:
+                return date, f"{sidecar.name} {key}"
+    if path.name.lower().endswith((".nii", ".nii.gz")) and path.is_file():
+        try:
+            import nibabel as nib
+
+            descrip = nib.load(str(path)).header["descrip"].tobytes().decode("latin-1")
+            m = _ISO_DATE.search(descrip)
+            if m:
+                return _iso_date(m.group(0)), "NIfTI header descrip"
+        except Exception:  # noqa: BLE001 - an unreadable header is the segmentation's problem, not the date's
+            pass
+    return None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# result folder states and leftovers
+# ---------------------------------------------------------------------------------------------
+
+
+def _clean_leftovers(out_dir: Path, name: str, log) -> None:
+    """Remove what an interrupted write of ``name`` left (staging folders); put back a result that
+    an interrupted overwrite had moved aside, when the new one never arrived."""
+    from .report import result_state
+
+    final = out_dir / name
+    for leftover in sorted(out_dir.glob(f".{name}.staging-*")):
+        shutil.rmtree(leftover, ignore_errors=True)
+        log("cleanup", scan=name, removed=leftover.name)
+    for old in sorted(out_dir.glob(f".{name}.old-*")):
+        if not final.exists() and result_state(old)[0] == "complete":
+            os.replace(old, final)
+            log("cleanup", scan=name, restored=old.name)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+            log("cleanup", scan=name, removed=old.name)
+
+
+class _Lock:
+    def __init__(self, out_dir: Path):
+        self.path = out_dir / LOCK_NAME
+        self.handle = None
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows: no lock
+            return self
+        self.handle = open(self.path, "a+")
+        try:
+            fcntl.flock(self.handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            self.handle.close()
+            raise BasalSegError(f"another basalseg batch is writing to {self.path.parent}; wait for it to finish") from exc
+        return self
+
+    def __exit__(self, *exc):
+        if self.handle is not None:
+            self.handle.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# cohort tables
+# ---------------------------------------------------------------------------------------------
+
+
+def _num(value) -> str:
+    return "" if value is None else repr(float(value)) if not isinstance(value, int) else str(value)
+
+
+def write_cohort_tables(out_dir: str | os.PathLike, records) -> tuple[Path, Path]:
+    """Write ``OUT_DIR/volumes.csv`` (long) and ``OUT_DIR/volumes_wide.csv`` from result records."""
+    from .outputs import atomic_write_text
+    from .structures import STRUCTURES
+
+    out_dir = Path(out_dir)
+    long_buf, wide_buf = io.StringIO(), io.StringIO()
+    long_w = csv.DictWriter(long_buf, fieldnames=COHORT_COLUMNS, lineterminator="\n")
+    wide_cols = (["scan", "subject", "session", "session_date"] + [f"{s.name}_ml" for s in STRUCTURES] +
+                 ["brain_mask_ml", "brain_volume_ml", "brain_estimate", "brain_note", "structures_not_found"])
+    wide_w = csv.DictWriter(wide_buf, fieldnames=wide_cols, lineterminator="\n")
+    long_w.writeheader()
+    wide_w.writeheader()
+    for r in records:
+        brain = r.brain
+        status = brain.get("status") or "not_computed"
+        common = {"scan": r.name, "subject": r.subject, "session": r.session, "session_date": r.session_date,
+                  "brain_mask_ml": _num(brain.get("brain_mask_ml")), "brain_volume_ml": _num(brain.get("brain_volume_ml")),
+                  "brain_estimate": status}
+        for row in r.volumes:
+            long_w.writerow({**common, "structure": row["structure"], "label": row["label"],
+                             "volume_ml": _num(row["volume_ml"]), "volume_mm3": _num(row["volume_mm3"]),
+                             "voxels": row["voxels"]})
+        wide = {**common, "brain_note": brain.get("reason") or ("" if brain else "not computed (not a batch result)"),
+                "structures_not_found": " ".join(r.missing)}
+        wide.update({f"{row['structure']}_ml": _num(row["volume_ml"]) for row in r.volumes})
+        wide_w.writerow(wide)
+    atomic_write_text(out_dir / "volumes.csv", long_buf.getvalue())
+    atomic_write_text(out_dir / "volumes_wide.csv", wide_buf.getvalue())
+    return out_dir / "volumes.csv", out_dir / "volumes_wide.csv"
+
+
+def _write_failures(out_dir: Path, failures: list[dict]) -> Path:
+    from .outputs import atomic_write_text
+    from .report import FAILURE_COLUMNS, FAILURES_NAME
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=FAILURE_COLUMNS, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(failures)
+    atomic_write_text(out_dir / FAILURES_NAME, buffer.getvalue())
+    return out_dir / FAILURES_NAME
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BatchSummary:
+    out_dir: Path
+    total: int
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[dict] = field(default_factory=list)
+    cohort_csv: Path | None = None
+    report: Path | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return BATCH_FAILED_EXIT if self.failed else 0
+
+
+def _now() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+class _Log:
+    """Appends JSON lines to ``batch_log.jsonl`` (each line flushed and synced)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __call__(self, event: str, **fields) -> None:
+        record = {"time": _now(), "event": event, **fields}
+        try:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record, default=str) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as exc:
+            raise OutputWriteError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
+
+
+def _find_prompts(prompts_dir: Path | None, name: str) -> Path | None:
+    if prompts_dir is None:
+        return None
+    for candidate in (prompts_dir / name / "prompts.json", prompts_dir / f"{name}.json", prompts_dir / f"{name}.prompts.json"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _preload(pipeline, need_prompter: bool) -> None:
+    """Load the networks and backend now (a bad checkpoint stops the batch before any scan)."""
+    names = (["prompter"] if need_prompter else []) + ["student", "backend"]
+    for name in names:
+        if hasattr(type(pipeline), name):
+            getattr(pipeline, name)
+
+
+def run_batch(scans: list[Scan], out_dir: str | os.PathLike, pipeline, *, prompts=None, prompts_dir=None,
+              skull_stripped: str = "auto", redo: str = "none", qc: bool = True, progress: str = "none",
+              report: bool = True, thresholds=None, embed: bool = False, echo=None) -> BatchSummary:
+    """Segment every scan not yet done; write the cohort tables, failures and report.
+
+    Args:
+        scans: from :func:`discover_scans`.
+        out_dir: the batch output folder (created).
+        pipeline: a :class:`~basalseg.pipeline.Pipeline` (anything with its ``segment``), reused for every scan.
+        prompts: one :class:`~basalseg.prompts.PromptSet` for every scan (images on one common grid).
+        prompts_dir: per-scan prompts: ``DIR/<scan>/prompts.json``, ``DIR/<scan>.json`` or
+            ``DIR/<scan>.prompts.json`` (a scan without one gets the prompt generator's).
+        skull_stripped: for the brain volume (:func:`basalseg.icv.estimate_brain_volumes`).
+        redo: ``"none"`` (skip complete results, refuse damaged ones), ``"incomplete"`` (also
+            replace damaged ones) or ``"all"`` (replace every result).
+        qc: write each result's ``qc.png``.
+        progress: ``"bar"``, ``"json"`` or ``"none"``.
+        report: write ``report.html`` at the end.
+        thresholds: :class:`basalseg.report.Thresholds` for the report.
+        embed: inline the report's pictures.
+        echo: ``f(text)`` for per-scan lines in ``"none"`` mode (default: print to stdout).
+
+    Raises:
+        Cancelled: interrupted (tables and report are still written for the finished scans).
+        BasalSegError: the output folder is unusable, another batch holds it, or the networks
+            cannot be loaded.
+    """
+    from . import __version__
+    from .icv import estimate_brain_volumes
+    from .imageio import load_volume
+    from .progress import emit_json, overall_fraction
+    from .prompts import load_prompts
+    from .report import (build_report, cohort_warnings, find_results, foundation_student_dice, montage_from_result,
+                         read_failures, result_state, write_montage)
+    from .results import write_result
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BasalSegError(f"{out_dir} is a file, not an output folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputWriteError(f"cannot write {out_dir}: {exc.strerror or exc}") from exc
+    prompts_dir = Path(prompts_dir) if prompts_dir else None
+    echo = echo or (lambda text: print(text, flush=True))
+    summary = BatchSummary(out_dir=out_dir, total=len(scans))
+
+    with _Lock(out_dir):
+        log = _Log(out_dir / LOG_NAME)
+        todo: list[tuple[Scan, bool]] = []  # (scan, overwrite)
+        failures: dict[str, dict] = {}
+        for scan in scans:
+            _clean_leftovers(out_dir, scan.name, log)
+            state, reason = result_state(out_dir / scan.name)
+            if state == "complete" and redo != "all":
+                summary.skipped.append(scan.name)
+            elif state == "incomplete" and redo == "none":
+                failures[scan.name] = {"scan": scan.name, "input": str(scan.path), "kind": "IncompleteResult",
+                                       "message": f"{out_dir / scan.name} exists but is not a complete result ({reason}); "
+                                                  "left untouched: move it away or pass --redo-incomplete",
+                                       "time": _now()}
+            else:
+                todo.append((scan, state != "absent"))
+        log("start", basalseg=__version__, argv=sys.argv[1:], scans=len(scans), todo=len(todo),
+            skipped=len(summary.skipped), refused=len(failures))
+        for name in summary.skipped:
+            log("skipped", scan=name, reason="complete result already there")
+        for f in failures.values():
+            log("failed", scan=f["scan"], input=f["input"], kind=f["kind"], message=f["message"])
+        if todo:
+            _preload(pipeline, need_prompter=prompts is None and any(_find_prompts(prompts_dir, s.name) is None for s, _ in todo))
+
+        bar = None
+        if progress == "bar" and todo:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(todo), desc="batch", unit="scan", file=sys.stderr, dynamic_ncols=True, mininterval=0.5,
+                       bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total} scans{postfix} [{elapsed}<{remaining}]")
+
+        def say(text: str) -> None:
+            if progress == "bar" and bar is not None:
+                bar.write(text, file=sys.stderr)
+            elif progress != "json":
+                echo(text)
+
+        interrupted: BaseException | None = None
+        attempted: set[str] = set()
+        last_json = [0.0]
+        for index, (scan, overwrite) in enumerate(todo):
+            t0 = time.perf_counter()
+            attempted.add(scan.name)
+            if bar is not None:
+                bar.set_postfix_str(scan.name, refresh=False)
+                bar.update(index - bar.n)
+            if progress == "json":
+                emit_json(event="scan", scan=scan.name, index=index, total=len(todo), status="start")
+
+            def on_progress(stage: str, fraction: float, index=index, scan=scan) -> None:
+                position = index + overall_fraction(stage, fraction)
+                if bar is not None:
+                    if position > bar.n:
+                        bar.update(position - bar.n)  # tqdm throttles the redraws (mininterval)
+                elif progress == "json":
+                    now = time.monotonic()
+                    if fraction not in (0.0, 1.0) and now - last_json[0] < 0.2:
+                        return
+                    last_json[0] = now
+                    emit_json(event="progress", scan=scan.name, stage=stage, fraction=round(float(fraction), 4),
+                              overall=round(position / len(todo), 4))
+
+            try:
+                volume = load_volume(scan.path)
+                scan_prompts = prompts
+                source = _find_prompts(prompts_dir, scan.name)
+                if source is not None:
+                    scan_prompts = load_prompts(source)
+                result = pipeline.segment(volume, prompts=scan_prompts, progress=on_progress)
+                provenance = dict(result.provenance)
+                provenance["scan_info"] = {**scan.info(), "prompts_file": str(source) if source else None}
+                if "foundation_student_dice" not in provenance:  # unless the pipeline recorded it
+                    try:
+                        provenance["foundation_student_dice"] = foundation_student_dice(result.masks, result.classes,
+                                                                                        result.prompts)
+                    except Exception as exc:  # noqa: BLE001 - a QC figure must not cost the result
+                        provenance["foundation_student_dice"] = {}
+                        log("warning", scan=scan.name, message=f"foundation/student Dice not computed: {exc}")
+                try:
+                    provenance["brain_volume"] = estimate_brain_volumes(volume.data, volume.voxel_volume_mm3, skull_stripped)
+                except Exception as exc:  # noqa: BLE001
+                    provenance["brain_volume"] = {"status": "not_estimated", "reason": f"error: {type(exc).__name__}: {exc}"}
+                result.provenance = provenance
+                write_result(result, out_dir / scan.name, overwrite=overwrite, qc=qc)
+                try:
+                    write_montage(out_dir, scan.name, montage_from_result(result, title=scan.name))
+                except Exception as exc:  # noqa: BLE001 - the report falls back to qc.png
+                    log("warning", scan=scan.name, message=f"QC montage not written: {type(exc).__name__}: {exc}")
+            except (KeyboardInterrupt, Cancelled) as exc:
+                interrupted = exc
+                log("interrupted", scan=scan.name)
+                break
+            except Exception as exc:  # noqa: BLE001 - one scan's failure must not stop the others
+                expected = isinstance(exc, BasalSegError)
+                kind = type(exc).__name__
+                message = " ".join(str(exc).split()) or kind
+                if not expected:
+                    message = f"internal error: {kind}: {message}"
+                failures[scan.name] = {"scan": scan.name, "input": str(scan.path), "kind": kind, "message": message,
+                                       "time": _now()}
+                log("failed", scan=scan.name, input=str(scan.path), kind=kind, message=message,
+                    seconds=round(time.perf_counter() - t0, 2),
+                    **({} if expected else {"traceback": traceback.format_exc()}))
+                say(f"[{index + 1}/{len(todo)}] {scan.name}: FAILED: {message}")
+                if progress == "json":
+                    emit_json(event="scan", scan=scan.name, index=index, total=len(todo), status="failed", message=message,
+                              kind=kind)
+                continue
+            seconds = round(time.perf_counter() - t0, 2)
+            summary.done.append(scan.name)
+            failures.pop(scan.name, None)
+            log("done", scan=scan.name, input=str(scan.path), seconds=seconds, missing=result.missing)
+            say(f"[{index + 1}/{len(todo)}] {scan.name}: done in {seconds:.1f} s"
+                + (f" (not found: {', '.join(result.missing)})" if result.missing else ""))
+            if progress == "json":
+                emit_json(event="scan", scan=scan.name, index=index, total=len(todo), status="done", seconds=seconds)
+        if bar is not None:
+            if interrupted is None and bar.n < len(todo):
+                bar.update(len(todo) - bar.n)
+            bar.close()
+
+        # failures: this run's, plus earlier ones for scans this run did not reach and that are still not done
+        known = {s.name for s in scans}
+        for old in read_failures(out_dir):
+            if old["scan"] in known and old["scan"] not in attempted and old["scan"] not in failures \
+                    and old["scan"] not in summary.skipped:
+                failures[old["scan"]] = old
+        summary.failed = [failures[s.name] for s in scans if s.name in failures]
+        _write_failures(out_dir, summary.failed)
+        records, broken = find_results(out_dir)
+        summary.cohort_csv = write_cohort_tables(out_dir, records)[0]
+        summary.warnings = cohort_warnings(records)
+        if report:
+            summary.report = build_report(out_dir, thresholds, embed=embed, records=records, broken=broken)
+        log("end", done=len(summary.done), skipped=len(summary.skipped), failed=len(summary.failed),
+            interrupted=interrupted is not None, results_in_cohort=len(records))
+    if interrupted is not None:
+        raise Cancelled(f"batch interrupted after {len(summary.done)} scans; finished results are kept, run again to resume")
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------------
+
+
+def register(sub) -> None:
+    from .cli import _add_run_options
+    from .icv import SKULL_STRIPPED_CHOICES
+    from .report import add_threshold_options
+
+    p = sub.add_parser("batch", help="segment every T1 of a folder or BIDS tree (resumable), with cohort tables and a QC report",
+                       description="Segment every T1 in INPUT_DIR into OUT_DIR/<scan>/, skipping scans already done. "
+                                   "Exit status 0 when every scan has a result, 3 when some failed, 2 for a problem "
+                                   "with the options, inputs or weights that stops the whole batch.")
+    p.add_argument("input_dir", type=Path, help="folder of T1 files (.nii, .nii.gz, .nrrd) or a BIDS dataset")
+    _add_run_options(p)
+    for action in p._actions:  # the shared options' help, in batch terms
+        if action.dest == "overwrite":
+            action.help = "redo every scan, replacing its result (default: skip scans already done)"
+        elif action.dest == "prompts":
+            action.help = "one prompts.json for every scan (only for images on one common grid)"
+        elif action.dest == "out":
+            action.help = "output folder: one result folder per scan, cohort volumes.csv, report.html"
+    p.add_argument("--prompts-dir", type=Path, default=None,
+                   help="per-scan prompts: DIR/<scan>/prompts.json (e.g. an earlier batch folder with edited prompts), "
+                        "DIR/<scan>.json or DIR/<scan>.prompts.json; scans without one use the prompt generator")
+    p.add_argument("--redo-incomplete", action="store_true",
+                   help="replace result folders that exist but are not complete (default: leave them and report them)")
+    p.add_argument("--skull-stripped", default="auto", choices=SKULL_STRIPPED_CHOICES,
+                   help="for the brain-mask volume: auto-detect skull-stripped inputs (default), or say so")
+    p.add_argument("--no-report", action="store_true", help="do not write report.html")
+    add_threshold_options(p)
+    p.set_defaults(handler=cmd_batch)
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from .cli import _config, _progress_mode
+    from .pipeline import Pipeline
+    from .progress import emit_json
+    from .prompts import load_prompts
+    from .report import thresholds_from_args
+
+    if args.band is not None and args.band <= 0:
+        raise BasalSegError(f"--band must be > 0, got {args.band}")
+    if args.prompts and args.prompts_dir:
+        raise BasalSegError("give --prompts or --prompts-dir, not both")
+    if args.prompts_dir and not args.prompts_dir.is_dir():
+        raise BasalSegError(f"--prompts-dir {args.prompts_dir}: no such folder")
+    thresholds = thresholds_from_args(args)
+    scans = discover_scans(args.input_dir)
+    prompts = load_prompts(args.prompts) if args.prompts else None
+    mode = _progress_mode(args.progress)
+    redo = "all" if args.overwrite else "incomplete" if args.redo_incomplete else "none"
+    pipeline = Pipeline(_config(args))
+    summary = run_batch(scans, args.out, pipeline, prompts=prompts, prompts_dir=args.prompts_dir,
+                        skull_stripped=args.skull_stripped, redo=redo, qc=not args.no_qc, progress=mode,
+                        report=not args.no_report, thresholds=thresholds, embed=args.embed)
+    if mode == "json":
+        emit_json(event="done", out=str(args.out), done=len(summary.done), skipped=len(summary.skipped),
+                  failed=len(summary.failed), report=str(summary.report) if summary.report else None)
+    else:
+        print(f"batch: {summary.total} scans: {len(summary.done)} done, {len(summary.skipped)} skipped (already complete), "
+              f"{len(summary.failed)} failed")
+        print(f"  cohort table: {summary.cohort_csv}")
+        if summary.report:
+            print(f"  QC report:    {summary.report}")
+    for w in summary.warnings:
+        print(f"basalseg: warning: {w}", file=sys.stderr)
+    if summary.failed:
+        for f in summary.failed:
+            print(f"basalseg: failed: {f['scan']}: {f['message']}", file=sys.stderr)
+        print(f"basalseg: error: {len(summary.failed)} of {summary.total} scans failed (listed in "
+              f"{Path(args.out) / 'failures.csv'}; details in {Path(args.out) / LOG_NAME})", file=sys.stderr)
+    return summary.exit_code

@@ -1,0 +1,278 @@
+"""``basalseg compare A_DIR B_DIR``: volume change between two results of the same person.
+
+For each structure (and the brain-mask / brain volumes when both results have them,
+:mod:`basalseg.icv`):
+
+``change_ml``
+    ``B - A`` in mL.
+``percent_change``
+    ``100 (B - A) / A`` (relative to the first scan); blank when A is 0.
+``percent_change_symmetric``
+    ``100 (B - A) / ((A + B) / 2)``: the symmetrised percent change (FreeSurfer's longitudinal
+    "spc"), less sensitive to which scan is taken as baseline.
+``annualised_percent_change``
+    ``percent_change / (interval_days / 365.25)`` (linear, not compounded), when both dates are
+    known and differ.
+
+**Dates**, for each scan, first found: ``--date-a`` / ``--date-b``; the session date that
+``basalseg batch`` recorded in ``provenance.json`` (``scan_info``); the BIDS ``*_scans.tsv`` /
+``*_sessions.tsv``, JSON sidecar or NIfTI header of the input image recorded in provenance (when
+it is still there; see :func:`basalseg.batch.session_date`). ``interval_days = date_B - date_A``.
+
+Folders that are not complete BasalSegSAM results are refused. Warnings (printed, and kept in
+:attr:`Comparison.warnings`) when the inputs differ in voxel size, when the weights, foundation
+backend, options or basalseg version differ, when the subjects recorded differ, when both
+results come from the same image, or when B is not later than A.
+
+The Python entry point for other front ends (the Slicer module's change table) is
+:func:`compare_results`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import io
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import BasalSegError
+
+__all__ = ["Comparison", "compare_results", "resolve_date", "COMPARE_COLUMNS", "register", "format_table"]
+
+COMPARE_COLUMNS = ["structure", "label", "volume_ml_a", "volume_ml_b", "change_ml", "percent_change",
+                   "percent_change_symmetric", "annualised_percent_change", "interval_days", "date_a", "date_b",
+                   "scan_a", "scan_b"]
+
+
+@dataclass
+class Comparison:
+    """The change table between two results.
+
+    Attributes:
+        a, b: the two :class:`~basalseg.report.ResultRecord`.
+        rows: one dict per structure (then ``BrainMask`` / ``Brain`` when estimated), keys :data:`COMPARE_COLUMNS`.
+        date_a, date_b: ``datetime.date`` or None; ``date_source_a`` / ``date_source_b`` say where from.
+        interval_days: ``date_b - date_a`` in days, or None.
+        warnings: differences that make the change less trustworthy.
+    """
+
+    a: object
+    b: object
+    rows: list[dict]
+    date_a: datetime.date | None = None
+    date_b: datetime.date | None = None
+    date_source_a: str | None = None
+    date_source_b: str | None = None
+    interval_days: int | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def csv_text(self) -> str:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=COMPARE_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        for row in self.rows:
+            writer.writerow({k: _cell(row.get(k)) for k in COMPARE_COLUMNS})
+        return buffer.getvalue()
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.3e}"
+    return str(value)
+
+
+def _parse_date(text: str, what: str) -> datetime.date:
+    try:
+        return datetime.date.fromisoformat(str(text).strip()[:10])
+    except ValueError as exc:
+        raise BasalSegError(f"{what}: {text!r} is not a date (use YYYY-MM-DD)") from exc
+
+
+def resolve_date(record, override: str | None = None) -> tuple[datetime.date | None, str | None]:
+    """The acquisition date of a result (see the module docstring): ``(date, source)``."""
+    from .batch import session_date
+
+    if override:
+        return _parse_date(override, "date"), "given on the command line"
+    info = record.scan_info
+    if info.get("session_date"):
+        return _parse_date(info["session_date"], f"{record.folder}/provenance.json"), \
+            f"provenance.json ({info.get('date_source') or 'batch'})"
+    path = record.input.get("path")
+    if path and Path(path).exists():
+        date, source = session_date(path)
+        if date:
+            return datetime.date.fromisoformat(date), source
+    return None, None
+
+
+def _describe_weights(prov: dict) -> dict:
+    return {k: (v or {}).get("sha256") for k, v in (prov.get("weights") or {}).items()}
+
+
+def _describe_backend(prov: dict) -> dict:
+    f = prov.get("foundation") or {}
+    return {k: f.get(k) for k in ("backend", "model", "checkpoint_sha256") if f.get(k) is not None}
+
+
+def _bids_subject(record) -> str | None:
+    """``sub-XX`` from what batch recorded, else from a BIDS input path (outside BIDS the batch
+    "subject" is only the file name, so it is not used)."""
+    from .batch import _bids_parts
+
+    info = record.scan_info
+    if "sub" in (info.get("bids_entities") or {}):
+        return info.get("subject")
+    path = record.input.get("path")
+    parts = _bids_parts(Path(path)) if path else None
+    return parts[1] if parts else None
+
+
+def _check_pair(a, b) -> list[str]:
+    warnings = []
+    sa, sb = a.spacing, b.spacing
+    if sa and sb and (len(sa) != len(sb) or any(abs(x - y) > 1e-3 for x, y in zip(sa, sb))):
+        fmt = lambda s: "x".join(f"{x:g}" for x in s)  # noqa: E731
+        warnings.append(f"the scans differ in voxel size (A {fmt(sa)} mm, B {fmt(sb)} mm): part of the change may come "
+                        "from the resolution, not the anatomy")
+    pa, pb = a.provenance, b.provenance
+    if _describe_weights(pa) != _describe_weights(pb):
+        warnings.append("the results were made with different prompter/student weights (sha256 differ): "
+                        "rerun both with the same weights to measure change")
+    if _describe_backend(pa) != _describe_backend(pb):
+        warnings.append(f"the results were made with different foundation backends ({_describe_backend(pa)} vs "
+                        f"{_describe_backend(pb)})")
+    if (pa.get("options") or {}) != (pb.get("options") or {}):
+        warnings.append(f"the results were made with different options ({pa.get('options')} vs {pb.get('options')})")
+    if pa.get("basalseg") != pb.get("basalseg"):
+        warnings.append(f"the results were made by different basalseg versions ({pa.get('basalseg')} vs {pb.get('basalseg')})")
+    sub_a, sub_b = _bids_subject(a), _bids_subject(b)
+    if sub_a and sub_b and sub_a != sub_b:
+        warnings.append(f"A is {sub_a} and B is {sub_b}: are they the same person?")
+    ha, hb = a.input.get("sha256"), b.input.get("sha256")
+    if ha and ha == hb:
+        warnings.append("A and B were made from the same image file (same sha256): the change is not longitudinal")
+    for rec, tag in ((a, "A"), (b, "B")):
+        if rec.missing:
+            warnings.append(f"{tag} has structures the prompt generator did not find: {', '.join(rec.missing)}")
+    return warnings
+
+
+def _row(structure: str, label, va: float | None, vb: float | None, days: int | None) -> dict:
+    row = {"structure": structure, "label": label, "volume_ml_a": va, "volume_ml_b": vb, "change_ml": None,
+           "percent_change": None, "percent_change_symmetric": None, "annualised_percent_change": None}
+    if va is None or vb is None:
+        return row
+    row["change_ml"] = vb - va
+    if va > 0:
+        row["percent_change"] = 100.0 * (vb - va) / va
+        if days:
+            row["annualised_percent_change"] = row["percent_change"] / (days / 365.25)
+    if va + vb > 0:
+        row["percent_change_symmetric"] = 100.0 * (vb - va) / ((va + vb) / 2.0)
+    return row
+
+
+def compare_results(a_dir: str | os.PathLike, b_dir: str | os.PathLike, date_a: str | None = None,
+                    date_b: str | None = None) -> Comparison:
+    """The per-structure change from result ``A`` to result ``B`` (see the module docstring).
+
+    Raises:
+        BasalSegError: a folder is not a complete BasalSegSAM result, or a date is malformed.
+    """
+    from .report import read_result
+    from .structures import STRUCTURES
+
+    records = []
+    for folder, tag in ((a_dir, "A"), (b_dir, "B")):
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise BasalSegError(f"{tag}: {folder} is not a folder" if folder.exists() else f"{tag}: {folder}: no such folder")
+        try:
+            records.append(read_result(folder))
+        except BasalSegError as exc:
+            raise BasalSegError(f"{tag}: {exc}") from exc
+    a, b = records
+    if a.folder.resolve() == b.folder.resolve():
+        raise BasalSegError(f"A and B are the same folder ({a.folder})")
+    da, src_a = resolve_date(a, date_a)
+    db, src_b = resolve_date(b, date_b)
+    days = (db - da).days if da and db else None
+    warnings = _check_pair(a, b)
+    if days is not None and days <= 0:
+        warnings.append(f"B ({db}) is {'on the same day as' if days == 0 else 'earlier than'} A ({da})"
+                        + ("" if days == 0 else ": did you swap them?"))
+    if days is None:
+        missing = [t for t, d in (("A", da), ("B", db)) if d is None]
+        warnings.append(f"no acquisition date for {' and '.join(missing)}: no interval or annualised change "
+                        "(give --date-a/--date-b YYYY-MM-DD)")
+    rows = []
+    for s in STRUCTURES:
+        rows.append(_row(s.name, s.label, a.volume_ml(s.key), b.volume_ml(s.key), days or None))
+    for key, name in (("brain_mask_ml", "BrainMask"), ("brain_volume_ml", "Brain")):
+        va, vb = a.brain.get(key), b.brain.get(key)
+        if va is not None and vb is not None:
+            rows.append(_row(name, "", float(va), float(vb), days or None))
+    for row in rows:
+        row.update({"interval_days": days, "date_a": da.isoformat() if da else None, "date_b": db.isoformat() if db else None,
+                    "scan_a": a.name, "scan_b": b.name})
+        if row["percent_change"] is None and row["volume_ml_a"] == 0 and row["structure"] not in ("BrainMask", "Brain"):
+            warnings.append(f"{row['structure']} is empty in A: no percent change")
+    return Comparison(a=a, b=b, rows=rows, date_a=da, date_b=db, date_source_a=src_a, date_source_b=src_b,
+                      interval_days=days, warnings=warnings)
+
+
+def format_table(comparison: Comparison) -> str:
+    """The change table as aligned text."""
+    c = comparison
+    head = [f"A: {c.a.folder}" + (f"  ({c.date_a}, {c.date_source_a})" if c.date_a else ""),
+            f"B: {c.b.folder}" + (f"  ({c.date_b}, {c.date_source_b})" if c.date_b else "")]
+    if c.interval_days is not None:
+        head.append(f"interval: {c.interval_days} days ({c.interval_days / 365.25:.2f} years)")
+    cols = ["structure", "A mL", "B mL", "change mL", "change %", "sym %"] + (["%/year"] if c.interval_days else [])
+    lines = []
+    for r in c.rows:
+        def f(v, d=3):
+            return "" if v is None else f"{v:.{d}f}"
+        cells = [r["structure"], f(r["volume_ml_a"]), f(r["volume_ml_b"]), f(r["change_ml"]),
+                 f(r["percent_change"], 1), f(r["percent_change_symmetric"], 1)]
+        if c.interval_days:
+            cells.append(f(r["annualised_percent_change"], 2))
+        lines.append(cells)
+    widths = [max(len(str(x)) for x in col) for col in zip(cols, *lines)]
+    fmt = lambda cells: "  ".join(str(x).ljust(w) if i == 0 else str(x).rjust(w)  # noqa: E731
+                                  for i, (x, w) in enumerate(zip(cells, widths)))
+    return "\n".join(head + [fmt(cols), fmt(["-" * w for w in widths])] + [fmt(cells) for cells in lines]) + "\n"
+
+
+def register(sub) -> None:
+    p = sub.add_parser("compare", help="volume change between two results of the same person (B - A)",
+                       description="Per-structure absolute and percent change from result A (earlier) to result B "
+                                   "(later), with the interval and the annualised change when the dates are known.")
+    p.add_argument("a_dir", type=Path, help="the earlier result folder (basalseg segment/batch output)")
+    p.add_argument("b_dir", type=Path, help="the later result folder")
+    p.add_argument("--out", type=Path, default=None, help="write the table as CSV to this file")
+    p.add_argument("--date-a", default=None, help="acquisition date of A (YYYY-MM-DD), overrides what the results record")
+    p.add_argument("--date-b", default=None, help="acquisition date of B (YYYY-MM-DD)")
+    p.set_defaults(handler=cmd_compare)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .outputs import atomic_write_text
+
+    if args.out is not None and args.out.is_dir():
+        raise BasalSegError(f"--out {args.out} is a folder; give a file name such as change.csv")
+    comparison = compare_results(args.a_dir, args.b_dir, args.date_a, args.date_b)
+    for w in comparison.warnings:
+        print(f"basalseg: warning: {w}", file=sys.stderr)
+    sys.stdout.write(format_table(comparison))
+    if args.out is not None:
+        atomic_write_text(args.out, comparison.csv_text())
+        print(f"wrote {args.out}")
+    return 0

