@@ -537,7 +537,12 @@ def run_batch(scans: list[Scan], out_dir: str | os.PathLike, pipeline, *, prompt
         for f in failures.values():
             log("failed", scan=f["scan"], input=f["input"], kind=f["kind"], message=f["message"])
         if todo:
-            _preload(pipeline, need_prompter=prompts is None and any(_find_prompts(prompts_dir, s.name) is None for s, _ in todo))
+            need_prompter = prompts is None and any(_find_prompts(prompts_dir, s.name) is None for s, _ in todo)
+            try:
+                _preload(pipeline, need_prompter)
+            except BasalSegError as exc:
+                log("stopped", kind=type(exc).__name__, message=" ".join(str(exc).split()))
+                raise
 
         bar = None
         if progress == "bar" and todo:

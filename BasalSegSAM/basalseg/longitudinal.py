@@ -83,7 +83,8 @@ def _cell(value) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
-        return f"{value:.6g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.3e}"
+        value = round(value, 6) + 0.0  # + 0.0: no "-0"
+        return f"{value:.12g}"
     return str(value)
 
 

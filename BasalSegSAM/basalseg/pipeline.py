@@ -274,9 +274,13 @@ class Pipeline:
         timings["resample"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
         report("resample", 1.0)
+        from .report import foundation_student_dice
+
+        provenance = self.provenance()
+        provenance["foundation_student_dice"] = foundation_student_dice(masks, classes, prompts)
         return SegmentResult(volume=volume, labels=labels.astype(np.int16), grid=grid, image01=image01,
                              classes=classes, coarse=coarse, masks=masks, prompts=prompts, timings=timings,
-                             provenance=self.provenance(), missing=missing)
+                             provenance=provenance, missing=missing)
 
     def provenance(self) -> dict:
         import monai

@@ -2,7 +2,8 @@
 
 ``basalseg report OUT_DIR [--embed] [thresholds]`` writes ``OUT_DIR/report.html`` from every
 complete result folder directly under ``OUT_DIR`` (the layout ``basalseg batch`` writes, but any
-folder of ``basalseg segment`` results works), plus ``OUT_DIR/failures.csv`` when a batch left one.
+folder of ``basalseg segment`` results works), and lists the scans of ``OUT_DIR/failures.csv``
+when a batch left one.
 ``basalseg batch`` calls it at the end of every run.
 
 **The page** lists every scan with its QC montage, its eight volumes, the brain-mask and brain
@@ -649,7 +650,10 @@ def build_report(out_dir: str | os.PathLike, thresholds: Thresholds | None = Non
     for r in records:
         path = out_dir / MONTAGE_DIR / f"{r.name}.png"
         if not path.is_file() or path.stat().st_mtime < (r.folder / "provenance.json").stat().st_mtime:
-            png, note = montage_from_folder(r, prompts=prompts)
+            try:
+                png, note = montage_from_folder(r, prompts=prompts)
+            except Exception as exc:  # noqa: BLE001 - one bad picture must not cost the page
+                png, note = _placeholder_png(r.name), f"no picture: {type(exc).__name__}: {exc}"
             write_montage(out_dir, r.name, png, note)
         note_path = path.with_name(path.name + ".note")
         if note_path.is_file():

@@ -328,6 +328,18 @@ def test_batch_refuses_a_busy_or_bad_output(tmp_path):
         run_batch(discover_scans(inp), tmp_path / "file", StubPipeline())
 
 
+def test_batch_stops_before_any_scan_when_weights_are_missing(tmp_path):
+    from basalseg.pipeline import Pipeline, PipelineConfig
+
+    inp, out = _plain(tmp_path / "in", ("a", "b")), tmp_path / "out"
+    (tmp_path / "no_weights").mkdir()
+    with pytest.raises(BasalSegError) as info:
+        run_batch(discover_scans(inp), out, Pipeline(PipelineConfig(weights_dir=str(tmp_path / "no_weights"), device="cpu")))
+    assert info.value.exit_code == 2
+    assert sorted(p.name for p in out.iterdir()) == [".basalseg-batch.lock", "batch_log.jsonl"]
+    assert [e["event"] for e in _log(out)] == ["start", "stopped"]
+
+
 def test_batch_json_progress(tmp_path, capsys):
     inp, out = _plain(tmp_path / "in", ("a", "nothing")), tmp_path / "out"
     run_batch(discover_scans(inp), out, StubPipeline(), progress="json")

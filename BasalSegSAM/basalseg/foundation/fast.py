@@ -21,7 +21,7 @@ Levers that change the masks (off by default, quality measured by the benchmark)
 
 * ``stride`` in :func:`run_foundation_fast`: encode every ``stride``-th prompted slice (plus
   each structure's first and last slice) and fill the slices between by linear interpolation of
-  the 2D signed distances along z (shape-based interpolation).
+  the 2D signed distances along z (shape-based interpolation; :func:`plan_slices`).
 * ``encoder="compile"``: ``torch.compile`` of the folded encoder (exact, but ~1 min to compile:
   for cohort runs only).
 
@@ -58,6 +58,7 @@ __all__ = [
     "ENCODERS",
     "run_foundation_fast",
     "plan_slices",
+    "stride_masks",
     "interpolate_mask",
     "onnx_cache_path",
 ]
@@ -514,28 +515,41 @@ class FastLiteMedSAMBackend(LiteMedSAMBackend):
 
 
 def plan_slices(prompts: PromptSet, stride: int = 1) -> dict[int, list[Prompt]]:
-    """Which prompts are run through the foundation model, per slice.
+    """The slices run through the foundation model, with their prompts.
 
-    With ``stride`` 1 every prompt. With ``stride`` k > 1, a structure's prompt on slice ``z`` is
-    run when ``(z - z_min) % k == 0`` (``z_min`` = the first prompted slice of the volume) or when
-    ``z`` is that structure's first or last prompted slice; the structure's other slices are
-    interpolated (:func:`interpolate_mask`).
+    With ``stride`` 1, every prompted slice. With ``stride`` k > 1, slice ``z`` is run when
+    ``(z - z_min) % k == 0`` (``z_min``: the first prompted slice) or when it is some structure's
+    first or last prompted slice; a slice that is run gets all of its prompts (so its masks are
+    exactly those of the all-slices run, whose region-of-interest crop depends on every box of the
+    slice). A structure's prompted slices that are not run are interpolated between its nearest
+    run slices below and above (:func:`interpolate_mask`).
     """
     stride = max(int(stride), 1)
     slices = prompts.slices()
     if not slices:
         return {}
-    z0 = slices[0]
-    plan: dict[int, list[Prompt]] = {}
-    for s in STRUCTURES:
-        own = prompts.for_structure(s.key)
-        if not own:
-            continue
-        ends = {own[0].slice, own[-1].slice}
-        for p in own:
-            if stride == 1 or (p.slice - z0) % stride == 0 or p.slice in ends:
-                plan.setdefault(p.slice, []).append(p)
-    return {k: sorted(v, key=lambda p: p.struct.class_index) for k, v in sorted(plan.items())}
+    keep = set(slices)
+    if stride > 1:
+        keep = {z for z in slices if (z - slices[0]) % stride == 0}
+        for s in STRUCTURES:
+            own = prompts.for_structure(s.key)
+            if own:
+                keep.update((own[0].slice, own[-1].slice))
+    return {z: prompts.on_slice(z) for z in sorted(keep)}
+
+
+def stride_masks(masks: np.ndarray, prompts: PromptSet, stride: int) -> np.ndarray:
+    """What :func:`run_foundation_fast` with ``stride`` returns, given the all-slices masks
+    ``(8, X, Y, Z)`` of the same backend: the run slices are kept and the others interpolated. (A
+    run slice's masks do not depend on the stride, see :func:`plan_slices`.) Used to measure the
+    quality cost of a stride without running the model again."""
+    plan = plan_slices(prompts, stride)
+    out = np.zeros_like(masks)
+    for z in plan:
+        out[:, :, :, z] = masks[:, :, :, z]
+    if stride > 1:
+        _fill_between(out, prompts, plan, {s.key: s.class_index - 1 for s in STRUCTURES})
+    return out
 
 
 def _signed_distance_2d(mask: np.ndarray) -> np.ndarray:
@@ -628,11 +642,12 @@ def _fill_between(out: np.ndarray, prompts: PromptSet, plan: dict[int, list[Prom
     """Interpolate each structure's prompted slices that were not run (``stride`` > 1)."""
     for s in STRUCTURES:
         own = [p.slice for p in prompts.for_structure(s.key)]
-        run = sorted(k for k in own if any(p.structure == s.key for p in plan.get(k, [])))
+        run = [z for z in own if z in plan]
         c = index[s.key]
+        wanted = set(own)
         for lo, hi in zip(run[:-1], run[1:]):
             for z in range(lo + 1, hi):
-                if z in own:
+                if z in wanted:
                     out[c, :, :, z] = interpolate_mask(out[c, :, :, lo], out[c, :, :, hi], (z - lo) / (hi - lo))
 
 
