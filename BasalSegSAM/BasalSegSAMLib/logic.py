@@ -131,10 +131,13 @@ class SegmentationLogic:
             command = list(self.commandPrefix(kind)) + args
             return BasalSegJob(kind, command, workDir, outDir, inputShape=volume.shape, inputAffine=affine,
                                runner=self.runnerFactory(), env=childEnvironment(self.env))
-        except Exception:
+        except Exception as exc:
             import shutil
 
             shutil.rmtree(workDir, ignore_errors=True)
+            if isinstance(exc, OSError):  # e.g. ENOSPC from nibabel, which names no file
+                reason = "disk full" if exc.errno == 28 else (exc.strerror or str(exc))
+                raise OSError(exc.errno, f"cannot write the job's files into {workDir.parent}: {reason}") from exc
             raise
 
     def startGeneratePrompts(self, volumeNode, options: Optional[RunOptions] = None) -> BasalSegJob:

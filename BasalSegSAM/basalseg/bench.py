@@ -49,8 +49,17 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["register", "run_bench", "StageMeter", "TimedBackend", "dk_prompts", "dk_class_map", "spread_subset", "dice_per_structure",
-           "run_levers"]
+__all__ = [
+    "StageMeter",
+    "TimedBackend",
+    "dice_per_structure",
+    "dk_class_map",
+    "dk_prompts",
+    "register",
+    "run_bench",
+    "run_levers",
+    "spread_subset",
+]
 
 NAIVE = "naive: whole slice at 256x256, one encoder pass per structure per slice, plain module"
 
@@ -322,6 +331,7 @@ def _runner_options(config, stride: int, batch: int):
 
 def run_bench(image=None, *, prompts: str = "auto", weights_dir=None, device=None, threads: int | None = None,
               encoder: str = "fused", fast_decoder: bool = True, stride: int = 1, batch: int | None = None,
+              input_size: int | None = None,
               slices: int | None = None, naive_slices: int | None = None, naive: bool = True, quality: bool = False,
               python_heap: bool = False, keep=None, warm_up: bool = True) -> dict:
     """Run the benchmark; return every figure as a dictionary (see the module docstring)."""
@@ -360,11 +370,12 @@ def run_bench(image=None, *, prompts: str = "auto", weights_dir=None, device=Non
         t = time.perf_counter()
         prompter, student, trained, student_meta = _networks(weights_dir, "litemedsam", dev)
         backend = TimedBackend(FastLiteMedSAMBackend(device=str(dev), encoder=encoder, fast_decoder=fast_decoder,
-                                                     threads=threads))
+                                                     threads=threads, input_size=input_size))
         stages["setup"] = time.perf_counter() - t
     report["trained_weights"] = trained
     report["foundation"] = backend.describe()
-    report["options"] = {"stride": stride, "batch": batch, "encoder": backend.inner.encoder, "fast_decoder": fast_decoder}
+    report["options"] = {"stride": stride, "batch": batch, "encoder": backend.inner.encoder, "fast_decoder": fast_decoder,
+                         "input_size": backend.inner.native_size}
     if warm_up:
         _warm_up(backend.inner)
     config = PipelineConfig(device=str(dev), threads=threads)
@@ -421,6 +432,9 @@ def run_bench(image=None, *, prompts: str = "auto", weights_dir=None, device=Non
     meter.mark("resample")
     for key in ("prepare", "foundation", "sdm", "student", "resample"):
         stages[key] = result.timings[key]
+    # what segment() does besides its timed stages (provenance, QC agreement figures)
+    stages["segment_other"] = max(seg_total - sum(result.timings[k] for k in
+                                                  ("prepare", "foundation", "sdm", "student", "resample")), 0.0)
     report["segment_total"] = seg_total
     report["counts"] = {"encoder_passes": backend.encoder_passes, "boxes": backend.boxes}
 
@@ -436,6 +450,7 @@ def run_bench(image=None, *, prompts: str = "auto", weights_dir=None, device=Non
     # wall and CPU time per stage; the foundation stage extrapolated to every prompted slice
     peaks = meter.peaks
     cpu = {k: peaks.get(k, {}).get("cpu_s", float("nan")) for k in stages}
+    cpu["segment_other"] = 0.0  # the meter charges it to "resample" (segment() reports no stage after it)
     full_enc, full_boxes = len(full_plan), sum(len(v) for v in full_plan.values())
     scale_enc = full_enc / max(backend.encoder_passes, 1)
     scale_box = full_boxes / max(backend.boxes, 1)
@@ -449,7 +464,7 @@ def run_bench(image=None, *, prompts: str = "auto", weights_dir=None, device=Non
                                f"slices (time per encoder pass x {full_enc}, per box x {full_boxes})")
     report["cpu"] = cpu
     report["counts_full"] = {"encoder_passes": full_enc, "boxes": full_boxes}
-    shared = ["io_read", "setup", "prompter", "prepare", "sdm", "student", "resample", "io_write"]
+    shared = ["io_read", "setup", "prompter", "prepare", "sdm", "student", "resample", "segment_other", "io_write"]
     report["optimised_total"] = sum(stages[k] for k in shared) + stages["foundation"]
     report["optimised_total_cpu"] = sum(cpu[k] for k in shared) + cpu["foundation"]
 
@@ -491,6 +506,14 @@ def run_bench(image=None, *, prompts: str = "auto", weights_dir=None, device=Non
             ref_masks = run_foundation(reference, result.image01, run_prompts, crop=True)
             report["reference_foundation_s"] = time.perf_counter() - t
         report["dice_vs_reference"] = dice_per_structure(result.masks, ref_masks)
+        if dk_classes is not None:  # both against the atlas labels, on the timed slices
+            from .structures import STRUCTURES
+
+            truth = np.zeros_like(ref_masks)
+            for z in run_prompts.slices():
+                truth[:, :, :, z] = np.stack([dk_classes[:, :, z] == st.class_index for st in STRUCTURES])
+            report["dice_vs_atlas"] = {"optimised": dice_per_structure(result.masks, truth),
+                                       "reference": dice_per_structure(ref_masks, truth)}
         report["voxels_differing"] = int(np.count_nonzero(result.masks != ref_masks))
         if run_prompts is full:  # the quality cost of a slice stride, from the all-slices masks
             report["dice_stride"] = {k: dice_per_structure(stride_masks(ref_masks, full, k), ref_masks)
@@ -529,7 +552,8 @@ def format_report(r: dict) -> list[str]:
             ("prepare", "prepare", "prepare"), ("prompter", "prompter", "prompter"),
             ("foundation encoder", "encoder", "foundation"), ("foundation decoder", "decoder", "foundation"),
             ("foundation (all)", "foundation", "foundation"), ("sdm", "sdm", "sdm"), ("student", "student", "student"),
-            ("resample", "resample", "resample"), ("io (write)", "io_write", "io_write")]
+            ("resample", "resample", "resample"), ("segment() other", "segment_other", "resample"),
+            ("io (write)", "io_write", "io_write")]
     for label, key, mkey in rows:
         m = mem.get(mkey, {})
         line = f"{label:<22}{s[key]:>9.2f}{c[key]:>9.2f}{m.get('rss_mb', float('nan')):>13.0f}"
@@ -559,6 +583,10 @@ def format_report(r: dict) -> list[str]:
         lines.append("  Dice optimised vs reference foundation masks (crop, one pass/slice, plain module): "
                      + ", ".join(f"{k} {v:.4f}" for k, v in d.items())
                      + f"; min {min(d.values()):.4f}; voxels differing {r['voxels_differing']}")
+    if "dice_vs_atlas" in r:
+        a = r["dice_vs_atlas"]
+        lines.append(f"  Dice vs DK atlas labels on the prompted slices: optimised mean {np.mean(list(a['optimised'].values())):.4f}, "
+                     f"reference mean {np.mean(list(a['reference'].values())):.4f}")
     for k, d in r.get("dice_stride", {}).items():
         n = r["stride_counts"][k]
         lines.append(f"  stride {k} (simulated from the reference masks; {n['encoder_passes']} encoder passes, "
@@ -641,23 +669,25 @@ def run_levers(n_slices: int = 4, repeats: int = 2, device=None, threads: int | 
         # encoder, one pass per slice on the cropped slice
         record("encoder: plain module", *clock(lambda: [plain.set_image(w[0]) for w in work]), "slice")
         for name, b in fast.items():
-            record(f"encoder: {name}", *clock(lambda: [b.set_image(w[0]) for w in work]), "slice")
+            record(f"encoder: {name}", *clock(lambda b=b: [b.set_image(w[0]) for w in work]), "slice")
         main = fast["fused + banded stage 0"]
         for bs in batches:
             if bs > 1:
                 record(f"encoder: fused + banded, batch {bs}",
-                       *clock(lambda: [main.encode([w[0] for w in work[i : i + bs]]) for i in range(0, len(work), bs)]),
+                       *clock(lambda m=main, n=bs: [m.encode([w[0] for w in work[i : i + n]])
+                                                    for i in range(0, len(work), n)]),
                        "slice")
         # decoder, all boxes of a slice at once, on a fixed embedding per slice
         embs = main.encode([w[0] for w in work])
 
-        def plain_decode():
+        def plain_decode(embs=embs):
             for w, e in zip(work, embs):
                 plain._embedding, plain._image_hw, plain._scale, plain._resized_hw = e.embedding[None], e.image_hw, e.scale, e.resized_hw
                 plain.predict(w[1])
 
         record("decoder: SAM mask decoder", *clock(plain_decode), "box")
-        record("decoder: FastMaskDecoder", *clock(lambda: [main.predict_on(e, w[1]) for w, e in zip(work, embs)]), "box")
+        record("decoder: FastMaskDecoder",
+               *clock(lambda m=main, es=embs: [m.predict_on(e, w[1]) for w, e in zip(work, es)]), "box")
         # naive: whole slice, one pass per structure
         def naive():
             for w in work:
@@ -708,6 +738,8 @@ def register(sub) -> None:
     p.add_argument("--plain-decoder", action="store_true", help="use SAM's own mask decoder instead of the fast one")
     p.add_argument("--stride", type=int, default=1, help="encode every k-th slice, interpolate the others")
     p.add_argument("--batch", type=int, default=None, help="slices per encoder batch (default: 1 on CPU, 8 on CUDA)")
+    p.add_argument("--input-size", type=int, default=None,
+                   help="foundation encoder input side (default: LiteMedSAM's 256; smaller changes the masks)")
     p.add_argument("--slices", type=int, default=None,
                    help="time N prompted slices (spread evenly) and extrapolate the foundation stage")
     p.add_argument("--naive-slices", type=int, default=None,
@@ -740,7 +772,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise BasalSegError(f"--stride must be >= 1, got {args.stride}")
         report = run_bench(args.image, prompts=args.prompts, weights_dir=args.weights, device=device,
                            threads=args.threads, encoder=args.encoder, fast_decoder=not args.plain_decoder,
-                           stride=args.stride, batch=args.batch, slices=args.slices, naive_slices=args.naive_slices,
+                           stride=args.stride, batch=args.batch, input_size=args.input_size, slices=args.slices,
+                           naive_slices=args.naive_slices,
                            naive=not args.no_naive, quality=args.quality, python_heap=args.tracemalloc, keep=args.keep,
                            warm_up=not args.no_warm_up)
         lines = format_report(report)

@@ -51,6 +51,12 @@ def _add_run_options(p: argparse.ArgumentParser, with_student: bool = True) -> N
         p.add_argument("--band", type=float, default=None,
                        help="SDM band half-width in voxels (default: the band the student was trained with, 10)")
         p.add_argument("--no-crop", action="store_true", help="encode whole slices instead of the region of interest")
+        p.add_argument("--stride", type=int, default=1,
+                       help="encode every k-th prompted slice and interpolate the others (faster; changes the "
+                            "foundation masks, see benchmarks/README.md; default 1 = every slice)")
+        p.add_argument("--encoder", default="fused", choices=["fused", "onnx", "compile", "torch"],
+                       help="LiteMedSAM encoder implementation: fused (default), onnx (ONNX Runtime, needs "
+                            "onnxruntime and onnx), compile (torch.compile, for long cohort runs), torch (plain)")
         p.add_argument("--no-qc", action="store_true", help="skip the QC picture")
 
 
@@ -85,13 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _extra_commands() -> list:
     """``register(subparsers)`` functions of the other command modules (each sets ``handler``)."""
     from .batch import register as batch
+    from .bench import register as bench
     from .evaluation import register as evaluate
     from .longitudinal import register as compare
     from .report import register as report
     from .training.cli import register as training
     from .training.evaluate_cohort import register as evaluate_cohort
 
-    return [batch, compare, report, evaluate, training, evaluate_cohort]
+    return [batch, compare, report, evaluate, training, evaluate_cohort, bench]
 
 
 def _progress_mode(mode: str) -> str:
@@ -112,6 +119,10 @@ def _config(args: argparse.Namespace):
         student_checkpoint=getattr(args, "student", None),
         band=getattr(args, "band", None),
         crop=not getattr(args, "no_crop", False),
+        stride=getattr(args, "stride", 1),
+        backend_options=({"encoder": args.encoder}
+                         if getattr(args, "foundation", "litemedsam") == "litemedsam" and getattr(args, "encoder", None)
+                         else {}),
         threads=getattr(args, "threads", None),
     )
 
@@ -171,8 +182,9 @@ def cmd_prompts(args: argparse.Namespace) -> int:
     volume = load_volume(args.image)
     pipeline = Pipeline(_config(args))
     prompts, coarse, image01, _ = pipeline.generate_prompts(volume)
-    write_prompts_only(prompts, image01, coarse, volume, args.out, overwrite=args.overwrite,
-                       provenance={"weights": pipeline.weights_info})
+    provenance = {k: v for k, v in pipeline.provenance().items() if k not in ("foundation", "options")}
+    provenance["options"] = {"min_prompt_pixels": pipeline.config.min_prompt_pixels}
+    write_prompts_only(prompts, image01, coarse, volume, args.out, overwrite=args.overwrite, provenance=provenance)
     if _progress_mode(args.progress) == "json":
         emit_json(event="done", out=str(args.out))
     else:

@@ -13,6 +13,7 @@ Conventions, used everywhere in the package:
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,15 +86,47 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
         with open(path, "rb") as handle:
             if handle.read(2) != b"\x1f\x8b":
                 raise InputImageError(f"{path}: not a gzip file although its name ends in .gz")
+    shape = None
+    # nibabel logs its header repairs ("data code 9999 not recognized; ...") to stderr twice (its own
+    # handler and the root logger): the command promises one error line, so keep them quiet here.
+    nib_log = logging.getLogger("nibabel.global")
+    was_disabled, nib_log.disabled = nib_log.disabled, True
     try:
         img = nib.load(str(path))
         if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
             raise InputImageError(f"{path}: not a NIfTI image")
+        # A damaged header can claim any size: refuse what the file cannot hold before nibabel
+        # allocates it (deflate compresses at most ~1032:1).
+        shape = tuple(int(s) for s in img.shape)
+        claimed = 1
+        for size in shape:
+            claimed *= max(size, 0)
+        if claimed > MAX_VOXELS:
+            raise InputImageError(f"{path}: unreadable NIfTI file (its header claims {claimed} voxels, shape {shape}, "
+                                  f"more than the limit of {MAX_VOXELS}: damaged?)")
+        needed, file_size = claimed * int(img.get_data_dtype().itemsize), path.stat().st_size
+        if path.name.lower().endswith(".gz"):
+            if needed > 1032 * file_size + 4096:
+                raise InputImageError(f"{path}: unreadable NIfTI file (its header describes {needed} bytes of voxel "
+                                      f"data, more than a {file_size}-byte gzip file can hold: damaged?)")
+        elif needed + int(img.header.get_data_offset()) > file_size:
+            raise InputImageError(f"{path}: unreadable NIfTI file (its header describes {needed} bytes of voxel data, "
+                                  f"the file has {file_size} bytes: truncated?)")
         data = np.asanyarray(img.dataobj)
+        if path.name.lower().endswith(".gz"):
+            # nibabel stops reading at the last voxel, before the gzip trailer: without reading to
+            # the end, a damaged stream whose CRC32 fails would load as silently wrong voxels.
+            with gzip.open(path, "rb") as handle:
+                while handle.read(1 << 24):
+                    pass
     except InputImageError:
         raise
-    except (EOFError, gzip.BadGzipFile, OSError, ValueError, nib.filebasedimages.ImageFileError) as exc:
+    except MemoryError as exc:
+        raise InputImageError(f"{path}: not enough memory to read an image of shape {shape}") from exc
+    except Exception as exc:  # damaged files raise many types: EOFError, zlib.error, HeaderDataError, ...
         raise InputImageError(f"{path}: unreadable NIfTI file ({type(exc).__name__}: {_first_line(exc)})") from exc
+    finally:
+        nib_log.disabled = was_disabled
     affine = img.affine
     if affine is None:
         raise InputImageError(f"{path}: NIfTI header has no usable orientation (qform/sform)")
@@ -185,13 +218,15 @@ def check_volume(volume: Volume, name: str = "image") -> Volume:
         raise InputImageError(f"{name}: image of {data.size} voxels exceeds the limit of {MAX_VOXELS}")
     if np.iscomplexobj(data) or data.dtype.kind not in "biuf":
         raise InputImageError(f"{name}: voxel type {data.dtype} is not a real-valued image")
-    # float64 first so integer extremes cannot overflow while checking, then float32.
-    as64 = np.asarray(data, dtype=np.float64)
-    finite = np.isfinite(as64)
-    if not finite.all():
-        bad = int((~finite).sum())
-        raise InputImageError(f"{name}: {bad} voxels are NaN or infinite")
-    lo, hi = float(as64.min()), float(as64.max())
+    # Checked in the file's own type (min/max of integers cannot overflow), then cast to float32
+    # once: no float64 copy of the whole volume (1 GiB for 512^3).
+    if data.dtype.kind == "f":
+        finite = np.isfinite(data)
+        if not finite.all():
+            bad = int(finite.size - np.count_nonzero(finite))
+            raise InputImageError(f"{name}: {bad} voxels are NaN or infinite")
+        del finite
+    lo, hi = float(data.min()), float(data.max())
     if hi == lo:
         what = "empty (all zero)" if hi == 0 else f"constant (every voxel is {hi:g})"
         raise InputImageError(f"{name}: the volume is {what}")
@@ -200,4 +235,4 @@ def check_volume(volume: Volume, name: str = "image") -> Volume:
     affine = np.asarray(volume.affine, dtype=np.float64)
     if affine.shape != (4, 4) or not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise InputImageError(f"{name}: the voxel-to-world matrix is missing or singular")
-    return Volume(data=as64.astype(np.float32), affine=affine, path=volume.path, meta=dict(volume.meta))
+    return Volume(data=np.asarray(data, dtype=np.float32), affine=affine, path=volume.path, meta=dict(volume.meta))

@@ -36,9 +36,17 @@ def normalize01(data: np.ndarray, p_low: float = 0.5, p_high: float = 99.5, max_
         fg = data.ravel()
     if fg.size > max_samples:
         fg = fg[:: int(np.ceil(fg.size / max_samples))]
-    lo, hi = np.percentile(fg, [p_low, p_high])
-    if hi <= lo:
-        hi = lo + 1.0
-    out = (data - lo) / (hi - lo)
-    np.clip(out, 0.0, 1.0, out=out)
+    lo, hi = (float(v) for v in np.percentile(fg, [p_low, p_high]))
+    if not hi > lo:
+        # (Nearly) constant foreground. "lo + 1" is lo again above 2**53 (a two-valued int64 image),
+        # which made 0/0 = NaN voxels; a step relative to lo stays representable.
+        hi = lo + max(1.0, abs(lo) * 1e-6)
+    # float64 arithmetic (no overflow at float32's extremes) in blocks, float32 out: the result
+    # used to be a float64 array, 8 bytes per canonical voxel instead of the documented 4.
+    out = np.empty(data.shape, dtype=np.float32)
+    src, dst = data.reshape(-1), out.reshape(-1)
+    step = 1 << 22
+    for start in range(0, src.size, step):
+        block = (src[start : start + step].astype(np.float64) - lo) / (hi - lo)
+        dst[start : start + step] = np.clip(block, 0.0, 1.0)
     return out

@@ -82,6 +82,12 @@ def build_network(architecture: dict) -> UNet:
         raise CheckpointError(f"invalid network architecture {architecture!r}: {exc}") from exc
 
 
+def _first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line ("" for an empty message, e.g. an empty file's)."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else ""
+
+
 def count_parameters(net: torch.nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
 
@@ -121,17 +127,18 @@ def load_checkpoint(path: str | os.PathLike, kind: str, device: str | torch.devi
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"{path}: corrupt or not a checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
+        raise CheckpointError(
+            f"{path}: corrupt or not a checkpoint ({type(exc).__name__}: {_first_line(exc)})") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a BasalSegSAM checkpoint")
     if ckpt.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(f"{path}: checkpoint version {ckpt.get('version')!r} is not supported")
     if ckpt.get("kind") != kind:
         raise CheckpointError(f"{path}: holds a {ckpt.get('kind')!r} network, a {kind!r} was expected")
-    net = build_network(ckpt["architecture"])
+    net = build_network(ckpt.get("architecture") or {})  # missing: a CheckpointError naming it
     try:
         net.load_state_dict(ckpt["state_dict"], strict=True)
     except (RuntimeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{path}: weights do not fit the {kind} architecture ({str(exc).splitlines()[0][:200]})") from exc
+        raise CheckpointError(f"{path}: weights do not fit the {kind} architecture ({_first_line(exc)})") from exc
     net.to(device).eval()
     return net, dict(ckpt.get("meta") or {})

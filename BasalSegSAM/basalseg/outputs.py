@@ -26,13 +26,16 @@ Files of a ``segment`` result (see :func:`write_segmentation_outputs`):
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import io
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import uuid
 from pathlib import Path
 
@@ -86,6 +89,28 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Hold SIGINT/SIGTERM until the block is done, then deliver them: a cancel arriving between the
+    renames of a commit must not leave the old results set aside and the new ones in staging.
+    (Python runs signal handlers in the main thread only, so elsewhere there is nothing to defer.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {}
+    for signum in (signal.SIGINT, getattr(signal, "SIGTERM", None)):
+        if signum is not None and signal.getsignal(signum) is not None:  # None: set outside Python, left alone
+            previous[signum] = signal.signal(signum, lambda number, frame: received.append(number))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(received):
+            signal.raise_signal(signum)
 
 
 class _ProbeDone(Exception):
@@ -145,6 +170,8 @@ class StagedOutputDir:
     def __exit__(self, exc_type, exc, tb) -> bool | None:
         if exc_type is not None:
             shutil.rmtree(self.path, ignore_errors=True)
+            if issubclass(exc_type, OSError):  # a write inside the block failed: disk full, read-only, ...
+                raise _write_error(self.final, exc) from exc
             return exc_type is _ProbeDone  # a finished probe is swallowed, other errors propagate
         try:
             self._commit()
@@ -154,6 +181,10 @@ class StagedOutputDir:
 
     def _commit(self) -> None:
         assert self.path is not None
+        with _signals_deferred():
+            self._rename_into_place()
+
+    def _rename_into_place(self) -> None:
         if self.final.is_dir():
             if any(self.final.iterdir()) and not self.overwrite:  # appeared while we worked
                 shutil.rmtree(self.path, ignore_errors=True)
@@ -236,7 +267,11 @@ def seg_nrrd_bytes(labels: np.ndarray, affine_ras: np.ndarray) -> bytes:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "x.seg.nrrd"
         slicerio.write_segmentation(str(path), segmentation)
-        return path.read_bytes()
+        raw = path.read_bytes()
+    # pynrrd stamps the header with the time of writing; drop it so identical results are identical files
+    header, sep, body = raw.partition(b"\n\n")
+    header = b"\n".join(line for line in header.split(b"\n") if not line.startswith(b"# on "))
+    return header + sep + body
 
 
 def json_text(data: dict) -> str:

@@ -24,7 +24,8 @@ import torch
 
 from . import __version__
 from .errors import BasalSegError, Cancelled
-from .foundation import FoundationBackend, SliceMaskCache, make_backend, pick_device, run_foundation
+from .foundation import FoundationBackend, SliceMaskCache, make_backend, pick_device
+from .foundation.fast import run_foundation_fast
 from .imageio import Volume
 from .intensity import normalize01
 from .prompter import generate_prompts
@@ -59,6 +60,9 @@ class PipelineConfig:
         prompter_checkpoint, student_checkpoint: explicit checkpoint files (override the manifest).
         band: SDM band half-width in voxels; None = the band the student was trained with.
         crop: crop each slice to its region of interest before the foundation encoder.
+        stride: encode every ``stride``-th prompted slice (plus each structure's first and last)
+            and interpolate the others (1 = every slice; see :func:`basalseg.foundation.fast.plan_slices`).
+        batch: slices per encoder batch; None = 1 on CPU (batches are slower there), 8 on CUDA.
         threads: torch CPU threads (None = torch's default).
         min_prompt_pixels: a structure needs this many prompter pixels on a slice to get a prompt.
     """
@@ -71,6 +75,8 @@ class PipelineConfig:
     student_checkpoint: str | None = None
     band: float | None = None
     crop: bool = True
+    stride: int = 1
+    batch: int | None = None
     threads: int | None = None
     min_prompt_pixels: int = 4
     backend_options: dict = field(default_factory=dict)
@@ -122,6 +128,15 @@ class Pipeline:
         if self.config.threads:
             torch.set_num_threads(int(self.config.threads))
         self.device = pick_device(self.config.device)
+        if self.device.type == "cuda":
+            # Same input, same weights, same GPU -> same labelmap: no autotuned (run-dependent)
+            # convolution algorithms, and deterministic kernels where torch has them.
+            import os
+
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.deterministic = True
+            torch.use_deterministic_algorithms(True, warn_only=True)
         self._backend = backend
         self._prompter = prompter
         self._student = student
@@ -242,9 +257,11 @@ class Pipeline:
 
         checkpoint("foundation")
         t = time.perf_counter()
-        masks = run_foundation(self.backend, image01, prompts, crop=self.config.crop, cache=cache,
-                               progress=lambda done, total: report("foundation", done / max(total, 1)),
-                               should_stop=stop)
+        batch = self.config.batch or (8 if self.device.type == "cuda" else 1)
+        masks = run_foundation_fast(self.backend, image01, prompts, crop=self.config.crop, batch=batch,
+                                    stride=self.config.stride, cache=cache,
+                                    progress=lambda done, total: report("foundation", done / max(total, 1)),
+                                    should_stop=stop)
         timings["foundation"] = time.perf_counter() - t
 
         checkpoint("sdm")
@@ -273,6 +290,8 @@ class Pipeline:
         labels = resample_to_grid(labels_c, grid.affine, Grid(volume.shape, volume.affine), order=0)
         timings["resample"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
+        if stop():
+            raise Cancelled("cancelled during the resample stage")
         report("resample", 1.0)
         from .report import foundation_student_dice
 
@@ -296,7 +315,7 @@ class Pipeline:
             "foundation": backend,
             "weights": self.weights_info,
             "options": {"band": self.student_mode()[1], "student_input": self.student_mode()[0], "crop": self.config.crop,
-                        "min_prompt_pixels": self.config.min_prompt_pixels},
+                        "min_prompt_pixels": self.config.min_prompt_pixels, "stride": self.config.stride},
         }
 
 

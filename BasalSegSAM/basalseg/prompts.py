@@ -236,6 +236,8 @@ def _parse(data: object, name: str) -> PromptSet:
         grid = Grid.from_dict(data["grid"])
         if len(grid.shape) != 3 or min(grid.shape) < 1 or grid.affine.shape != (4, 4):
             raise ValueError("grid must have a 3D shape and a 4x4 affine")
+        if not np.isfinite(grid.affine).all():
+            raise ValueError("grid affine must hold finite numbers")
         prompts = []
         for n, item in enumerate(data.get("prompts", [])):
             if not isinstance(item, dict):
@@ -253,7 +255,7 @@ def _parse(data: object, name: str) -> PromptSet:
             )
     except PromptsError:
         raise
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:  # OverflowError: a number too large for a float
         missing = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
         raise PromptsError(f"{name}: malformed prompts ({missing})") from exc
     source = data.get("source") if isinstance(data.get("source"), dict) else {}
@@ -284,6 +286,8 @@ def load_prompts(path: str | os.PathLike) -> PromptSet:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise PromptsError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+    except (ValueError, RecursionError) as exc:  # an integer of over 4300 digits; nesting too deep
+        raise PromptsError(f"{path}: not valid JSON ({type(exc).__name__}: {str(exc)[:120]})") from exc
     return _parse(data, str(path))
 
 

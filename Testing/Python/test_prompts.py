@@ -119,7 +119,7 @@ def test_box_is_tight_plus_margin_and_points_inside(x0, y0, w, h, margin, n_poin
     # an ellipse inside the rectangle (never empty: the centre pixel is set)
     cx, cy = x0 + (w - 1) / 2, y0 + (h - 1) / 2
     mask |= ((xx - cx) / (w / 2)) ** 2 + ((yy - cy) / (h / 2)) ** 2 <= 1.0
-    mask[int(cx), int(cy)] = True
+    mask[min(int(cx), nx - 1), min(int(cy), ny - 1)] = True
     xs, ys = np.nonzero(mask)
     p = prompt_from_mask(mask, "right_caudate", 4, n_points=n_points, box_margin=margin)
     assert p.box == [max(xs.min() - margin, 0), max(ys.min() - margin, 0),

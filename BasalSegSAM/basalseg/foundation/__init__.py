@@ -29,9 +29,11 @@ def make_backend(name: str, checkpoint: str | None = None, device: str | None = 
         ValueError: unknown backend name.
     """
     if name == "litemedsam":
-        from .litemedsam import LiteMedSAMBackend
+        # the same model and masks as LiteMedSAMBackend, faster (basalseg.foundation.fast);
+        # options={"encoder": "torch", "fast_decoder": False} gives the plain module's path
+        from .fast import FastLiteMedSAMBackend
 
-        return LiteMedSAMBackend(checkpoint=checkpoint, device=device, **options)
+        return FastLiteMedSAMBackend(checkpoint=checkpoint, device=device, **options)
     if name == "sam2":
         from .sam2_backend import SAM2Backend
 

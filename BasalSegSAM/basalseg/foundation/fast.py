@@ -4,6 +4,8 @@ Exact levers (same masks as the reference path up to float rounding):
 
 * :func:`fold_batchnorm`: every ``Conv2d`` + ``BatchNorm2d`` pair of the TinyViT encoder becomes
   one convolution (inference only).
+* :class:`BandedMBConv`: on CPU, the encoder's first stage (two 4x-expanded MBConv blocks at
+  256 x 256) computed in 16-row bands so its hidden activations stay in cache.
 * :class:`FastMaskDecoder`: SAM's mask decoder re-associated for one image and N boxes. The image
   embedding is never repeated per box; the projections of the first transformer block that do not
   depend on the box are computed once per slice; attention projections over the 4096 image
@@ -13,17 +15,21 @@ Exact levers (same masks as the reference path up to float rounding):
   the hypernetwork; the upscaling runs only on the part of the 64 x 64 embedding that is not
   padding. ``ConvTranspose2d`` with kernel 2 / stride 2 is a per-pixel matrix product.
 * ``encoder="onnx"``: the BN-folded encoder exported once to ONNX and run by ONNX Runtime
-  (package ``onnxruntime``); the exported file is cached in ``<cache>/onnx/`` keyed by the
-  weights' sha256 and the torch/ONNX versions.
-* batching slices through the encoder (:func:`run_foundation_fast`).
+  (packages ``onnxruntime`` and ``onnx``); the exported file is cached in ``<cache>/onnx/`` keyed
+  by the weights' sha256, the input size and the torch version.
+* batching slices through the encoder (:func:`run_foundation_fast`; slower on CPU, meant for CUDA).
 
 Levers that change the masks (off by default, quality measured by the benchmark):
 
 * ``stride`` in :func:`run_foundation_fast`: encode every ``stride``-th prompted slice (plus
   each structure's first and last slice) and fill the slices between by linear interpolation of
   the 2D signed distances along z (shape-based interpolation; :func:`plan_slices`).
-* ``encoder="compile"``: ``torch.compile`` of the folded encoder (exact, but ~1 min to compile:
-  for cohort runs only).
+* ``input_size`` below 256 (:func:`resize_encoder`): the same weights at a smaller encoder input;
+  measured to change the masks too much (Dice 0.81 against the 256 masks at 192).
+
+Options that keep the masks but only pay off in long runs: ``encoder="compile"``
+(``torch.compile`` of the folded encoder, ~1.15x after 35-180 s of compilation) and
+``encoder="onnx"`` (within +-10% of the folded torch encoder on this CPU).
 
 On CUDA the encoder and decoder run under ``torch.inference_mode`` with bf16 autocast (``amp``)
 and channels-last tensors.
@@ -35,9 +41,10 @@ import copy
 import logging
 import math
 import os
+import types
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -50,17 +57,18 @@ from .litemedsam import LiteMedSAMBackend
 from .runner import SliceMaskCache, _roi, prompt_signature, slice_image
 
 __all__ = [
-    "fold_batchnorm",
-    "BandedMBConv",
-    "optimise_encoder",
-    "FastMaskDecoder",
-    "FastLiteMedSAMBackend",
     "ENCODERS",
-    "run_foundation_fast",
-    "plan_slices",
-    "stride_masks",
+    "BandedMBConv",
+    "FastLiteMedSAMBackend",
+    "FastMaskDecoder",
+    "fold_batchnorm",
     "interpolate_mask",
     "onnx_cache_path",
+    "optimise_encoder",
+    "plan_slices",
+    "resize_encoder",
+    "run_foundation_fast",
+    "stride_masks",
 ]
 
 log = logging.getLogger("basalseg")
@@ -146,12 +154,45 @@ def optimise_encoder(encoder: torch.nn.Module, device: torch.device | str = "cpu
     return fused.to(device).to(memory_format=torch.channels_last).eval()
 
 
-def onnx_cache_path(checkpoint_sha256: str, what: str = "encoder") -> Path:
+def _tinyvit_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """TinyViT's ``forward_features`` for any input side (the original hard-codes a 64 x 64 grid)."""
+    x = self.patch_embed(x)
+    for layer in self.layers:
+        x = layer(x)
+    g = self.embedding_grid
+    return self.neck(x.view(x.shape[0], g, g, x.shape[-1]).permute(0, 3, 1, 2))
+
+
+def resize_encoder(encoder: torch.nn.Module, size: int) -> torch.nn.Module:
+    """A copy of LiteMedSAM's TinyViT that takes ``size`` x ``size`` inputs (a multiple of 4) and
+    gives a ``size/4`` embedding grid, with the same weights: every layer's resolution is scaled
+    (attention windows, their biases and every weight do not depend on the input size). The
+    network was trained at 256 only, so its masks at other sizes must be checked (the benchmark
+    reports their Dice against the 256 ones)."""
+    size = int(size)
+    if size % 4 or size < 32:
+        raise ValueError(f"encoder input size must be a multiple of 4 and >= 32, got {size}")
+    enc = copy.deepcopy(encoder)
+    full = int(enc.img_size) if hasattr(enc, "img_size") else 256
+
+    def scaled(res):
+        return tuple(int(r) * size // full for r in res)
+
+    for module in enc.modules():
+        if hasattr(module, "input_resolution") and isinstance(module.input_resolution, tuple):
+            module.input_resolution = scaled(module.input_resolution)
+    enc.img_size = size
+    enc.embedding_grid = size // 4
+    enc.forward = types.MethodType(_tinyvit_forward, enc)
+    return enc
+
+
+def onnx_cache_path(checkpoint_sha256: str, what: str = "encoder", size: int = 256) -> Path:
     """Where the exported ONNX model of a LiteMedSAM checkpoint lives in the user cache."""
     from ..download import cache_dir
 
     tv = torch.__version__.split("+")[0]
-    return cache_dir() / "onnx" / f"litemedsam_{what}_{checkpoint_sha256[:16]}_torch{tv}_b1.onnx"
+    return cache_dir() / "onnx" / f"litemedsam_{what}{size}_{checkpoint_sha256[:16]}_torch{tv}_b1.onnx"
 
 
 def _export_onnx(encoder: torch.nn.Module, path: Path, size: int) -> None:
@@ -180,7 +221,7 @@ class _OrtEncoder:
             import onnxruntime as ort
         except ImportError as exc:
             raise BackendUnavailableError("encoder 'onnx' needs the package onnxruntime (pip install onnxruntime onnx)") from exc
-        path = onnx_cache_path(checkpoint_sha256)
+        path = onnx_cache_path(checkpoint_sha256, size=size)
         if not path.is_file():
             log.info("exporting the LiteMedSAM encoder to %s (once)", path)
             _export_onnx(encoder, path, size)
@@ -407,14 +448,24 @@ class FastLiteMedSAMBackend(LiteMedSAMBackend):
         amp: bf16 autocast on CUDA (ignored on CPU).
         threads: threads for ONNX Runtime (default: torch's).
         band: rows per band of the first encoder stage on CPU (:class:`BandedMBConv`); None = unbanded.
+        input_size: encoder input side (default LiteMedSAM's 256); smaller is faster but changes the
+            masks (:func:`resize_encoder`).
     """
 
     def __init__(self, checkpoint=None, device=None, use_points: bool = False, threshold: float = 0.0,
                  encoder: str = "fused", fast_decoder: bool = True, amp: bool = True, threads: int | None = None,
-                 band: int | None = 16):
+                 band: int | None = 16, input_size: int | None = None):
         super().__init__(checkpoint=checkpoint, device=device, use_points=use_points, threshold=threshold)
         if encoder not in ENCODERS:
             raise ValueError(f"encoder must be one of {', '.join(ENCODERS)}; got {encoder!r}")
+        if input_size and int(input_size) != self.native_size:
+            # the encoder, and the prompt encoder's coordinate frame and embedding grid, at another size
+            self.native_size = int(input_size)
+            self.net.image_encoder = resize_encoder(self.net.image_encoder, self.native_size)
+            pe = copy.deepcopy(self.net.prompt_encoder)
+            pe.input_image_size = (self.native_size, self.native_size)
+            pe.image_embedding_size = (self.native_size // 4, self.native_size // 4)
+            self.net.prompt_encoder = pe
         if encoder == "onnx" and self.device.type != "cpu":
             log.warning("encoder 'onnx' runs on CPU only; using 'fused' on %s", self.device)
             encoder = "fused"
@@ -441,7 +492,8 @@ class FastLiteMedSAMBackend(LiteMedSAMBackend):
 
     def describe(self) -> dict:
         out = super().describe()
-        out.update({"encoder": self.encoder, "fast_decoder": self.fast_decoder is not None, "amp": self.amp})
+        out.update({"encoder": self.encoder, "fast_decoder": self.fast_decoder is not None, "amp": self.amp,
+                    "input_size": self.native_size})
         return out
 
     def _autocast(self):
@@ -635,6 +687,8 @@ def run_foundation_fast(
             out[index[key], x0 : x0 + mask_xy.shape[0], y0 : y0 + mask_xy.shape[1], k] |= mask_xy
     if stride > 1:
         _fill_between(out, prompts, plan, index)
+        if progress is not None:  # the interpolation is part of the stage: report its end
+            progress(total, total)
     return out
 
 

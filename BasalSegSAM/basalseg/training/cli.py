@@ -49,6 +49,8 @@ def register(sub) -> None:
     p.add_argument("--mode", default="sdm", choices=["sdm", "mask", "t1"], help="student input (ablations: mask, t1)")
     p.add_argument("--band", type=float, default=10.0, help="SDM band half-width in voxels")
     p.add_argument("--jitter", type=int, default=2, help="box jitter (pixels) for the foundation cache")
+    p.add_argument("--shard", default="0/1", help="K/N: the cache stage does every N-th case from the K-th "
+                   "(run N processes with K=0..N-1 to use N cores)")
     p.add_argument("--boundary-weight", type=float, default=0.5, help="final weight of the boundary loss")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue interrupted trainings from their last epoch")
@@ -119,8 +121,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         backend = make_backend(args.foundation, args.checkpoint, str(device))
         from tqdm import tqdm
 
-        bar = tqdm(total=len(names), desc=f"foundation cache ({args.foundation})", unit="case")
-        build_foundation_cache([prepared[n] for n in sorted(names)], prompter, backend, cache_dir, jitter=args.jitter,
+        k, n_shards = (int(v) for v in args.shard.split("/"))
+        if not 0 <= k < n_shards:
+            raise BasalSegError(f"--shard {args.shard}: need 0 <= K < N")
+        mine = sorted(names)[k::n_shards]
+        bar = tqdm(total=len(mine), desc=f"foundation cache ({args.foundation}, shard {args.shard})", unit="case")
+        build_foundation_cache([prepared[n] for n in mine], prompter, backend, cache_dir, jitter=args.jitter,
                                seed=args.seed, device=device,
                                progress=lambda done, total: bar.update(done - bar.n))
         bar.close()
