@@ -723,7 +723,7 @@ def format_levers(r: dict) -> list[str]:
 
 
 def register(sub) -> None:
-    from .foundation.fast import ENCODERS
+    from .cli import ENCODER_CHOICES as ENCODERS  # torch-free: parsing arguments must stay fast
 
     p = sub.add_parser("bench", help="time every stage and its peak memory, against the naive foundation run")
     p.add_argument("image", nargs="?", type=Path, default=None,

@@ -31,6 +31,10 @@ __all__ = ["main", "build_parser"]
 
 log = logging.getLogger("basalseg")
 
+#: LiteMedSAM encoder implementations (``basalseg.foundation.fast.ENCODERS``, kept here so that
+#: parsing arguments does not import torch).
+ENCODER_CHOICES = ("fused", "onnx", "compile", "torch")
+
 
 def _add_run_options(p: argparse.ArgumentParser, with_student: bool = True) -> None:
     p.add_argument("--out", required=True, type=Path, help="output folder (must be new or empty unless --overwrite)")
@@ -54,7 +58,7 @@ def _add_run_options(p: argparse.ArgumentParser, with_student: bool = True) -> N
         p.add_argument("--stride", type=int, default=1,
                        help="encode every k-th prompted slice and interpolate the others (faster; changes the "
                             "foundation masks, see benchmarks/README.md; default 1 = every slice)")
-        p.add_argument("--encoder", default="fused", choices=["fused", "onnx", "compile", "torch"],
+        p.add_argument("--encoder", default="fused", choices=list(ENCODER_CHOICES),
                        help="LiteMedSAM encoder implementation: fused (default), onnx (ONNX Runtime, needs "
                             "onnxruntime and onnx), compile (torch.compile, for long cohort runs), torch (plain)")
         p.add_argument("--no-qc", action="store_true", help="skip the QC picture")

@@ -449,3 +449,18 @@ def test_version_and_usage_errors(capsys):
     with pytest.raises(SystemExit) as info:
         run_cli(["segment", "t1.nii.gz"])  # --out is required
     assert info.value.code == 2 and "--out" in capsys.readouterr().err
+
+
+def test_parser_stays_light_and_encoder_choices_match():
+    """Building the parser must not import torch (child processes start fast); the encoder
+    choices it offers are exactly the fast backend's."""
+    import subprocess
+
+    code = ("import sys, basalseg.cli as c; c.build_parser(); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"
+    from basalseg.cli import ENCODER_CHOICES
+    from basalseg.foundation.fast import ENCODERS
+
+    assert set(ENCODER_CHOICES) == set(ENCODERS)
