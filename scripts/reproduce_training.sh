@@ -16,12 +16,12 @@ TRAIN="--cohort $W/cohorts/train_tpl --cohort $W/cohorts/train_gmm --work $W/tra
 # 2. prompt generator, foundation cache (LiteMedSAM), the student (T1 + SDM, band 10)
 $B train $TRAIN --stage prompter --prompter-steps 1200 --steps-per-epoch 100
 $B train $TRAIN --stage cache --jitter 2
-$B train $TRAIN --stage student --mode sdm --band 10 --student-steps STUDENT_STEPS --steps-per-epoch 100 --export BasalSegSAM/basalseg/weights
+$B train $TRAIN --stage student --mode sdm --band 10 --student-steps 800 --steps-per-epoch 100 --patch 80 --export BasalSegSAM/basalseg/weights
 # 3. ablation students on the same foundation cache
-$B train $TRAIN --stage student --mode t1 --student-steps STUDENT_STEPS --steps-per-epoch 100
-$B train $TRAIN --stage student --mode mask --student-steps STUDENT_STEPS --steps-per-epoch 100
-$B train $TRAIN --stage student --mode sdm --band 5 --student-steps STUDENT_STEPS --steps-per-epoch 100
-$B train $TRAIN --stage student --mode sdm --band 20 --student-steps STUDENT_STEPS --steps-per-epoch 100
+$B train $TRAIN --stage student --mode t1 --student-steps 800 --steps-per-epoch 100 --patch 80
+$B train $TRAIN --stage student --mode mask --student-steps 800 --steps-per-epoch 100 --patch 80
+$B train $TRAIN --stage student --mode sdm --band 5 --student-steps 800 --steps-per-epoch 100 --patch 80
+$B train $TRAIN --stage student --mode sdm --band 20 --student-steps 800 --steps-per-epoch 100 --patch 80
 # 4. held-out evaluation with ablations
 R="$W/train"
 $B evaluate-cohort --cohort "$W/cohorts/heldout_mni_seed" --cohort "$W/cohorts/heldout_icbm" --work "$W/eval" \

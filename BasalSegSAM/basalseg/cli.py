@@ -35,6 +35,20 @@ log = logging.getLogger("basalseg")
 #: parsing arguments does not import torch).
 ENCODER_CHOICES = ("fused", "onnx", "compile", "torch")
 
+#: foundation planes (``basalseg.prompts.PLANES``, kept here for the same reason).
+PLANE_CHOICES = ("axial", "coronal", "sagittal")
+
+
+def parse_planes(text: str) -> tuple[str, ...]:
+    """``--planes``: comma-separated plane names -> a tuple in the fixed order axial, coronal, sagittal."""
+    names = [p.strip().lower() for p in str(text).split(",") if p.strip()]
+    unknown = [p for p in names if p not in PLANE_CHOICES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"{unknown[0] if unknown else text!r} is not a plane list; give comma-separated names from "
+            f"{', '.join(PLANE_CHOICES)} (e.g. axial,coronal,sagittal)")
+    return tuple(p for p in PLANE_CHOICES if p in names)
+
 
 def _add_run_options(p: argparse.ArgumentParser, with_student: bool = True) -> None:
     p.add_argument("--out", required=True, type=Path, help="output folder (must be new or empty unless --overwrite)")
@@ -61,6 +75,13 @@ def _add_run_options(p: argparse.ArgumentParser, with_student: bool = True) -> N
         p.add_argument("--encoder", default="fused", choices=list(ENCODER_CHOICES),
                        help="LiteMedSAM encoder implementation: fused (default), onnx (ONNX Runtime, needs "
                             "onnxruntime and onnx), compile (torch.compile, for long cohort runs), torch (plain)")
+        p.add_argument("--context", action="store_true",
+                       help="3-slice context: give the foundation model slices k-1, k, k+1 as its colour channels "
+                            "instead of slice k repeated (docs/CONTEXT_AND_PLANES.md; off by default)")
+        p.add_argument("--planes", type=parse_planes, default=("axial",), metavar="PLANE[,PLANE...]",
+                       help="foundation planes: axial (default) or e.g. axial,coronal,sagittal to also run the "
+                            "foundation model on coronal and sagittal slices and fuse the planes' SDM channels "
+                            "(coronal/sagittal prompts come from the prompt generator; docs/CONTEXT_AND_PLANES.md)")
         p.add_argument("--no-qc", action="store_true", help="skip the QC picture")
 
 
@@ -128,6 +149,8 @@ def _config(args: argparse.Namespace):
                          if getattr(args, "foundation", "litemedsam") == "litemedsam" and getattr(args, "encoder", None)
                          else {}),
         threads=getattr(args, "threads", None),
+        context=bool(getattr(args, "context", False)),
+        planes=tuple(getattr(args, "planes", None) or ("axial",)),
     )
 
 

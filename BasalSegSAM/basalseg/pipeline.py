@@ -9,6 +9,22 @@
 Networks and the backend are passed in or loaded lazily, so tests can use small real ones.
 Structures the prompt generator does not find get no prompts and are left empty in the output
 (never invented by the student); when it finds none at all, :class:`NothingFoundError` says so.
+
+Two options change stage 3-4 (``docs/CONTEXT_AND_PLANES.md``; both off by default until the
+held-out evaluation says they help):
+
+* ``context`` (``--context``): the foundation model's 3 colour channels are slices
+  ``k-1, k, k+1`` instead of slice ``k`` repeated (:mod:`basalseg.foundation.runner`).
+* ``planes`` (``--planes axial,coronal,sagittal``): the foundation model also runs on coronal
+  and sagittal slices, prompted from the prompt generator's labelmap along those axes
+  (:func:`basalseg.prompts.prompts_from_classes` with ``axis``); each plane's masks give SDM
+  channels and the student reads their per-structure mean (:func:`basalseg.sdm.fused_sdm_channels`;
+  still 8 channels). ``SegmentResult.masks`` (QC, foundation/student agreement) is the per-structure
+  majority vote of the planes (:func:`basalseg.sdm.majority_vote`). ``prompts.json`` stays the
+  axial prompts; the other planes' prompts are recorded in ``provenance.json`` under
+  ``multi_plane``. With user-given (edited) axial prompts, the prompt generator still runs to
+  prompt the other planes; the edits apply to the axial plane only, and a structure absent from
+  the given prompts is left out of every plane.
 """
 
 from __future__ import annotations
@@ -26,11 +42,12 @@ from . import __version__
 from .errors import BasalSegError, Cancelled
 from .foundation import FoundationBackend, SliceMaskCache, make_backend, pick_device
 from .foundation.fast import run_foundation_fast
+from .foundation.runner import run_planes
 from .imageio import Volume
 from .intensity import normalize01
-from .prompter import generate_prompts
-from .prompts import PromptSet
-from .sdm import DEFAULT_BAND
+from .prompter import generate_prompts, predict_coarse
+from .prompts import PLANES, PromptSet, normalise_planes, prompts_from_classes
+from .sdm import DEFAULT_BAND, majority_vote
 from .spatial import Grid, resample_to_grid, to_canonical
 from .structures import STRUCTURES, classes_to_labels
 from .student import build_student_input, predict_student, student_roi
@@ -65,6 +82,10 @@ class PipelineConfig:
         batch: slices per encoder batch; None = 1 on CPU (batches are slower there), 8 on CUDA.
         threads: torch CPU threads (None = torch's default).
         min_prompt_pixels: a structure needs this many prompter pixels on a slice to get a prompt.
+        context: 3-slice context: the foundation model's colour channels are slices
+            ``k-1, k, k+1`` (clamped at the volume's ends) instead of slice ``k`` repeated.
+        planes: foundation planes, a tuple of ``"axial"``, ``"coronal"``, ``"sagittal"`` (any
+            order; run in that fixed order). More than one: multi-plane fusion (module docstring).
     """
 
     foundation: str = "litemedsam"
@@ -80,6 +101,8 @@ class PipelineConfig:
     threads: int | None = None
     min_prompt_pixels: int = 4
     backend_options: dict = field(default_factory=dict)
+    context: bool = False
+    planes: tuple = ("axial",)
 
 
 @dataclass
@@ -98,6 +121,9 @@ class SegmentResult:
         timings: seconds per stage.
         provenance: versions, backend, weights, options.
         missing: structure keys that got no prompts (left empty).
+        plane_masks: with several planes, ``(P, 8, X, Y, Z)`` masks per plane (in
+            ``PipelineConfig.planes`` order; ``masks`` is then their majority vote); else None.
+        plane_prompts: the prompts of each plane run (``{"axial": prompts, "coronal": ...}``).
     """
 
     volume: Volume
@@ -111,6 +137,8 @@ class SegmentResult:
     timings: dict
     provenance: dict
     missing: list[str]
+    plane_masks: np.ndarray | None = None
+    plane_prompts: dict | None = None
 
 
 class Pipeline:
@@ -125,6 +153,10 @@ class Pipeline:
     def __init__(self, config: PipelineConfig | None = None, backend: FoundationBackend | None = None,
                  prompter: torch.nn.Module | None = None, student: torch.nn.Module | None = None):
         self.config = config or PipelineConfig()
+        try:
+            self.planes = normalise_planes(self.config.planes)
+        except ValueError as exc:
+            raise BasalSegError(f"planes: {exc}") from None
         if self.config.threads:
             torch.set_num_threads(int(self.config.threads))
         self.device = pick_device(self.config.device)
@@ -227,7 +259,8 @@ class Pipeline:
         report("prepare", 0.0)
         # Load every network first: a missing or corrupt checkpoint fails in seconds, not after
         # minutes of foundation-model work.
-        if prompts is None:
+        other_planes = [p for p in self.planes if p != "axial"]
+        if prompts is None or other_planes:  # coronal/sagittal prompts always come from the prompter
             _ = self.prompter
         _ = self.student, self.backend
         timings["load"] = time.perf_counter() - t0
@@ -245,7 +278,8 @@ class Pipeline:
             report("prompter", 1.0)
         else:
             prompts.check_grid(grid)
-        timings["prompter"] = time.perf_counter() - t
+            if prompts.axis != 2:
+                raise BasalSegError(f"given prompts must be axial, got {prompts.plane} prompts")
         found = prompts.structures_found()
         missing = [s.key for s in STRUCTURES if s.key not in found]
         if not found:
@@ -254,22 +288,29 @@ class Pipeline:
                 "that covers the basal ganglia and thalamus?")
         if missing:
             log.warning("no prompts for %s: left empty", ", ".join(missing))
+        plane_prompts, plane_note = self._plane_prompts(prompts, coarse, image01, grid, found)
+        timings["prompter"] = time.perf_counter() - t
 
         checkpoint("foundation")
         t = time.perf_counter()
         batch = self.config.batch or (8 if self.device.type == "cuda" else 1)
-        masks = run_foundation_fast(self.backend, image01, prompts, crop=self.config.crop, batch=batch,
-                                    stride=self.config.stride, cache=cache,
-                                    progress=lambda done, total: report("foundation", done / max(total, 1)),
-                                    should_stop=stop)
+        plane_timings: dict = {}
+        stacked = run_planes(self.backend, image01, [plane_prompts[p] for p in self.planes], runner=run_foundation_fast,
+                             progress=lambda done, total: report("foundation", done / max(total, 1)),
+                             timings=plane_timings, crop=self.config.crop, batch=batch, stride=self.config.stride,
+                             cache=cache, should_stop=stop, context=bool(self.config.context))
+        multi = len(self.planes) > 1
+        masks = majority_vote(stacked) if multi else stacked[0]
         timings["foundation"] = time.perf_counter() - t
 
         checkpoint("sdm")
         t = time.perf_counter()
         student = self.student
         mode, band = self.student_mode()
-        roi = student_roi(masks, _box_mask(prompts) if coarse is None else coarse)
-        inputs = build_student_input(image01[roi], masks[(slice(None),) + roi], mode, band)
+        roi = student_roi(stacked, _box_mask(prompts) if coarse is None else coarse)
+        # one plane: its (8, ...) masks; several: (P, 8, ...), fused into 8 SDM channels
+        foundation_input = stacked[(slice(None), slice(None)) + roi] if multi else masks[(slice(None),) + roi]
+        inputs = build_student_input(image01[roi], foundation_input, mode, band)
         timings["sdm"] = time.perf_counter() - t
         report("sdm", 1.0)
 
@@ -297,9 +338,50 @@ class Pipeline:
 
         provenance = self.provenance()
         provenance["foundation_student_dice"] = foundation_student_dice(masks, classes, prompts)
+        if self.planes != ("axial",):
+            provenance["multi_plane"] = {
+                "planes": list(self.planes),
+                "fusion": ("student input: per structure, the mean of the planes' SDM channels; foundation masks "
+                           "(QC, foundation_student_dice): majority vote of the planes" if multi else "one plane"),
+                "prompt_source": plane_note,
+                "foundation_s": {p: round(v["seconds"], 3) for p, v in plane_timings.items()},
+                "slices": {p: v["slices"] for p, v in plane_timings.items()},
+                # the axial prompts are prompts.json; the others are internal (not editable)
+                "prompts": {p: ps.to_dict() for p, ps in plane_prompts.items() if p != "axial"},
+            }
         return SegmentResult(volume=volume, labels=labels.astype(np.int16), grid=grid, image01=image01,
                              classes=classes, coarse=coarse, masks=masks, prompts=prompts, timings=timings,
-                             provenance=provenance, missing=missing)
+                             provenance=provenance, missing=missing, plane_masks=stacked if multi else None,
+                             plane_prompts=plane_prompts)
+
+    def _plane_prompts(self, prompts: PromptSet, coarse: np.ndarray | None, image01: np.ndarray, grid: Grid,
+                       found: list[str]) -> tuple[dict[str, PromptSet], str]:
+        """The prompts of every plane in ``config.planes``, and a note on where they come from.
+
+        Axial: ``prompts`` (generated or given). Coronal/sagittal: drawn from the prompt
+        generator's labelmap along that axis (run here when the prompts were given), keeping only
+        the structures the axial prompts have, so every plane agrees on which structures exist.
+        """
+        out = {"axial": prompts}
+        others = [p for p in self.planes if p != "axial"]
+        if not others:
+            return out, "axial prompts only"
+        if coarse is None:
+            log.warning("multi-plane fusion with given prompts: they are used on the axial slices; the %s "
+                        "prompts come from the prompt generator (edits apply to the axial plane only)",
+                        " and ".join(others))
+            coarse = predict_coarse(self.prompter, image01, self.device)
+            note = ("given prompts on the axial plane; coronal/sagittal prompts from the prompt generator's labelmap "
+                    "(edits apply to the axial plane only; structures absent from the given prompts left out)")
+        else:
+            note = "all planes from the prompt generator's labelmap"
+        keep = set(found)
+        for plane in others:
+            ps = prompts_from_classes(coarse, grid, min_pixels=self.config.min_prompt_pixels, axis=PLANES[plane])
+            ps.prompts = [q for q in ps.prompts if q.structure in keep]
+            ps.source = {"generator": "prompter", "plane": plane}
+            out[plane] = ps
+        return out, note
 
     def provenance(self) -> dict:
         import monai
@@ -315,7 +397,8 @@ class Pipeline:
             "foundation": backend,
             "weights": self.weights_info,
             "options": {"band": self.student_mode()[1], "student_input": self.student_mode()[0], "crop": self.config.crop,
-                        "min_prompt_pixels": self.config.min_prompt_pixels, "stride": self.config.stride},
+                        "min_prompt_pixels": self.config.min_prompt_pixels, "stride": self.config.stride,
+                        "context": bool(self.config.context), "planes": list(self.planes)},
         }
 
 

@@ -16,6 +16,27 @@ Coordinate convention (stated once, used by every backend and by the Slicer brid
 ``prompts.json`` (format ``basalseg-prompts``, version 1) stores the canonical grid's shape and
 affine, so the boxes can be placed in world space (the Slicer module does), and a prompt file
 made for another image is refused.
+
+**Other planes** (multi-plane fusion, ``--planes``; see ``docs/CONTEXT_AND_PLANES.md``). A
+:class:`PromptSet` carries an ``axis``: 2 = axial (the default, and the only plane
+``prompts.json`` holds), 1 = coronal, 0 = sagittal. A prompt's ``slice`` is its index along that
+axis, and its ``x``/``y`` are the two *other* canonical indices in increasing axis order
+(:func:`plane_axes`):
+
+=========  ======  =================  ====================  ========================
+plane      axis    slice index        x (image columns)     y (image rows)
+=========  ======  =================  ====================  ========================
+axial      2       ``k``              ``i``                 ``j``
+coronal    1       ``j``              ``i``                 ``k``
+sagittal   0       ``i``              ``j``                 ``k``
+=========  ======  =================  ====================  ========================
+
+so the foundation model's image of coronal slice ``j`` is ``volume[:, j, :].T`` and of sagittal
+slice ``i`` is ``volume[i, :, :].T`` (rows ``y``, columns ``x``, exactly as axial; like the
+axial image, they are not flipped to a display orientation). Coronal and sagittal prompts are
+made internally from the prompt generator's labelmap (:func:`prompts_from_classes` with
+``axis``), recorded in ``provenance.json`` (their ``to_dict`` carries a ``"plane"`` field), and
+are not editable: :func:`load_prompts` refuses a file that is not axial.
 """
 
 from __future__ import annotations
@@ -43,6 +64,10 @@ __all__ = [
     "save_prompts",
     "PROMPTS_FORMAT",
     "PROMPTS_VERSION",
+    "PLANES",
+    "plane_axes",
+    "plane_name",
+    "normalise_planes",
 ]
 
 PROMPTS_FORMAT = "basalseg-prompts"
@@ -52,14 +77,63 @@ AXIS_CONVENTION = (
     "box=[x0,y0,x1,y1] inclusive pixel centres; points=[x,y]; point_labels 1=positive, 0=negative."
 )
 
+#: plane name -> the canonical axis its slices are taken across (``volume`` indexed ``[i, j, k]``).
+PLANES = {"axial": 2, "coronal": 1, "sagittal": 0}
+_PLANE_OF_AXIS = {axis: name for name, axis in PLANES.items()}
+_PLANE_CONVENTION = {
+    1: ("Canonical RAS+ grid indexed [i,j,k]; a prompt belongs to coronal slice j; x=i, y=k in voxel units "
+        "(image = volume[:, j, :].T); box=[x0,y0,x1,y1] inclusive pixel centres; points=[x,y]; "
+        "point_labels 1=positive, 0=negative. Internal (multi-plane fusion), not editable."),
+    0: ("Canonical RAS+ grid indexed [i,j,k]; a prompt belongs to sagittal slice i; x=j, y=k in voxel units "
+        "(image = volume[i, :, :].T); box=[x0,y0,x1,y1] inclusive pixel centres; points=[x,y]; "
+        "point_labels 1=positive, 0=negative. Internal (multi-plane fusion), not editable."),
+}
+
+
+def plane_axes(axis: int) -> tuple[int, int]:
+    """The canonical axes ``(x_axis, y_axis)`` of a slice taken across ``axis``: the two other axes
+    in increasing order (axial: ``(0, 1)`` = (i, j); coronal: ``(0, 2)`` = (i, k); sagittal:
+    ``(1, 2)`` = (j, k))."""
+    if axis not in (0, 1, 2):
+        raise ValueError(f"axis must be 0, 1 or 2, got {axis!r}")
+    u, v = (a for a in (0, 1, 2) if a != axis)
+    return u, v
+
+
+def plane_name(axis: int) -> str:
+    """``"axial"``, ``"coronal"`` or ``"sagittal"`` for canonical axis 2, 1 or 0."""
+    plane_axes(axis)
+    return _PLANE_OF_AXIS[axis]
+
+
+def normalise_planes(planes) -> tuple[str, ...]:
+    """Validate a list of plane names (or one comma-separated string) and return them without
+    repeats in the fixed order axial, coronal, sagittal (so results never depend on the order
+    they were asked in).
+
+    Raises:
+        ValueError: empty, or an unknown plane name (the message lists the known ones).
+    """
+    if isinstance(planes, str):
+        planes = [p for p in planes.split(",")]
+    names = [str(p).strip().lower() for p in planes]
+    names = [p for p in names if p]
+    unknown = [p for p in names if p not in PLANES]
+    if unknown:
+        raise ValueError(f"unknown plane {unknown[0]!r}; choose from {', '.join(PLANES)}")
+    if not names:
+        raise ValueError(f"at least one plane is needed ({', '.join(PLANES)})")
+    return tuple(p for p in PLANES if p in names)
+
 
 @dataclass
 class Prompt:
-    """The prompt for one structure on one axial slice (see module docstring for axes).
+    """The prompt for one structure on one slice (see module docstring for axes).
 
     Attributes:
         structure: the structure's key (``left_putamen``).
-        slice: axial slice index ``k`` on the canonical grid.
+        slice: slice index along its set's axis on the canonical grid (axial ``k`` unless the
+            :class:`PromptSet` is coronal or sagittal).
         box: ``[x0, y0, x1, y1]`` inclusive, pixels.
         points: ``(P, 2)`` list of ``[x, y]``.
         point_labels: ``P`` values, 1 positive, 0 negative.
@@ -87,14 +161,30 @@ class Prompt:
 
 @dataclass
 class PromptSet:
-    """All prompts for one image, with the canonical grid they refer to."""
+    """All prompts for one image and one plane, with the canonical grid they refer to.
+
+    ``axis`` is the canonical axis the slices are taken across: 2 = axial (default; the only
+    plane of ``prompts.json``), 1 = coronal, 0 = sagittal (module docstring).
+    """
 
     grid: Grid
     prompts: list[Prompt] = field(default_factory=list)
     source: dict = field(default_factory=dict)
+    axis: int = 2
+
+    @property
+    def plane(self) -> str:
+        """``"axial"``, ``"coronal"`` or ``"sagittal"``."""
+        return plane_name(self.axis)
+
+    def plane_shape(self) -> tuple[int, int, int]:
+        """``(nx, ny, n_slices)``: the sizes of the ``x`` and ``y`` axes of a slice, and the number of slices."""
+        u, v = plane_axes(self.axis)
+        shape = tuple(int(n) for n in self.grid.shape)
+        return shape[u], shape[v], shape[self.axis]
 
     def slices(self) -> list[int]:
-        """Axial slice indices that carry at least one prompt, ascending."""
+        """Slice indices (along ``axis``) that carry at least one prompt, ascending."""
         return sorted({p.slice for p in self.prompts})
 
     def on_slice(self, k: int) -> list[Prompt]:
@@ -110,18 +200,23 @@ class PromptSet:
         return [s.key for s in STRUCTURES if s.key in keys]
 
     def to_dict(self) -> dict:
-        return {
+        """The ``prompts.json`` object. Axial sets are written exactly as before; a coronal or
+        sagittal set (internal, recorded in provenance) adds ``"plane"`` and states its axes."""
+        out = {
             "format": PROMPTS_FORMAT,
             "version": PROMPTS_VERSION,
-            "axis_convention": AXIS_CONVENTION,
+            "axis_convention": AXIS_CONVENTION if self.axis == 2 else _PLANE_CONVENTION[self.axis],
             "grid": self.grid.to_dict(),
             "source": self.source,
             "prompts": [p.to_dict() for p in sorted(self.prompts, key=lambda p: (p.slice, p.struct.class_index))],
         }
+        if self.axis != 2:
+            out = {"format": out.pop("format"), "version": out.pop("version"), "plane": self.plane, **out}
+        return out
 
     def validate(self) -> "PromptSet":
         """Check every prompt against the grid; raise :class:`PromptsError` naming the first problem."""
-        nx, ny, nz = self.grid.shape
+        nx, ny, nz = self.plane_shape()
         seen: set[tuple[str, int]] = set()
         for n, p in enumerate(self.prompts):
             where = f"prompt {n} ({p.structure}, slice {p.slice})"
@@ -203,9 +298,9 @@ def prompt_from_mask(mask2d: np.ndarray, structure: str, k: int, n_points: int =
 
 
 def prompts_from_classes(
-    classes: np.ndarray, grid: Grid, min_pixels: int = 4, n_points: int = 5, box_margin: int = 2
+    classes: np.ndarray, grid: Grid, min_pixels: int = 4, n_points: int = 5, box_margin: int = 2, axis: int = 2
 ) -> PromptSet:
-    """Prompts for every structure on every axial slice of a class-index labelmap.
+    """Prompts for every structure on every slice of a class-index labelmap, across ``axis``.
 
     Args:
         classes: ``(X, Y, Z)`` class indices (0..8) on the canonical grid (usually the prompt
@@ -213,16 +308,21 @@ def prompts_from_classes(
         grid: that canonical grid.
         min_pixels: slices where a structure has fewer pixels get no prompt.
         n_points, box_margin: see :func:`prompt_from_mask`.
+        axis: 2 = axial slices (default, ``prompts.json``), 1 = coronal, 0 = sagittal. A slice's
+            2D mask is indexed ``[x, y]`` with ``x``/``y`` the other two canonical axes in
+            increasing order (module docstring), so the boxes and points follow that plane's
+            convention.
     """
     if classes.shape != tuple(grid.shape):
         raise ValueError(f"labelmap shape {classes.shape} does not match grid {grid.shape}")
+    plane_axes(axis)
     prompts: list[Prompt] = []
     for s in STRUCTURES:
-        mask = classes == s.class_index
+        mask = np.moveaxis(classes == s.class_index, axis, -1)  # (x, y, slice) for this plane
         per_slice = mask.sum(axis=(0, 1))
         for k in np.nonzero(per_slice >= min_pixels)[0]:
             prompts.append(prompt_from_mask(mask[:, :, k], s.key, int(k), n_points, box_margin))
-    return PromptSet(grid=grid, prompts=prompts)
+    return PromptSet(grid=grid, prompts=prompts, axis=axis)
 
 
 def _parse(data: object, name: str) -> PromptSet:
@@ -259,8 +359,11 @@ def _parse(data: object, name: str) -> PromptSet:
         missing = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
         raise PromptsError(f"{name}: malformed prompts ({missing})") from exc
     source = data.get("source") if isinstance(data.get("source"), dict) else {}
+    plane = data.get("plane", "axial")
+    if not isinstance(plane, str) or plane not in PLANES:
+        raise PromptsError(f"{name}: unknown plane {plane!r} (expected one of {', '.join(PLANES)})")
     try:
-        return PromptSet(grid=grid, prompts=prompts, source=source).validate()
+        return PromptSet(grid=grid, prompts=prompts, source=source, axis=PLANES[plane]).validate()
     except PromptsError as exc:
         raise type(exc)(f"{name}: {exc}") from None
 
@@ -272,10 +375,11 @@ def _as_int(value: object, what: str) -> int:
 
 
 def load_prompts(path: str | os.PathLike) -> PromptSet:
-    """Read and validate a ``prompts.json``.
+    """Read and validate a ``prompts.json`` (axial prompts: the only editable plane).
 
     Raises:
-        PromptsError: unreadable, malformed or out-of-range; the message names the problem.
+        PromptsError: unreadable, malformed or out-of-range, or the prompts of another plane
+            (the internal coronal/sagittal sets recorded in provenance); the message names the problem.
     """
     path = Path(path)
     try:
@@ -288,11 +392,16 @@ def load_prompts(path: str | os.PathLike) -> PromptSet:
         raise PromptsError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
     except (ValueError, RecursionError) as exc:  # an integer of over 4300 digits; nesting too deep
         raise PromptsError(f"{path}: not valid JSON ({type(exc).__name__}: {str(exc)[:120]})") from exc
-    return _parse(data, str(path))
+    prompt_set = _parse(data, str(path))
+    if prompt_set.axis != 2:
+        raise PromptsError(f"{path}: holds {prompt_set.plane} prompts; prompts files are axial only (coronal and "
+                           "sagittal prompts for multi-plane fusion are made from the prompt generator)")
+    return prompt_set
 
 
 def prompts_from_dict(data: dict, name: str = "prompts") -> PromptSet:
-    """Validate prompts given as a parsed JSON object (see :func:`load_prompts`)."""
+    """Validate prompts given as a parsed JSON object (see :func:`load_prompts`); unlike it, also
+    reads the coronal/sagittal sets recorded in provenance (a ``"plane"`` field)."""
     return _parse(data, name)
 
 

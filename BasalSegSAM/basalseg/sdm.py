@@ -18,6 +18,20 @@ model's per-structure masks carry information the T1 lacks.
 
 Distances come from the ``edt`` package (exact, multi-threaded) when installed, else from
 ``scipy.ndimage.distance_transform_edt`` (exact, same values).
+
+**Multi-plane fusion** (``--planes axial,coronal,sagittal``; ``docs/CONTEXT_AND_PLANES.md``).
+When the foundation model ran on P planes, each plane's stacked masks ``(8, X, Y, Z)`` give
+their own SDM channels, and the fused channel of a structure is the **mean over the planes** of
+that structure's SDM (:func:`fused_sdm_channels`): still 8 channels, so the student's input is
+unchanged. Why the mean of the SDMs rather than a vote on the masks: a voxel that one plane
+misses (a slice it had no prompt on, a leak it cut off) still gets a soft value from the others
+instead of a hard 0 or 1; the mean of values in [0, 1] stays in [0, 1]; where all planes agree
+it is their common value (1 deep inside, 0 far outside, the same sigmoid near a shared edge);
+and where the planes disagree evenly it sits near 0.5, the value the single-plane SDM gives
+on an edge, so the student reads disagreement as "boundary, uncertain". With one plane it is
+exactly :func:`sdm_channels`. For a hard mask ("foundation alone" scores, the QC and
+``SegmentResult.masks``) the planes are fused by majority vote (:func:`majority_vote`: at least
+2 of 3 planes).
 """
 
 from __future__ import annotations
@@ -25,7 +39,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["signed_distance", "sdm_channel", "sdm_channels", "DEFAULT_BAND"]
+__all__ = ["signed_distance", "sdm_channel", "sdm_channels", "fused_sdm_channels", "majority_vote", "DEFAULT_BAND"]
 
 DEFAULT_BAND = 10.0
 
@@ -108,3 +122,42 @@ def sdm_channels(masks: np.ndarray, band: float = DEFAULT_BAND, threads: int = 1
         ``(C, X, Y, Z)`` float32.
     """
     return np.stack([sdm_channel(m, band=band, threads=threads) for m in masks])
+
+
+def fused_sdm_channels(plane_masks: np.ndarray, band: float = DEFAULT_BAND, threads: int = 1) -> np.ndarray:
+    """Multi-plane SDM channels: the mean over planes of each plane's :func:`sdm_channels`.
+
+    Args:
+        plane_masks: ``(P, C, X, Y, Z)`` boolean, one stack of per-structure masks per plane (the
+            foundation model run on axial, coronal, sagittal slices); ``(C, X, Y, Z)`` is read as
+            one plane.
+        band: see :func:`sdm_channel`.
+
+    Returns:
+        ``(C, X, Y, Z)`` float32 in [0, 1] (module docstring: why the mean).
+    """
+    plane_masks = np.asarray(plane_masks, dtype=bool)
+    if plane_masks.ndim == 4:
+        return sdm_channels(plane_masks, band=band, threads=threads)
+    if plane_masks.ndim != 5 or plane_masks.shape[0] < 1:
+        raise ValueError(f"plane masks must be (P, C, X, Y, Z), got shape {plane_masks.shape}")
+    total = np.zeros(plane_masks.shape[1:], dtype=np.float32)
+    for masks in plane_masks:
+        total += sdm_channels(masks, band=band, threads=threads)
+    return (total / np.float32(plane_masks.shape[0])).astype(np.float32)
+
+
+def majority_vote(plane_masks: np.ndarray) -> np.ndarray:
+    """Per structure, the voxels that more than half of the planes mark (2 of 3; both of 2; the
+    mask itself for 1 plane). ``(P, C, X, Y, Z)`` -> ``(C, X, Y, Z)`` bool; a ``(C, X, Y, Z)``
+    input is returned as is."""
+    plane_masks = np.asarray(plane_masks, dtype=bool)
+    if plane_masks.ndim == 4:
+        return plane_masks
+    if plane_masks.ndim != 5 or plane_masks.shape[0] < 1:
+        raise ValueError(f"plane masks must be (P, C, X, Y, Z), got shape {plane_masks.shape}")
+    n = plane_masks.shape[0]
+    if n == 1:
+        return plane_masks[0].copy()
+    votes = plane_masks.sum(axis=0, dtype=np.uint8)
+    return votes > n // 2

@@ -36,25 +36,35 @@ def build_student_input(image01: np.ndarray, masks: np.ndarray, mode: str = "sdm
 
     Args:
         image01: ``(X, Y, Z)`` T1 in [0, 1].
-        masks: ``(8, X, Y, Z)`` foundation masks.
-        mode: one of :data:`INPUT_MODES`: ``"sdm"`` -> ``(9, ...)`` T1 + SDM channels,
-            ``"mask"`` -> ``(9, ...)`` T1 + binary masks, ``"t1"`` -> ``(1, ...)``.
+        masks: ``(8, X, Y, Z)`` foundation masks, or ``(P, 8, X, Y, Z)``: one stack per plane
+            (multi-plane fusion), fused as below so the student still reads 9 channels.
+        mode: one of :data:`INPUT_MODES`: ``"sdm"`` -> ``(9, ...)`` T1 + SDM channels (with
+            planes: the mean of the planes' SDMs, :func:`basalseg.sdm.fused_sdm_channels`),
+            ``"mask"`` -> ``(9, ...)`` T1 + binary masks (with planes: the fraction of planes
+            marking each voxel), ``"t1"`` -> ``(1, ...)``.
         band: SDM band (``"sdm"`` only).
     """
-    from .sdm import sdm_channels
+    from .sdm import fused_sdm_channels, sdm_channels
 
+    masks = np.asarray(masks)
+    if masks.ndim not in (4, 5):
+        raise ValueError(f"foundation masks must be (8, X, Y, Z) or (planes, 8, X, Y, Z), got shape {masks.shape}")
     if mode == "sdm":
-        return student_input(image01, sdm_channels(masks, band=band))
+        return student_input(image01, sdm_channels(masks, band=band) if masks.ndim == 4
+                             else fused_sdm_channels(masks, band=band))
     if mode == "mask":
-        return student_input(image01, masks.astype(np.float32))
+        return student_input(image01, masks.astype(np.float32) if masks.ndim == 4
+                             else masks.astype(np.float32).mean(axis=0))
     if mode == "t1":
         return image01[None].astype(np.float32)
     raise ValueError(f"unknown student input mode {mode!r}; expected one of {INPUT_MODES}")
 
 
 def student_roi(masks: np.ndarray, coarse: np.ndarray | None = None, margin: int = STUDENT_MARGIN) -> tuple[slice, ...] | None:
-    """Crop (slices) around the foundation masks ``(8, X, Y, Z)`` and the prompter's regions; None when both are empty."""
-    union = masks.any(axis=0)
+    """Crop (slices) around the foundation masks ``(8, X, Y, Z)`` (or ``(P, 8, X, Y, Z)``: every
+    plane's) and the prompter's regions; None when both are empty."""
+    masks = np.asarray(masks)
+    union = masks.reshape((-1,) + masks.shape[-3:]).any(axis=0)
     if coarse is not None:
         union = union | (coarse > 0)
     return bounding_box(union, margin)

@@ -79,7 +79,7 @@ def test_bad_prompts_are_value_errors(encoded):
     with pytest.raises(ValueError, match="finite"):
         encoded.predict(np.array([[np.nan, 0, 4, 4]]))
     with pytest.raises(ValueError, match="2D"):
-        encoded.set_image(np.zeros((4, 4, 3), np.float32))
+        encoded.set_image(np.zeros((4, 4, 4), np.float32))  # (H, W, 3) is the 3-slice context, accepted
 
 
 def test_predict_before_set_image(backend):

@@ -4,7 +4,11 @@ Image and prompt conventions for backends (see :mod:`basalseg.prompts` for where
 
 * ``set_image(image)`` takes one 2D slice as a float32 array ``(H, W)`` with values in [0, 1]:
   rows are ``y``, columns ``x``. The backend resizes it to its native input size itself and
-  encodes it **once**; every ``predict`` after that reuses the embedding.
+  encodes it **once**; every ``predict`` after that reuses the embedding. It also takes an
+  ``(H, W, 3)`` array, the **3-slice context** (channels = slices ``k-1, k, k+1``, see
+  :func:`basalseg.foundation.runner.slice_image`): the channels go to the encoder's 3 colour
+  channels as given instead of one slice repeated (LiteMedSAM: as floats; SAM-2: as 8-bit RGB).
+  Prompts and masks are on the ``(H, W)`` pixel grid either way.
 * ``predict(boxes, points, point_labels)`` takes **all** prompts for that image at once:
   ``boxes`` ``(N, 4)`` XYXY in pixels of the image given to ``set_image`` (inclusive corners),
   ``points`` ``(N, P, 2)`` as ``(x, y)`` pixels, ``point_labels`` ``(N, P)`` with 1 positive and
@@ -32,7 +36,7 @@ class FoundationBackend(Protocol):
     native_size: int
 
     def set_image(self, image: np.ndarray) -> None:
-        """Encode one slice, ``(H, W)`` float32 in [0, 1]."""
+        """Encode one slice, ``(H, W)`` float32 in [0, 1], or an ``(H, W, 3)`` 3-slice context image."""
         ...
 
     def predict(

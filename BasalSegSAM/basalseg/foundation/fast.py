@@ -19,6 +19,10 @@ Exact levers (same masks as the reference path up to float rounding):
   by the weights' sha256, the input size and the torch version.
 * batching slices through the encoder (:func:`run_foundation_fast`; slower on CPU, meant for CUDA).
 
+:func:`run_foundation_fast` runs any plane (the prompts' ``axis``) and takes ``context`` (the
+3-slice context, see :mod:`basalseg.foundation.runner`); :class:`FastLiteMedSAMBackend` accepts
+``(H, W)`` and ``(H, W, 3)`` images like :class:`~basalseg.foundation.litemedsam.LiteMedSAMBackend`.
+
 Levers that change the masks (off by default, quality measured by the benchmark):
 
 * ``stride`` in :func:`run_foundation_fast`: encode every ``stride``-th prompted slice (plus
@@ -54,7 +58,7 @@ from ..errors import BackendUnavailableError, Cancelled
 from ..prompts import Prompt, PromptSet
 from ..structures import STRUCTURES
 from .litemedsam import LiteMedSAMBackend
-from .runner import SliceMaskCache, _roi, prompt_signature, slice_image
+from .runner import SliceMaskCache, _roi, plane_view, prompt_signature, slice_image
 
 __all__ = [
     "ENCODERS",
@@ -597,8 +601,9 @@ def stride_masks(masks: np.ndarray, prompts: PromptSet, stride: int) -> np.ndarr
     quality cost of a stride without running the model again."""
     plan = plan_slices(prompts, stride)
     out = np.zeros_like(masks)
+    view, src = plane_view(out, prompts.axis), plane_view(masks, prompts.axis)
     for z in plan:
-        out[:, :, :, z] = masks[:, :, :, z]
+        view[:, :, :, z] = src[:, :, :, z]
     if stride > 1:
         _fill_between(out, prompts, plan, {s.key: s.class_index - 1 for s in STRUCTURES})
     return out
@@ -630,18 +635,24 @@ def run_foundation_fast(
     cache: SliceMaskCache | None = None,
     progress: ProgressFn | None = None,
     should_stop: Callable[[], bool] | None = None,
+    context: bool = False,
 ) -> np.ndarray:
     """:func:`~basalseg.foundation.runner.run_foundation` with slices encoded ``batch`` at a time
     and an optional slice ``stride`` (:func:`plan_slices`). With ``batch=1, stride=1`` and the same
     backend it gives the same masks as ``run_foundation`` (one encoder pass per slice).
+
+    The slices are those of the prompts' plane (``prompts.axis``); ``context`` gives the backend
+    slices ``k-1, k, k+1`` as its 3 channels (:func:`~basalseg.foundation.runner.slice_image`).
 
     Backends without ``encode``/``predict_on`` (any :class:`FoundationBackend`) are run one slice
     at a time with ``set_image``/``predict``.
     """
     if volume01.shape != tuple(prompts.grid.shape):
         raise ValueError(f"image shape {volume01.shape} does not match the prompts' grid {tuple(prompts.grid.shape)}")
-    nx, ny, _ = volume01.shape
+    axis = prompts.axis
+    nx, ny, _ = prompts.plane_shape()
     out = np.zeros((len(STRUCTURES),) + volume01.shape, dtype=bool)
+    view = plane_view(out, axis)
     index = {s.key: s.class_index - 1 for s in STRUCTURES}
     plan = plan_slices(prompts, stride)
     batched = hasattr(backend, "encode") and hasattr(backend, "predict_on")
@@ -650,7 +661,7 @@ def run_foundation_fast(
     results: dict[int, dict] = {}
     for k, on_slice in plan.items():
         signature = prompt_signature(on_slice)
-        cached = cache.get(k, signature, backend.name) if cache is not None else None
+        cached = cache.get(k, signature, backend.name, context=context, axis=axis) if cache is not None else None
         if cached is not None:
             results[k] = cached
         else:
@@ -665,7 +676,7 @@ def run_foundation_fast(
         for k in chunk:
             x0, y0, x1, y1 = _roi(plan[k], (nx, ny), crop_margin) if crop else (0, 0, nx, ny)
             rois.append((x0, y0, x1, y1))
-            images.append(slice_image(volume01, k)[y0:y1, x0:x1])
+            images.append(slice_image(volume01, k, axis, context)[y0:y1, x0:x1])
         embeddings = backend.encode(images) if batched else [None] * len(chunk)
         for k, (x0, y0, _, _), image, emb in zip(chunk, rois, images, embeddings):
             on_slice = plan[k]
@@ -678,13 +689,13 @@ def run_foundation_fast(
             entry = {p.structure: (x0, y0, np.ascontiguousarray(m.T)) for p, m in zip(on_slice, masks)}
             results[k] = entry
             if cache is not None:
-                cache.entries[k] = (prompt_signature(on_slice), backend.name, entry)
+                cache.put(k, prompt_signature(on_slice), backend.name, entry, context=context, axis=axis)
             done += 1
             if progress is not None:
                 progress(done, total)
     for k, entry in results.items():
         for key, (x0, y0, mask_xy) in entry.items():
-            out[index[key], x0 : x0 + mask_xy.shape[0], y0 : y0 + mask_xy.shape[1], k] |= mask_xy
+            view[index[key], x0 : x0 + mask_xy.shape[0], y0 : y0 + mask_xy.shape[1], k] |= mask_xy
     if stride > 1:
         _fill_between(out, prompts, plan, index)
         if progress is not None:  # the interpolation is part of the stage: report its end
@@ -693,7 +704,8 @@ def run_foundation_fast(
 
 
 def _fill_between(out: np.ndarray, prompts: PromptSet, plan: dict[int, list[Prompt]], index: dict[str, int]) -> None:
-    """Interpolate each structure's prompted slices that were not run (``stride`` > 1)."""
+    """Interpolate each structure's prompted slices that were not run (``stride`` > 1), in the prompts' plane."""
+    out = plane_view(out, prompts.axis)
     for s in STRUCTURES:
         own = [p.slice for p in prompts.for_structure(s.key)]
         run = [z for z in own if z in plan]

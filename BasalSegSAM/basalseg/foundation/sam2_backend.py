@@ -6,7 +6,8 @@ and loaded from an official checkpoint, given either as a file or as a catalogue
 :func:`basalseg.download.fetch_cached` (offline: it must already be there).
 
 Preprocessing is SAM-2's own (``SAM2ImagePredictor``): the ``(H, W)`` slice in [0, 1] becomes an
-8-bit RGB image (the grey value repeated), which SAM-2 stretches to ``image_size`` x
+8-bit RGB image (the grey value repeated; an ``(H, W, 3)`` image, the 3-slice context, becomes
+8-bit RGB channel by channel), which SAM-2 stretches to ``image_size`` x
 ``image_size`` (1024; no aspect-preserving padding, unlike SAM-1 and LiteMedSAM), normalises
 with ImageNet statistics and encodes once. Boxes ``(N, 4)`` XYXY and points ``(x, y)`` are in
 pixels of the given slice; SAM-2 rescales them itself. All ``N`` prompts of a slice go through
@@ -275,14 +276,15 @@ class SAM2Backend:
         """Encode one slice.
 
         Args:
-            image: ``(H, W)`` float array with values in [0, 1] (clipped; NaN read as 0);
+            image: ``(H, W)`` float array with values in [0, 1] (clipped; NaN read as 0), or
+                ``(H, W, 3)`` (the 3-slice context: each channel becomes one 8-bit RGB channel);
                 rows are ``y``, columns ``x``.
         """
         image = np.asarray(image, dtype=np.float32)
-        if image.ndim != 2 or image.size == 0:
-            raise ValueError(f"set_image needs a non-empty 2D (H, W) slice, got shape {image.shape}")
+        if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)) or image.size == 0:
+            raise ValueError(f"set_image needs a non-empty 2D (H, W) slice or an (H, W, 3) image, got shape {image.shape}")
         grey = np.rint(np.clip(np.nan_to_num(image, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0) * 255.0).astype(np.uint8)
-        rgb = np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
+        rgb = np.ascontiguousarray(grey if grey.ndim == 3 else np.repeat(grey[:, :, None], 3, axis=2))
         self._image_hw = None
         with torch.inference_mode(), self._autocast():
             self.predictor.set_image(rgb)

@@ -52,6 +52,7 @@ def register(sub) -> None:
     p.add_argument("--shard", default="0/1", help="K/N: the cache stage does every N-th case from the K-th "
                    "(run N processes with K=0..N-1 to use N cores)")
     p.add_argument("--boundary-weight", type=float, default=0.5, help="final weight of the boundary loss")
+    p.add_argument("--patch", type=int, default=96, help="student training patch side (voxels)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue interrupted trainings from their last epoch")
     p.add_argument("--export", type=Path, default=None, help="write trained weights and manifest.json into this folder")
@@ -136,7 +137,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print("training the student:", train_student([cache_dir / f"{n}.npz" for n in train_names],
                                                      [cache_dir / f"{n}.npz" for n in val_names], run_dir, cfg,
                                                      args.mode, args.band, args.resume, str(device),
-                                                     a_max=args.boundary_weight))
+                                                     a_max=args.boundary_weight, patch=args.patch))
     if args.export:
         export_weights(prompter_dir / "prompter.pt", run_dir / "student.pt", args.export, args.foundation,
                        cohorts=[str(c) for c in args.cohort])

@@ -6,7 +6,9 @@ the canonical 1 mm grid (the grid the networks work on), with the metrics of
 
 * ``prompter alone``: the prompt generator's coarse labelmap;
 * ``foundation alone``: the stacked foundation masks, each structure scored on its own (masks
-  of different structures may overlap; nothing resolves them);
+  of different structures may overlap; nothing resolves them); with several planes
+  (``--planes``), each structure's **majority vote** mask (voxels that at least 2 of the 3
+  planes mark, :func:`basalseg.sdm.majority_vote`);
 * one row per student checkpoint given (the method: T1 + SDM; ablations: T1 only, T1 + raw
   masks, other SDM bands), all on the **same** cached foundation masks.
 
@@ -15,14 +17,27 @@ student's crop is the one inference uses (:func:`basalseg.student.student_roi` o
 the prompter's regions), so a student row equals what ``basalseg segment`` gives on that scan
 (on its canonical grid).
 
+**Foundation variants** (``docs/CONTEXT_AND_PLANES.md``): ``--context`` (3-slice context) and
+``--planes axial,coronal,sagittal`` (multi-plane fusion; students read the mean of the planes'
+SDMs) select how the foundation model runs. Each variant has its own cache folder
+``<work>/<cohort>/foundation/<variant>`` (:func:`~basalseg.training.foundation_cache.variant_name`:
+``litemedsam``, ``litemedsam-ctx3``, ``litemedsam-3planes``, ...), so runs of different variants
+never overwrite each other and the default reuses the existing cache. Run the command once per
+variant with its own ``--out`` and compare the reports.
+
 Outputs in ``--out``: ``metrics.csv`` (case, variant, structure, metrics), ``summary.json`` and
-``report.md`` (mean per variant, per-structure table of the first student).
+``report.md`` (mean per variant, per-structure table of the first student), ``foundation.json``
+(the variant and the cost of its foundation stage per cohort: seconds per case, mean, median,
+total, slices per case) and ``foundation_timing.csv`` (seconds and slices per case and plane,
+as recorded in the cache when the case was computed; cases cached before timings were recorded
+have none and are counted as ``untimed``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +45,7 @@ import numpy as np
 from ..evaluation import evaluate_labelmaps, markdown_table, metrics_csv, structure_metrics, summarise
 from ..structures import STRUCTURES
 
-__all__ = ["register", "evaluate_variants"]
+__all__ = ["register", "evaluate_variants", "foundation_cost"]
 
 
 def _full(crop: np.ndarray, start: tuple[int, ...], shape: tuple[int, ...]) -> np.ndarray:
@@ -54,17 +69,64 @@ def evaluate_variants(cache_paths: list[Path], prepared_dir: Path, students: dic
         ref = load_prepared(prepared_dir / f"{case.name}.npz").classes
         coarse = _full(case.coarse, case.roi_start, case.full_shape)
         rows += [dict(r, variant="prompter alone") for r in evaluate_labelmaps(coarse, ref, case=case.name, values="class")]
+        fmasks = case.foundation_masks  # the masks; majority vote of the planes for multi-plane caches
         for s in STRUCTURES:
-            mask = _full(case.masks[s.class_index - 1], case.roi_start, case.full_shape)
+            mask = _full(fmasks[s.class_index - 1], case.roi_start, case.full_shape)
             rows.append({"case": case.name, "variant": "foundation alone", "structure": s.name,
                          **structure_metrics(mask, ref == s.class_index)})
         for name, (net, meta) in nets.items():
+            # (P, 8, ...) masks of a multi-plane cache are fused into 8 SDM channels, as in the pipeline
             inputs = build_student_input(case.image01, case.masks, meta.get("input_mode", "sdm"), float(meta.get("band", 10.0)))
             pred = _full(predict_student(net, inputs, device), case.roi_start, case.full_shape)
             rows += [dict(r, variant=name) for r in evaluate_labelmaps(pred, ref, case=case.name, values="class")]
         if progress:
             progress(n + 1, len(cache_paths))
     return rows
+
+
+def foundation_cost(cache_paths: list[Path]) -> tuple[dict, list[dict]]:
+    """The foundation stage's cost over cached cases: ``(summary, per-case rows)``.
+
+    ``summary``: ``cases``, ``timed`` (cases with a recorded timing), ``untimed``, ``mean_s``,
+    ``median_s``, ``total_s`` (seconds per case of the foundation stage, all planes),
+    ``mean_slices`` (slices encoded per case, all planes) and ``per_plane`` (mean seconds and
+    slices per plane). Rows: ``case``, ``plane``, ``seconds``, ``slices``.
+    """
+    from .foundation_cache import read_timing
+
+    rows, totals, slices = [], [], []
+    per_plane: dict[str, list[tuple[float, int]]] = {}
+    for path in cache_paths:
+        timing = read_timing(path)
+        if not timing:
+            continue
+        totals.append(float(timing["foundation_s"]))
+        slices.append(sum(int(v["slices"]) for v in timing.get("planes", {}).values()))
+        for plane, v in timing.get("planes", {}).items():
+            rows.append({"case": Path(path).stem, "plane": plane, "seconds": round(float(v["seconds"]), 4),
+                         "slices": int(v["slices"])})
+            per_plane.setdefault(plane, []).append((float(v["seconds"]), int(v["slices"])))
+    summary = {
+        "cases": len(cache_paths), "timed": len(totals), "untimed": len(cache_paths) - len(totals),
+        "mean_s": round(statistics.fmean(totals), 3) if totals else None,
+        "median_s": round(statistics.median(totals), 3) if totals else None,
+        "total_s": round(sum(totals), 3) if totals else None,
+        "mean_slices": round(statistics.fmean(slices), 1) if slices else None,
+        "per_plane": {p: {"mean_s": round(statistics.fmean(t for t, _ in v), 3),
+                          "mean_slices": round(statistics.fmean(n for _, n in v), 1)} for p, v in per_plane.items()},
+    }
+    return summary, rows
+
+
+def _cost_line(cost: dict) -> str:
+    if not cost["timed"]:
+        return (f"Foundation stage cost: not recorded ({cost['untimed']} cases cached before timings existed; "
+                "use a fresh --work folder to time them).\n")
+    line = (f"Foundation stage cost: {cost['mean_s']:.1f} s per case on average (median {cost['median_s']:.1f} s, "
+            f"{cost['mean_slices']:.0f} slices per case; {cost['timed']} cases timed")
+    if cost["untimed"]:
+        line += f", {cost['untimed']} cached before timings existed"
+    return line + ").\n"
 
 
 def _per_structure_table(rows: list[dict], variant: str) -> str:
@@ -90,6 +152,13 @@ def register(sub) -> None:
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--device", default=None, choices=["cpu", "cuda", "auto"])
     p.add_argument("--threads", type=int, default=None)
+    from ..cli import parse_planes
+
+    p.add_argument("--context", action="store_true",
+                   help="foundation variant: 3-slice context (slices k-1, k, k+1 as the colour channels)")
+    p.add_argument("--planes", type=parse_planes, default=("axial",), metavar="PLANE[,PLANE...]",
+                   help="foundation variant: planes to run and fuse, e.g. axial,coronal,sagittal (default axial); "
+                        "'foundation alone' is then each structure's majority vote (>= 2 of 3 planes)")
     p.add_argument("--out", required=True, type=Path)
     p.set_defaults(handler=cmd_evaluate_cohort)
 
@@ -103,7 +172,7 @@ def cmd_evaluate_cohort(args: argparse.Namespace) -> int:
     from ..foundation import make_backend, pick_device
     from ..networks import load_checkpoint
     from ..outputs import atomic_write_text
-    from .foundation_cache import build_foundation_cache
+    from .foundation_cache import build_foundation_cache, variant_name
     from .prepare import prepare_cases
 
     if args.threads:
@@ -115,8 +184,14 @@ def cmd_evaluate_cohort(args: argparse.Namespace) -> int:
             raise BasalSegError(f"--student expects name=checkpoint, got {item!r}")
         name, path = item.split("=", 1)
         students[name] = path
+    planes = tuple(getattr(args, "planes", None) or ("axial",))
+    context = bool(getattr(args, "context", False))
+    variant = variant_name(args.foundation, context, planes)
+    multi = len(planes) > 1
     report_sections = []
     all_rows = []
+    costs: dict[str, dict] = {}
+    timing_rows: list[dict] = []
     for folder in args.cohort:
         cases = read_cohort(folder, args.label_mapping)
         work = args.work / folder.name
@@ -124,10 +199,13 @@ def cmd_evaluate_cohort(args: argparse.Namespace) -> int:
         prompter, _ = load_checkpoint(args.prompter, "prompter", device)
         backend = make_backend(args.foundation, args.checkpoint, str(device))
         bar = tqdm(total=len(prepared), desc=f"{folder.name}: foundation", unit="case")
-        cache = build_foundation_cache(prepared, prompter, backend, work / "foundation" / args.foundation, jitter=0,
+        cache = build_foundation_cache(prepared, prompter, backend, work / "foundation" / variant, jitter=0,
                                        device=device, reference_in_roi=False,
-                                       progress=lambda d, t: bar.update(d - bar.n))
+                                       progress=lambda d, t: bar.update(d - bar.n), context=context, planes=planes)
         bar.close()
+        cost, per_case = foundation_cost(cache)
+        costs[folder.name] = cost
+        timing_rows += [dict(r, cohort=folder.name) for r in per_case]
         bar = tqdm(total=len(cache), desc=f"{folder.name}: variants", unit="case")
         rows = evaluate_variants(cache, work / "cases", students, str(device), progress=lambda d, t: bar.update(d - bar.n))
         bar.close()
@@ -136,7 +214,11 @@ def cmd_evaluate_cohort(args: argparse.Namespace) -> int:
         all_rows += rows
         variants = ["prompter alone", "foundation alone"] + list(students)
         summaries = {v: summarise([r for r in rows if r["variant"] == v]) for v in variants}
-        section = f"## {folder.name} ({len(cases)} cases)\n\n" + markdown_table(summaries)
+        section = (f"## {folder.name} ({len(cases)} cases)\n\n"
+                   f"Foundation variant `{variant}` (context {'on' if context else 'off'}, planes {', '.join(planes)})"
+                   + ("; 'foundation alone' = each structure's majority vote of the planes (at least "
+                      f"{len(planes) // 2 + 1} of {len(planes)}); students read the mean of the planes' SDMs" if multi else "")
+                   + ".\n" + _cost_line(cost) + "\n" + markdown_table(summaries))
         if students:
             first = next(iter(students))
             section += f"\nPer structure, {first}:\n\n" + _per_structure_table(rows, first)
@@ -148,4 +230,11 @@ def cmd_evaluate_cohort(args: argparse.Namespace) -> int:
                         for v in {r["variant"] for r in all_rows}} for c in args.cohort}
     atomic_write_text(args.out / "summary.json", json.dumps(summary, indent=1))
     atomic_write_text(args.out / "report.md", "# Held-out evaluation\n\n" + "\n".join(report_sections))
+    atomic_write_text(args.out / "foundation.json", json.dumps(
+        {"variant": variant, "foundation": args.foundation, "context": context, "planes": list(planes),
+         "device": str(device), "foundation_alone": "majority vote of the planes" if multi else "the stacked masks",
+         "cost": costs}, indent=1))
+    lines = ["cohort,case,plane,seconds,slices"] + [f"{r['cohort']},{r['case']},{r['plane']},{r['seconds']},{r['slices']}"
+                                                    for r in timing_rows]
+    atomic_write_text(args.out / "foundation_timing.csv", "\n".join(lines) + "\n")
     return 0

@@ -12,7 +12,20 @@ costs ~2 s per slice on a CPU. For each prepared case:
    and the prompter's labelmap is saved to ``<cache>/<name>.npz``, with the prompts and the
    backend's description.
 
-A case already in the cache for the same backend is skipped, so an interrupted run resumes.
+A case already in the cache for the same backend and variant is skipped, so an interrupted run
+resumes.
+
+**Variants** (``docs/CONTEXT_AND_PLANES.md``): ``context=True`` runs the foundation model with
+the 3-slice context; ``planes=("axial", "coronal", "sagittal")`` also runs it on coronal and
+sagittal slices, prompted from the prompter's labelmap along those axes (the structures of the
+axial prompts only, as in the pipeline; each plane's boxes jittered like the axial ones). A
+multi-plane case stores its masks per plane, ``(P, 8, X, Y, Z)``, and the student reads their
+fused SDM (:func:`basalseg.student.build_student_input`); :attr:`CachedCase.foundation_masks`
+is the majority vote. Give each variant its own cache folder (:func:`variant_name`).
+
+**Timing**: each new case records the seconds its foundation stage took (all planes, and per
+plane with its number of slices) and the prompter's, under ``timing`` (cases cached before this
+existed have none).
 """
 
 from __future__ import annotations
@@ -20,6 +33,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,13 +42,29 @@ import numpy as np
 import torch
 
 from ..foundation import FoundationBackend, run_foundation
+from ..foundation.runner import run_planes
 from ..outputs import atomic_write_bytes
 from ..prompter import generate_prompts
-from ..prompts import PromptSet, prompts_from_dict
+from ..prompts import PLANES, PromptSet, normalise_planes, prompts_from_classes, prompts_from_dict
+from ..sdm import majority_vote
 from ..student import student_roi
 from .prepare import load_prepared
 
-__all__ = ["jitter_prompts", "build_foundation_cache", "CachedCase", "load_cached_case"]
+__all__ = ["jitter_prompts", "build_foundation_cache", "CachedCase", "load_cached_case", "variant_name",
+           "read_timing"]
+
+
+def variant_name(foundation: str, context: bool = False, planes=("axial",)) -> str:
+    """The cache folder name of a foundation variant: ``litemedsam`` (default), ``litemedsam-ctx3``,
+    ``litemedsam-3planes``, ``litemedsam-ctx3-3planes``; other plane sets spell their planes
+    (``litemedsam-axial+coronal``)."""
+    planes = normalise_planes(planes)
+    name = foundation + ("-ctx3" if context else "")
+    if planes == tuple(PLANES):
+        name += "-3planes"
+    elif planes != ("axial",):
+        name += "-" + "+".join(planes)
+    return name
 
 
 @dataclass
@@ -44,12 +74,21 @@ class CachedCase:
     name: str
     image01: np.ndarray  # (X, Y, Z) float32
     classes: np.ndarray  # (X, Y, Z) uint8 reference
-    masks: np.ndarray  # (8, X, Y, Z) bool foundation masks
+    masks: np.ndarray  # (8, X, Y, Z) bool foundation masks; (P, 8, X, Y, Z) per plane for multi-plane caches
     coarse: np.ndarray  # (X, Y, Z) uint8 prompter labelmap
     roi_start: tuple[int, int, int]
     full_shape: tuple[int, int, int]
-    prompts: PromptSet
+    prompts: PromptSet  # the axial prompts
     backend: dict
+    context: bool = False
+    planes: tuple = ("axial",)
+    timing: dict | None = None  # {"foundation_s", "prompter_s", "planes": {plane: {"seconds", "slices"}}}
+
+    @property
+    def foundation_masks(self) -> np.ndarray:
+        """``(8, X, Y, Z)``: the masks, or for several planes their per-structure majority vote
+        (:func:`basalseg.sdm.majority_vote`: at least 2 of 3 planes)."""
+        return majority_vote(self.masks) if self.masks.ndim == 5 else self.masks
 
 
 def jitter_prompts(prompts: PromptSet, jitter: int, rng: np.random.Generator) -> PromptSet:
@@ -57,8 +96,8 @@ def jitter_prompts(prompts: PromptSet, jitter: int, rng: np.random.Generator) ->
     (kept inside the slice, corners kept ordered)."""
     if jitter <= 0:
         return prompts
-    nx, ny, _ = prompts.grid.shape
-    out = PromptSet(grid=prompts.grid, prompts=[], source=dict(prompts.source, jitter=jitter))
+    nx, ny, _ = prompts.plane_shape()
+    out = PromptSet(grid=prompts.grid, prompts=[], source=dict(prompts.source, jitter=jitter), axis=prompts.axis)
     for p in prompts.prompts:
         x0, y0, x1, y1 = (np.asarray(p.box) + rng.integers(-jitter, jitter + 1, size=4)).tolist()
         x0, x1 = sorted((min(max(x0, 0), nx - 1), min(max(x1, 0), nx - 1)))
@@ -68,45 +107,79 @@ def jitter_prompts(prompts: PromptSet, jitter: int, rng: np.random.Generator) ->
     return out
 
 
+def _variant_of(data) -> dict:
+    """The ``{"context", "planes"}`` a cached ``.npz`` was made with (older files: the default)."""
+    if "variant" in data.files:
+        v = json.loads(str(data["variant"]))
+        return {"context": bool(v.get("context", False)), "planes": list(normalise_planes(v.get("planes", ["axial"])))}
+    return {"context": False, "planes": ["axial"]}
+
+
 def build_foundation_cache(prepared: list[str | os.PathLike], prompter: torch.nn.Module, backend: FoundationBackend,
                            cache_dir: str | os.PathLike, jitter: int = 2, seed: int = 0, crop: bool = True,
                            device: str | torch.device = "cpu", reference_in_roi: bool = True,
-                           progress=None) -> list[Path]:
+                           progress=None, context: bool = False, planes=("axial",)) -> list[Path]:
     """Fill ``cache_dir`` with one ``.npz`` per prepared case; return their paths (see module docstring).
 
     ``reference_in_roi`` grows the crop to contain the reference labels (training: the student
     must see whole structures); held-out evaluation passes False so the crop is exactly the one
-    inference uses.
+    inference uses. ``context`` and ``planes`` select the variant (module docstring); a cached
+    case made for another backend or variant is computed again (use one folder per variant,
+    :func:`variant_name`, so they do not replace each other).
     """
     cache_dir = Path(cache_dir)
+    planes = normalise_planes(planes)
+    variant = {"context": bool(context), "planes": list(planes)}
     paths = []
     for n, path in enumerate(prepared):
         case = load_prepared(path)
         out = cache_dir / f"{case.name}.npz"
         if out.is_file():
             with np.load(out) as existing:
-                if json.loads(str(existing["backend"])).get("backend") == backend.name:
+                if (json.loads(str(existing["backend"])).get("backend") == backend.name
+                        and _variant_of(existing) == variant):
                     paths.append(out)
                     if progress:
                         progress(n + 1, len(prepared))
                     continue
+        t = time.perf_counter()
         prompts, coarse = generate_prompts(prompter, case.image01, case.grid, device)
+        prompter_s = time.perf_counter() - t
         rng = np.random.default_rng([seed, zlib.crc32(case.name.encode())])
-        prompts = jitter_prompts(prompts, jitter, rng)
-        masks = run_foundation(backend, case.image01, prompts, crop=crop)
-        roi = student_roi(masks, (coarse > 0) | (case.classes > 0) if reference_in_roi else coarse)
+        prompts = jitter_prompts(prompts, jitter, rng)  # axial first: the default variant's draws are unchanged
+        found = set(prompts.structures_found())
+        sets = {"axial": prompts}
+        for plane in planes:
+            if plane != "axial":
+                ps = prompts_from_classes(coarse, case.grid, axis=PLANES[plane])
+                ps.prompts = [q for q in ps.prompts if q.structure in found]
+                ps.source = {"generator": "prompter", "plane": plane}
+                sets[plane] = jitter_prompts(ps, jitter, rng)
+        plane_timing: dict = {}
+        stacked = run_planes(backend, case.image01, [sets[p] for p in planes], runner=run_foundation,
+                             timings=plane_timing, crop=crop, context=bool(context))
+        timing = {"foundation_s": round(sum(v["seconds"] for v in plane_timing.values()), 4),
+                  "prompter_s": round(prompter_s, 4),
+                  "planes": {p: {"seconds": round(v["seconds"], 4), "slices": v["slices"]} for p, v in plane_timing.items()},
+                  "device": str(getattr(backend, "device", ""))}
+        masks = stacked[0] if len(planes) == 1 else stacked
+        roi = student_roi(stacked, (coarse > 0) | (case.classes > 0) if reference_in_roi else coarse)
+        lead = (slice(None),) * (masks.ndim - 3)
         buffer = io.BytesIO()
         np.savez_compressed(
             buffer,
             image01=case.image01[roi].astype(np.float16),
             classes=case.classes[roi],
-            masks=np.packbits(masks[(slice(None),) + roi], axis=None),
-            masks_shape=np.array(masks[(slice(None),) + roi].shape),
+            masks=np.packbits(masks[lead + roi], axis=None),
+            masks_shape=np.array(masks[lead + roi].shape),
             coarse=coarse[roi],
             roi_start=np.array([s.start for s in roi]),
             full_shape=np.array(case.classes.shape),
             prompts=np.array(json.dumps(prompts.to_dict())),
+            plane_prompts=np.array(json.dumps({p: ps.to_dict() for p, ps in sets.items() if p != "axial"})),
             backend=np.array(json.dumps(backend.describe())),
+            variant=np.array(json.dumps(variant)),
+            timing=np.array(json.dumps(timing)),
         )
         atomic_write_bytes(out, buffer.getvalue())
         paths.append(out)
@@ -115,10 +188,17 @@ def build_foundation_cache(prepared: list[str | os.PathLike], prompter: torch.nn
     return paths
 
 
+def read_timing(path: str | os.PathLike) -> dict | None:
+    """The ``timing`` record of a cached case (None for cases cached before timings existed)."""
+    with np.load(path) as d:
+        return json.loads(str(d["timing"])) if "timing" in d.files else None
+
+
 def load_cached_case(path: str | os.PathLike) -> CachedCase:
     with np.load(path) as d:
         shape = tuple(int(s) for s in d["masks_shape"])
         masks = np.unpackbits(d["masks"], count=int(np.prod(shape))).reshape(shape).astype(bool)
+        variant = _variant_of(d)
         return CachedCase(
             name=Path(path).stem,
             image01=d["image01"].astype(np.float32),
@@ -129,4 +209,7 @@ def load_cached_case(path: str | os.PathLike) -> CachedCase:
             full_shape=tuple(int(v) for v in d["full_shape"]),
             prompts=prompts_from_dict(json.loads(str(d["prompts"]))),
             backend=json.loads(str(d["backend"])),
+            context=variant["context"],
+            planes=tuple(variant["planes"]),
+            timing=json.loads(str(d["timing"])) if "timing" in d.files else None,
         )

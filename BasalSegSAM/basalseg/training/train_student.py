@@ -6,7 +6,8 @@ and input mode (:func:`basalseg.student.build_student_input`), so the ablations 
 "T1 + raw masks" and "T1 + SDM with band 5/10/20" are the same code with another ``mode`` or
 ``band``.
 
-Each step: one case, padded to at least 96^3 and cut to a random 96^3 window, then MONAI
+Each step: one case, padded to at least ``patch``^3 and cut to a random ``patch``^3 window
+(96 by default, the inference window), then MONAI
 augmentations — ``RandAffined`` on image, prior channels and labels together (rotation up to
 0.15 rad, scaling +-10%; labels nearest), ``RandAdjustContrastd`` (gamma 0.7-1.5) and
 ``RandGaussianNoised`` (sd 0.03) on the T1 channel only. Loss: :class:`DynamicLoss`
@@ -39,12 +40,12 @@ def student_architecture(mode: str) -> dict:
     return arch
 
 
-def student_transforms(seed: int, has_prior: bool) -> Compose:
+def student_transforms(seed: int, has_prior: bool, patch: tuple[int, int, int] = STUDENT_ROI) -> Compose:
     keys = ["image", "prior", "label"] if has_prior else ["image", "label"]
     modes = ("bilinear", "bilinear", "nearest") if has_prior else ("bilinear", "nearest")
     t = Compose([
-        SpatialPadd(keys, spatial_size=STUDENT_ROI),
-        RandSpatialCropd(keys, roi_size=STUDENT_ROI, random_size=False),
+        SpatialPadd(keys, spatial_size=patch),
+        RandSpatialCropd(keys, roi_size=patch, random_size=False),
         RandAffined(keys, prob=0.5, rotate_range=(0.15, 0.15, 0.15), scale_range=(0.1, 0.1, 0.1), mode=modes,
                     padding_mode="zeros"),
         RandAdjustContrastd("image", prob=0.4, gamma=(0.7, 1.5)),
@@ -56,7 +57,7 @@ def student_transforms(seed: int, has_prior: bool) -> Compose:
 
 def train_student(train_paths: list, val_paths: list, run_dir: str | Path, config: TrainConfig, mode: str = "sdm",
                   band: float = 10.0, resume: bool = False, device: str = "cpu", a_max: float = 0.5,
-                  show_progress: bool = True) -> dict:
+                  patch: int = STUDENT_ROI[0], show_progress: bool = True) -> dict:
     """Train a student and save ``<run_dir>/student.pt`` (best validation epoch, else last).
 
     Args:
@@ -64,6 +65,8 @@ def train_student(train_paths: list, val_paths: list, run_dir: str | Path, confi
         mode: ``"sdm"``, ``"mask"`` or ``"t1"``.
         band: SDM band for ``"sdm"``.
         a_max: final boundary-loss weight (see :mod:`basalseg.training.losses`).
+        patch: side of the cubic training patches (inference windows stay :data:`STUDENT_ROI`;
+            the network is fully convolutional).
     """
     cases = []
     foundation = None
@@ -77,7 +80,7 @@ def train_student(train_paths: list, val_paths: list, run_dir: str | Path, confi
         c = load_cached_case(path)
         val.append((build_student_input(c.image01, c.masks, mode, band), c.classes))
     has_prior = mode != "t1"
-    transforms = student_transforms(config.seed, has_prior)
+    transforms = student_transforms(config.seed, has_prior, (patch, patch, patch))
     rng = random.Random(config.seed)
 
     def batches():
@@ -114,6 +117,6 @@ def train_student(train_paths: list, val_paths: list, run_dir: str | Path, confi
     net.load_state_dict(state["net"])
     meta = {"trained": True, "foundation": foundation, "input_mode": mode, "band": band,
             "training": {"cases": [Path(p).stem for p in train_paths], "validation": [Path(p).stem for p in val_paths],
-                         "config": config.to_dict(), "boundary_a_max": a_max, "summary": summary}}
+                         "config": config.to_dict(), "boundary_a_max": a_max, "patch": patch, "summary": summary}}
     save_checkpoint(Path(run_dir) / "student.pt", "student", arch, net, meta)
     return summary
