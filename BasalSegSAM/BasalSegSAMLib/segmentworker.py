@@ -111,7 +111,8 @@ def _split(argv: list[str]) -> tuple[str | None, list[str]]:
 def _run(args: argparse.Namespace, cachePath: str | None) -> int:
     from basalseg.imageio import load_volume
     from basalseg.outputs import StagedOutputDir
-    from basalseg.pipeline import Pipeline, PipelineConfig
+    from basalseg.cli import _config
+    from basalseg.pipeline import Pipeline
     from basalseg.progress import emit_json, make_reporter
     from basalseg.prompts import load_prompts
     from basalseg.results import write_result
@@ -123,12 +124,7 @@ def _run(args: argparse.Namespace, cachePath: str | None) -> int:
         raise BasalSegError(f"--band must be > 0, got {args.band}")
     volume = load_volume(args.image)
     prompts = load_prompts(args.prompts) if args.prompts else None
-    config = PipelineConfig(
-        foundation=args.foundation, checkpoint=args.checkpoint,
-        device=None if args.device in (None, "auto") else args.device,
-        weights_dir=args.weights, prompter_checkpoint=args.prompter, student_checkpoint=args.student,
-        band=args.band, crop=not args.no_crop, threads=args.threads,
-    )
+    config = _config(args)  # the same options as `basalseg segment` (stride, encoder, context, planes ...)
     key = cacheKey(volume, config.foundation, config.checkpoint, config.crop)
     cache = loadCache(cachePath, key) if cachePath else None
     before = dict(cache.entries) if cache is not None else {}
