@@ -481,3 +481,49 @@ def test_evaluate_cohort_variants_have_their_own_cache_and_timing(weights_dir, m
     # a rerun of the same variant reuses its cache (no encoder call)
     assert run_cli(common + ["--context", "--out", tmp_path / "rctx2"]) == 0
     assert backends[-1].images == []
+
+
+def test_evaluate_cohort_stride_variants(weights_dir, monkeypatch, tmp_path):
+    """``--stride 2`` adds the stride run's foundation masks and first student, derived from the
+    cached all-slices masks: the run slices are the cache's, only the others change."""
+    import csv
+
+    import basalseg.foundation
+    import basalseg.networks
+    import basalseg.training.foundation_cache as fc
+    from basalseg.foundation.fast import plan_slices
+    from basalseg.training.evaluate_cohort import _strided
+    from basalseg.training.foundation_cache import load_cached_case
+
+    _tiny_cohort(tmp_path / "heldout")
+
+    def perfect_prompter(net, image01, grid, device):
+        classes = fc.load_prepared(tmp_path / "work" / "heldout" / "cases" / "case001.npz").classes
+        return prompts_from_classes(classes, grid), classes
+
+    real_load = basalseg.networks.load_checkpoint
+    monkeypatch.setattr(basalseg.foundation, "make_backend", lambda *a, **k: RecordingBoxFill())
+    monkeypatch.setattr(fc, "generate_prompts", perfect_prompter)
+    monkeypatch.setattr(basalseg.networks, "load_checkpoint",
+                        lambda path, kind, device="cpu": (None, {}) if kind == "prompter" else real_load(path, kind, device))
+    common = ["evaluate-cohort", "--cohort", tmp_path / "heldout", "--work", tmp_path / "work", "--prompter", "p.pt",
+              "--student", f"T1+SDM={weights_dir / 'student_litemedsam.pt'}", "--device", "cpu"]
+    assert run_cli(common + ["--stride", "2", "--out", tmp_path / "r"]) == 0
+    with open(tmp_path / "r" / "metrics.csv", newline="") as fh:
+        variants = [row["variant"] for row in csv.DictReader(fh)]
+    for name in ("foundation alone (stride 2)", "T1+SDM (stride 2)", "T1+SDM", "foundation alone"):
+        assert variants.count(name) == 8, name
+    assert "T1+SDM (stride 2)" in (tmp_path / "r" / "report.md").read_text()
+
+    case = load_cached_case(tmp_path / "work" / "heldout" / "foundation" / "litemedsam" / "case001.npz")
+    assert np.array_equal(_strided(case, 1), case.masks)
+    strided = _strided(case, 2)
+    run = set(plan_slices(case.prompts, 2))
+    z0 = case.roi_start[2]
+    for z in range(case.masks.shape[-1]):
+        if z + z0 in run:
+            assert np.array_equal(strided[..., z], case.masks[..., z])
+    assert len(run) < len(plan_slices(case.prompts, 1))
+
+    # a stride with several planes is refused with one line
+    assert run_cli(common + ["--stride", "2", "--planes", "axial,coronal", "--out", tmp_path / "r2"]) == 2

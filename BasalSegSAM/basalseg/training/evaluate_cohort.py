@@ -49,14 +49,32 @@ __all__ = ["register", "evaluate_variants", "foundation_cost"]
 
 
 def _full(crop: np.ndarray, start: tuple[int, ...], shape: tuple[int, ...]) -> np.ndarray:
-    out = np.zeros(shape, dtype=crop.dtype)
-    out[tuple(slice(s, s + n) for s, n in zip(start, crop.shape[-3:]))] = crop
+    """A crop put back into zeros of the full canonical ``shape`` (leading axes, if any, kept)."""
+    out = np.zeros(crop.shape[:-3] + tuple(shape), dtype=crop.dtype)
+    out[(Ellipsis,) + tuple(slice(s, s + n) for s, n in zip(start, crop.shape[-3:]))] = crop
     return out
 
 
+def _strided(case, stride: int) -> np.ndarray:
+    """The case's cached (all-slices) masks as a ``stride`` run would have given them, on the case's
+    crop (:func:`basalseg.foundation.fast.stride_masks` works on the full canonical grid, where the
+    prompts' slice numbers live)."""
+    from ..foundation.fast import stride_masks
+
+    full = _full(case.masks, case.roi_start, case.full_shape)
+    out = stride_masks(full, case.prompts, stride)
+    return out[(slice(None),) + tuple(slice(s, s + n) for s, n in zip(case.roi_start, case.masks.shape[-3:]))]
+
+
 def evaluate_variants(cache_paths: list[Path], prepared_dir: Path, students: dict[str, str], device: str = "cpu",
-                      progress=None) -> list[dict]:
-    """Metric rows for every case x variant (see module docstring)."""
+                      progress=None, stride: int = 1) -> list[dict]:
+    """Metric rows for every case x variant (see module docstring).
+
+    With ``stride`` > 1 (single-plane caches only), two more variants: ``foundation alone (stride
+    K)`` and ``<first student> (stride K)``: the masks a ``--stride K`` run gives (every K-th
+    prompted slice plus each structure's ends run, the rest interpolated), derived exactly from the
+    cached all-slices masks.
+    """
     from ..networks import load_checkpoint
     from ..student import build_student_input, predict_student
     from .foundation_cache import load_cached_case
@@ -79,6 +97,19 @@ def evaluate_variants(cache_paths: list[Path], prepared_dir: Path, students: dic
             inputs = build_student_input(case.image01, case.masks, meta.get("input_mode", "sdm"), float(meta.get("band", 10.0)))
             pred = _full(predict_student(net, inputs, device), case.roi_start, case.full_shape)
             rows += [dict(r, variant=name) for r in evaluate_labelmaps(pred, ref, case=case.name, values="class")]
+        if stride > 1 and nets:
+            if case.masks.ndim != 4:
+                raise ValueError("--stride is evaluated on single-plane caches only")
+            masks = _strided(case, stride)
+            for s in STRUCTURES:
+                mask = _full(masks[s.class_index - 1], case.roi_start, case.full_shape)
+                rows.append({"case": case.name, "variant": f"foundation alone (stride {stride})", "structure": s.name,
+                             **structure_metrics(mask, ref == s.class_index)})
+            name, (net, meta) = next(iter(nets.items()))
+            inputs = build_student_input(case.image01, masks, meta.get("input_mode", "sdm"), float(meta.get("band", 10.0)))
+            pred = _full(predict_student(net, inputs, device), case.roi_start, case.full_shape)
+            rows += [dict(r, variant=f"{name} (stride {stride})")
+                     for r in evaluate_labelmaps(pred, ref, case=case.name, values="class")]
         if progress:
             progress(n + 1, len(cache_paths))
     return rows
@@ -159,6 +190,9 @@ def register(sub) -> None:
     p.add_argument("--planes", type=parse_planes, default=("axial",), metavar="PLANE[,PLANE...]",
                    help="foundation variant: planes to run and fuse, e.g. axial,coronal,sagittal (default axial); "
                         "'foundation alone' is then each structure's majority vote (>= 2 of 3 planes)")
+    p.add_argument("--stride", type=int, default=1, metavar="K",
+                   help="also score the foundation masks and the first student as a '--stride K' run gives them "
+                        "(derived from the all-slices masks; the speed lever's quality check)")
     p.add_argument("--out", required=True, type=Path)
     p.set_defaults(handler=cmd_evaluate_cohort)
 
@@ -188,6 +222,9 @@ def cmd_evaluate_cohort(args: argparse.Namespace) -> int:
     context = bool(getattr(args, "context", False))
     variant = variant_name(args.foundation, context, planes)
     multi = len(planes) > 1
+    stride = int(getattr(args, "stride", 1) or 1)
+    if stride < 1 or (stride > 1 and multi):
+        raise BasalSegError("--stride must be >= 1 and is evaluated with one plane only")
     report_sections = []
     all_rows = []
     costs: dict[str, dict] = {}
@@ -207,12 +244,15 @@ def cmd_evaluate_cohort(args: argparse.Namespace) -> int:
         costs[folder.name] = cost
         timing_rows += [dict(r, cohort=folder.name) for r in per_case]
         bar = tqdm(total=len(cache), desc=f"{folder.name}: variants", unit="case")
-        rows = evaluate_variants(cache, work / "cases", students, str(device), progress=lambda d, t: bar.update(d - bar.n))
+        rows = evaluate_variants(cache, work / "cases", students, str(device), progress=lambda d, t: bar.update(d - bar.n),
+                                 stride=stride)
         bar.close()
         for r in rows:
             r["cohort"] = folder.name
         all_rows += rows
         variants = ["prompter alone", "foundation alone"] + list(students)
+        if stride > 1 and students:
+            variants += [f"foundation alone (stride {stride})", f"{next(iter(students))} (stride {stride})"]
         summaries = {v: summarise([r for r in rows if r["variant"] == v]) for v in variants}
         section = (f"## {folder.name} ({len(cases)} cases)\n\n"
                    f"Foundation variant `{variant}` (context {'on' if context else 'off'}, planes {', '.join(planes)})"
