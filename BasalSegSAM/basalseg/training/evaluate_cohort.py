@@ -10,7 +10,10 @@ the canonical 1 mm grid (the grid the networks work on), with the metrics of
   (``--planes``), each structure's **majority vote** mask (voxels that at least 2 of the 3
   planes mark, :func:`basalseg.sdm.majority_vote`);
 * one row per student checkpoint given (the method: T1 + SDM; ablations: T1 only, T1 + raw
-  masks, other SDM bands), all on the **same** cached foundation masks.
+  masks, other SDM bands), all on the **same** cached foundation masks;
+* with ``--stride K``: ``foundation alone (stride K)`` and ``<first student> (stride K)``, what a
+  ``basalseg segment --stride K`` run gives, derived exactly from the cached all-slices masks
+  (:func:`basalseg.foundation.fast.stride_masks`): the speed lever's quality check.
 
 The foundation model runs once per case from the prompter's prompts without jitter, and the
 student's crop is the one inference uses (:func:`basalseg.student.student_roi` of the masks and
