@@ -145,6 +145,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def describe_cohort(folder: str | Path) -> dict:
+    """What a training cohort was, for a weights manifest: its name, size and, for a synthetic cohort
+    (``basalseg synth``), the seed, templates, atlas and contrast it was generated with (not the
+    local path, which means nothing on another machine)."""
+    folder = Path(folder)
+    out: dict = {"name": folder.name}
+    try:
+        data = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return out
+    out["cases"] = data.get("numTraining")
+    synth = data.get("basalseg_synth")
+    if isinstance(synth, dict):
+        cases = synth.get("cases", [])
+        out.update({"synthetic": True, "generator_version": synth.get("generator_version"),
+                    "cohort_seed": synth.get("cohort_seed"),
+                    "templates": sorted({c.get("template") for c in cases if c.get("template")}),
+                    "atlas": sorted({c.get("atlas") for c in cases if c.get("atlas")}),
+                    "contrast": synth.get("config", {}).get("contrast")})
+    return out
+
+
 def export_weights(prompter: Path, student: Path, folder: Path, foundation: str, cohorts: list[str]) -> None:
     """Copy trained networks into a weights folder and record them in its manifest."""
     from ..networks import load_checkpoint
@@ -160,7 +182,7 @@ def export_weights(prompter: Path, student: Path, folder: Path, foundation: str,
         shutil.copyfile(src, folder / f".{file}.tmp")
         (folder / f".{file}.tmp").replace(folder / file)
         entry = {"name": name, "kind": kind, "file": file, "trained": bool(meta.get("trained")), "date": date,
-                 "training": {"cohorts": cohorts, **{k: v for k, v in meta.get("training", {}).items() if k != "cases"},
+                 "training": {"cohorts": [describe_cohort(c) for c in cohorts], **{k: v for k, v in meta.get("training", {}).items() if k != "cases"},
                               "n_cases": len(meta.get("training", {}).get("cases", []))}}
         if kind == "student":
             entry.update({"foundation": foundation, "input_mode": meta.get("input_mode"), "band": meta.get("band")})
