@@ -25,10 +25,12 @@ $B train $TRAIN --stage student --mode sdm --band 20 --student-steps 800 --steps
 # 4. held-out evaluation with ablations
 R="$W/train"
 $B evaluate-cohort --cohort "$W/cohorts/heldout_mni_seed" --cohort "$W/cohorts/heldout_icbm" --work "$W/eval" \
-  --prompter "$R/prompter/prompter.pt" \
+  --prompter "$R/prompter/prompter.pt" --stride 2 \
   --student "T1+SDM (band 10)=$R/student-sdm-band10-litemedsam/student.pt" \
   --student "T1 only=$R/student-t1-litemedsam/student.pt" \
   --student "T1+raw masks=$R/student-mask-litemedsam/student.pt" \
   --student "T1+SDM (band 5)=$R/student-sdm-band5-litemedsam/student.pt" \
   --student "T1+SDM (band 20)=$R/student-sdm-band20-litemedsam/student.pt" \
   --out "$W/report"
+# 5. cross-rater check: the shipped pipeline on the ICBM 2009c template against three atlases' labels
+.venv/bin/python scripts/cross_rater.py "$W/cross_rater" --threads "${THREADS:-2}"

@@ -751,19 +751,17 @@ def test_row_large_volume_memory_is_bounded(big_run):
     assert all(r["seconds"] < 60 for r in big_run["runs"])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (memory): numpy allocations peak at 32 bytes per voxel, 4.3 GB predicted "
-                   "for 512^3 (2.9 GB resident, measured in a fresh process), over the 2.5 GB target: normalize01 "
-                   "returns float64 (8 B/voxel, documented float32), check_volume makes a float64 copy (8 B/voxel "
-                   "while checking), the (8, X, Y, Z) bool foundation masks take 8 B/voxel")
+@pytest.mark.xfail(strict=True, reason="KNOWN (memory): numpy allocations still peak at about 28 bytes per voxel, "
+                   "3.7 GB predicted for 512^3 (2.4-2.9 GB resident in a fresh process), over the 2.5 GB target: "
+                   "the full-size (8, X, Y, Z) bool foundation masks take 8 B/voxel (the float64 copies are fixed)")
 def test_row_large_volume_fits_the_512_cubed_budget(big_run):
     assert big_run["traced_peak_512_gb"] < 2.5
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("BASALSEG_SLOW_TESTS") != "1", reason="set BASALSEG_SLOW_TESTS=1 (512^3: ~80 s, 3 GB)")
-@pytest.mark.xfail(strict=True, reason="BUG (memory): 512^3 peaks at 2.9-3.5 GB resident (target 2.5 GB); removing the "
-                   "float64 copies (check_volume, normalize01's float64 result) saves ~0.6 GB, the full-size "
-                   "(8, X, Y, Z) foundation masks are the rest")
+@pytest.mark.xfail(strict=True, reason="KNOWN (memory): 512^3 peaks at 2.4-2.9 GB resident (target 2.5 GB) now that "
+                   "the float64 copies are gone; the full-size (8, X, Y, Z) foundation masks are the rest")
 def test_row_512_cubed_for_real(weights_dir, tmp_path):
     """The real thing, in a fresh interpreter (resident memory there does not depend on what earlier
     tests left in this process's heap)."""
