@@ -63,6 +63,7 @@ import numpy as np
 
 from .errors import BasalSegError
 from .structures import STRUCTURES
+from .download import sha256_file as _sha256
 
 __all__ = [
     "ResultRecord", "Thresholds", "Flag", "result_state", "read_result", "find_results", "read_failures",
@@ -87,16 +88,6 @@ _BY_NAME = {s.name: s for s in STRUCTURES}
 # ---------------------------------------------------------------------------------------------
 # result folders
 # ---------------------------------------------------------------------------------------------
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def result_state(folder: str | os.PathLike, verify: bool = True) -> tuple[str, str]:

@@ -15,7 +15,6 @@ was trained with.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -25,20 +24,13 @@ import torch
 
 from .errors import CheckpointError
 from .networks import load_checkpoint
+from .download import sha256_file  # the one implementation (stdlib only)
 
 __all__ = ["WeightsEntry", "default_weights_dir", "read_manifest", "find_entry", "load_model", "sha256_file",
            "write_manifest_entry", "MANIFEST_NAME"]
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "basalseg-weights-manifest"
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def default_weights_dir() -> Path:

@@ -53,6 +53,7 @@ from ..errors import BasalSegError
 from ..imageio import Volume, load_volume
 from ..spatial import Grid, resample_to_grid, to_canonical
 from ..structures import STRUCTURES, get_structure
+from ..download import sha256_file as _sha256
 
 __all__ = [
     "AtlasDataMissingError",
@@ -243,14 +244,6 @@ def load_atlas(atlas: str = "dk", *, full: bool = False) -> tuple[np.ndarray, np
     affine = np.asarray(img.affine, dtype=np.float64)
     _check_hemispheres(labels, affine, f"atlas {atlas!r}")
     return labels, affine
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _key(*parts: object) -> str:

@@ -10,7 +10,6 @@ slice per colour channel, with the same resizing and padding.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -20,16 +19,9 @@ import torch.nn.functional as F
 
 from ..errors import BackendUnavailableError, CheckpointError
 from .base import check_prompt_arrays, pick_device, resize_longest_side
+from ..download import sha256_file as _sha256
 
 __all__ = ["LiteMedSAMBackend"]
-
-
-def _sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class LiteMedSAMBackend:

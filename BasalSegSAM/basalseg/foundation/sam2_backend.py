@@ -18,7 +18,6 @@ the mask decoder in one batched call; the low-resolution logits are upsampled ba
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import re
 import warnings
@@ -30,6 +29,7 @@ import torch
 
 from ..errors import BackendUnavailableError, CheckpointError
 from .base import check_prompt_arrays, pick_device
+from ..download import sha256_file as _sha256
 
 __all__ = ["SAM2Backend", "infer_config"]
 
@@ -41,14 +41,6 @@ _NO_CHECKPOINT = (
     "SAM-2 needs a checkpoint: pass --checkpoint PATH or a catalogue name ({names}); "
     "offline use needs the file already downloaded"
 )
-
-
-def _sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _first_line(exc: BaseException) -> str:
