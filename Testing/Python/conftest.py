@@ -12,6 +12,7 @@ files as read-only and copy them when they need to change them.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 from dataclasses import dataclass
@@ -107,6 +108,33 @@ def write_nrrd_lps(path: Path, data: np.ndarray, affine_ras: np.ndarray) -> np.n
     }
     nrrd.write(str(path), np.asarray(data), header, index_order="F")
     return lps
+
+
+def box_masks(boxes, hw: tuple[int, int]) -> np.ndarray:
+    """``(N, H, W)`` bool masks that are exactly the XYXY boxes (inclusive corners, clipped at 0):
+    what the box-filling fake foundation backends of the tests return."""
+    out = np.zeros((len(boxes),) + tuple(hw[:2]), bool)
+    for n, (x0, y0, x1, y1) in enumerate(np.round(np.asarray(boxes, float)).astype(int)):
+        out[n, max(y0, 0) : y1 + 1, max(x0, 0) : x1 + 1] = True
+    return out
+
+
+@contextlib.contextmanager
+def local_http_server(handler):
+    """A threaded HTTP server on 127.0.0.1 (a free port) with ``handler``; yields its base URL."""
+    import http.server
+    import threading
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
 
 
 def run_cli(argv: list[str]) -> int:

