@@ -516,3 +516,16 @@ def test_evaluate_cohort_stride_variants(weights_dir, monkeypatch, tmp_path):
 
     # a stride with several planes is refused with one line
     assert run_cli(common + ["--stride", "2", "--planes", "axial,coronal", "--out", tmp_path / "r2"]) == 2
+
+    # several strides in one run: one pair of variants each, from the same cache
+    assert run_cli(common + ["--stride", "2,3", "--out", tmp_path / "r23"]) == 0
+    with open(tmp_path / "r23" / "metrics.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for k in (2, 3):
+        assert sum(r["variant"] == f"T1+SDM (stride {k})" for r in rows) == 8
+    # stride 2 is the same in both runs (derived from the same cached masks)
+    first = {(r["structure"], r["variant"]): r["dice"] for r in csv.DictReader(open(tmp_path / "r" / "metrics.csv"))}
+    assert all(first[(r["structure"], r["variant"])] == r["dice"] for r in rows if r["variant"].endswith("(stride 2)"))
+    # a bad stride list is an argument error
+    with pytest.raises(SystemExit):
+        run_cli(common + ["--stride", "2,x", "--out", tmp_path / "bad"])

@@ -11,9 +11,10 @@ the canonical 1 mm grid (the grid the networks work on), with the metrics of
   planes mark, :func:`basalseg.sdm.majority_vote`);
 * one row per student checkpoint given (the method: T1 + SDM; ablations: T1 only, T1 + raw
   masks, other SDM bands), all on the **same** cached foundation masks;
-* with ``--stride K``: ``foundation alone (stride K)`` and ``<first student> (stride K)``, what a
-  ``basalseg segment --stride K`` run gives, derived exactly from the cached all-slices masks
-  (:func:`basalseg.foundation.fast.stride_masks`): the speed lever's quality check.
+* with ``--stride K`` (or several, ``--stride 2,3``): ``foundation alone (stride K)`` and
+  ``<first student> (stride K)`` for each K, what a ``basalseg segment --stride K`` run gives,
+  derived exactly from the cached all-slices masks (:func:`basalseg.foundation.fast.stride_masks`):
+  the speed lever's quality check.
 
 The foundation model runs once per case from the prompter's prompts without jitter, and the
 student's crop is the one inference uses (:func:`basalseg.student.student_roi` of the masks and
@@ -70,14 +71,15 @@ def _strided(case, stride: int) -> np.ndarray:
 
 
 def evaluate_variants(cache_paths: list[Path], prepared_dir: Path, students: dict[str, str], device: str = "cpu",
-                      progress=None, stride: int = 1) -> list[dict]:
+                      progress=None, stride: int | tuple[int, ...] = 1) -> list[dict]:
     """Metric rows for every case x variant (see module docstring).
 
-    With ``stride`` > 1 (single-plane caches only), two more variants: ``foundation alone (stride
-    K)`` and ``<first student> (stride K)``: the masks a ``--stride K`` run gives (every K-th
-    prompted slice plus each structure's ends run, the rest interpolated), derived exactly from the
-    cached all-slices masks.
+    For each ``stride`` K > 1 (an int or a tuple of them; single-plane caches only), two more
+    variants: ``foundation alone (stride K)`` and ``<first student> (stride K)``: the masks a
+    ``--stride K`` run gives (every K-th prompted slice plus each structure's ends run, the rest
+    interpolated), derived exactly from the cached all-slices masks.
     """
+    strides = [k for k in ((stride,) if isinstance(stride, int) else tuple(stride)) if k > 1]
     from ..networks import load_checkpoint
     from ..student import build_student_input, predict_student
     from .foundation_cache import load_cached_case
@@ -100,7 +102,7 @@ def evaluate_variants(cache_paths: list[Path], prepared_dir: Path, students: dic
             inputs = build_student_input(case.image01, case.masks, meta.get("input_mode", "sdm"), float(meta.get("band", 10.0)))
             pred = _full(predict_student(net, inputs, device), case.roi_start, case.full_shape)
             rows += [dict(r, variant=name) for r in evaluate_labelmaps(pred, ref, case=case.name, values="class")]
-        if stride > 1 and nets:
+        for stride in strides if nets else ():
             if case.masks.ndim != 4:
                 raise ValueError("--stride is evaluated on single-plane caches only")
             masks = _strided(case, stride)
@@ -174,6 +176,16 @@ def _per_structure_table(rows: list[dict], variant: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _parse_strides(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in str(text).split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--stride expects integers such as 2 or 2,3; got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"--stride values must be >= 1; got {text!r}")
+    return values
+
+
 def register(sub) -> None:
     p = sub.add_parser("evaluate-cohort", help="held-out evaluation of the method and its ablations on labelled cohorts")
     p.add_argument("--cohort", action="append", required=True, type=Path, help="held-out cohort (nnU-Net layout); repeatable")
@@ -193,9 +205,9 @@ def register(sub) -> None:
     p.add_argument("--planes", type=parse_planes, default=("axial",), metavar="PLANE[,PLANE...]",
                    help="foundation variant: planes to run and fuse, e.g. axial,coronal,sagittal (default axial); "
                         "'foundation alone' is then each structure's majority vote (>= 2 of 3 planes)")
-    p.add_argument("--stride", type=int, default=1, metavar="K",
-                   help="also score the foundation masks and the first student as a '--stride K' run gives them "
-                        "(derived from the all-slices masks; the speed lever's quality check)")
+    p.add_argument("--stride", type=_parse_strides, default=(1,), metavar="K[,K...]",
+                   help="also score the foundation masks and the first student as a '--stride K' run gives them, "
+                        "for each K given (e.g. 2,3; derived from the all-slices masks; the speed lever's quality check)")
     p.add_argument("--out", required=True, type=Path)
     p.set_defaults(handler=cmd_evaluate_cohort)
 
@@ -225,8 +237,9 @@ def cmd_evaluate_cohort(args: argparse.Namespace) -> int:
     context = bool(getattr(args, "context", False))
     variant = variant_name(args.foundation, context, planes)
     multi = len(planes) > 1
-    stride = int(getattr(args, "stride", 1) or 1)
-    if stride < 1 or (stride > 1 and multi):
+    raw = getattr(args, "stride", (1,)) or (1,)
+    strides = tuple(k for k in ((raw,) if isinstance(raw, int) else raw) if k > 1)
+    if min((raw,) if isinstance(raw, int) else raw) < 1 or (strides and multi):
         raise BasalSegError("--stride must be >= 1 and is evaluated with one plane only")
     report_sections = []
     all_rows = []
@@ -248,13 +261,13 @@ def cmd_evaluate_cohort(args: argparse.Namespace) -> int:
         timing_rows += [dict(r, cohort=folder.name) for r in per_case]
         bar = tqdm(total=len(cache), desc=f"{folder.name}: variants", unit="case")
         rows = evaluate_variants(cache, work / "cases", students, str(device), progress=lambda d, t: bar.update(d - bar.n),
-                                 stride=stride)
+                                 stride=strides)
         bar.close()
         for r in rows:
             r["cohort"] = folder.name
         all_rows += rows
         variants = ["prompter alone", "foundation alone"] + list(students)
-        if stride > 1 and students:
+        for stride in strides if students else ():
             variants += [f"foundation alone (stride {stride})", f"{next(iter(students))} (stride {stride})"]
         summaries = {v: summarise([r for r in rows if r["variant"] == v]) for v in variants}
         section = (f"## {folder.name} ({len(cases)} cases)\n\n"
