@@ -82,6 +82,9 @@ def _add_run_options(p: argparse.ArgumentParser, with_student: bool = True) -> N
                        help="foundation planes: axial (default) or e.g. axial,coronal,sagittal to also run the "
                             "foundation model on coronal and sagittal slices and fuse the planes' SDM channels "
                             "(coronal/sagittal prompts come from the prompt generator; docs/CONTEXT_AND_PLANES.md)")
+        p.add_argument("--no-calibration", action="store_true",
+                       help="ignore the student's volume calibration (per-structure logit offsets fitted on "
+                            "validation cases; README 'Results')")
         p.add_argument("--no-qc", action="store_true", help="skip the QC picture")
 
 
@@ -121,9 +124,10 @@ def _extra_commands() -> list:
     from .longitudinal import register as compare
     from .report import register as report
     from .training.cli import register as training
+    from .training.calibrate import register as calibrate
     from .training.evaluate_cohort import register as evaluate_cohort
 
-    return [batch, compare, report, evaluate, training, evaluate_cohort, bench]
+    return [batch, compare, report, evaluate, training, evaluate_cohort, calibrate, bench]
 
 
 def _progress_mode(mode: str) -> str:
@@ -151,6 +155,7 @@ def _config(args: argparse.Namespace):
         threads=getattr(args, "threads", None),
         context=bool(getattr(args, "context", False)),
         planes=tuple(getattr(args, "planes", None) or ("axial",)),
+        calibrate=not getattr(args, "no_calibration", False),
     )
 
 

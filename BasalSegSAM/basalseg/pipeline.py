@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .errors import BasalSegError, Cancelled
+from .errors import BasalSegError, Cancelled, CheckpointError
 from .foundation import FoundationBackend, SliceMaskCache, make_backend, pick_device
 from .foundation.fast import run_foundation_fast
 from .foundation.runner import run_planes
@@ -86,6 +86,8 @@ class PipelineConfig:
             ``k-1, k, k+1`` (clamped at the volume's ends) instead of slice ``k`` repeated.
         planes: foundation planes, a tuple of ``"axial"``, ``"coronal"``, ``"sagittal"`` (any
             order; run in that fixed order). More than one: multi-plane fusion (module docstring).
+        calibrate: apply the student's volume calibration (per-structure logit offsets recorded in
+            its checkpoint, :mod:`basalseg.calibration`) when it has one.
     """
 
     foundation: str = "litemedsam"
@@ -103,6 +105,7 @@ class PipelineConfig:
     backend_options: dict = field(default_factory=dict)
     context: bool = False
     planes: tuple = ("axial",)
+    calibrate: bool = True
 
 
 @dataclass
@@ -203,6 +206,17 @@ class Pipeline:
         if trained is not None and band != float(trained):
             log.warning("the student was trained with SDM band %s but band %s was asked for", trained, band)
         return mode, band
+
+    def student_offsets(self) -> np.ndarray | None:
+        """The student's calibration offsets ``(9,)`` when it has them and ``config.calibrate``."""
+        from .calibration import offsets_from_meta
+
+        if not self.config.calibrate:
+            return None
+        try:
+            return offsets_from_meta(getattr(self, "student_meta", {}))
+        except ValueError as exc:
+            raise CheckpointError(f"student checkpoint: {exc}") from exc
 
     @property
     def prompter(self) -> torch.nn.Module:
@@ -317,7 +331,7 @@ class Pipeline:
         checkpoint("student")
         t = time.perf_counter()
         report("student", 0.0)
-        crop_classes = predict_student(student, inputs, self.device)
+        crop_classes = predict_student(student, inputs, self.device, logit_offsets=self.student_offsets())
         for key in missing:  # never invent a structure the prompter did not find
             crop_classes[crop_classes == next(s.class_index for s in STRUCTURES if s.key == key)] = 0
         classes = np.zeros(grid.shape, dtype=np.uint8)
@@ -398,8 +412,13 @@ class Pipeline:
             "weights": self.weights_info,
             "options": {"band": self.student_mode()[1], "student_input": self.student_mode()[0], "crop": self.config.crop,
                         "min_prompt_pixels": self.config.min_prompt_pixels, "stride": self.config.stride,
-                        "context": bool(self.config.context), "planes": list(self.planes)},
+                        "context": bool(self.config.context), "planes": list(self.planes),
+                        "calibration": _list_or_none(self.student_offsets() if self._student is not None else None)},
         }
+
+
+def _list_or_none(offsets: np.ndarray | None) -> list[float] | None:
+    return None if offsets is None else [round(float(v), 4) for v in offsets]
 
 
 def _box_mask(prompts: PromptSet) -> np.ndarray:

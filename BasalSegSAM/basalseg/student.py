@@ -72,15 +72,25 @@ def student_roi(masks: np.ndarray, coarse: np.ndarray | None = None, margin: int
 
 @torch.inference_mode()
 def predict_student(net: torch.nn.Module, inputs: np.ndarray, device: torch.device | str = "cpu",
-                    overlap: float = 0.25, return_probabilities: bool = False):
+                    overlap: float = 0.25, return_probabilities: bool = False, logit_offsets: np.ndarray | None = None,
+                    return_logits: bool = False):
     """Class indices (uint8, ``(X, Y, Z)``) for a ``(9, X, Y, Z)`` student input crop.
 
-    With ``return_probabilities`` also returns the softmax ``(9, X, Y, Z)`` float32.
+    Args:
+        logit_offsets: ``(9,)`` per-class offsets added to the logits before the argmax and the
+            softmax (the volume calibration, :mod:`basalseg.calibration`); None = none.
+        return_probabilities: also return the softmax ``(9, X, Y, Z)`` float32 (of the offset
+            logits).
+        return_logits: return only the raw logits ``(9, X, Y, Z)`` float32 (no offsets).
     """
     x = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))[None].to(device)
     logits = sliding_window_inference(x, STUDENT_ROI, sw_batch_size=1, predictor=net, overlap=overlap,
-                                      mode="gaussian", padding_mode="constant", cval=0.0)
-    probs = torch.softmax(logits.float(), dim=1)[0]
+                                      mode="gaussian", padding_mode="constant", cval=0.0)[0].float()
+    if return_logits:
+        return logits.cpu().numpy()
+    if logit_offsets is not None:
+        logits = logits + torch.as_tensor(np.asarray(logit_offsets, np.float32), device=logits.device).view(-1, 1, 1, 1)
+    probs = torch.softmax(logits, dim=0)
     classes = probs.argmax(0).to(torch.uint8).cpu().numpy()
     if return_probabilities:
         return classes, probs.cpu().numpy()

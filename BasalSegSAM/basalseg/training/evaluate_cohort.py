@@ -10,7 +10,9 @@ the canonical 1 mm grid (the grid the networks work on), with the metrics of
   (``--planes``), each structure's **majority vote** mask (voxels that at least 2 of the 3
   planes mark, :func:`basalseg.sdm.majority_vote`);
 * one row per student checkpoint given (the method: T1 + SDM; ablations: T1 only, T1 + raw
-  masks, other SDM bands), all on the **same** cached foundation masks;
+  masks, other SDM bands), all on the **same** cached foundation masks; a student whose
+  checkpoint carries a volume calibration (:mod:`basalseg.calibration`) is scored with it, as the
+  pipeline runs it, and the first student also without it (``<name> (uncalibrated)``);
 * with ``--stride K`` (or several, ``--stride 2,3``): ``foundation alone (stride K)`` and
   ``<first student> (stride K)`` for each K, what a ``basalseg segment --stride K`` run gives,
   derived exactly from the cached all-slices masks (:func:`basalseg.foundation.fast.stride_masks`):
@@ -80,12 +82,15 @@ def evaluate_variants(cache_paths: list[Path], prepared_dir: Path, students: dic
     interpolated), derived exactly from the cached all-slices masks.
     """
     strides = [k for k in ((stride,) if isinstance(stride, int) else tuple(stride)) if k > 1]
+    from ..calibration import offsets_from_meta
     from ..networks import load_checkpoint
     from ..student import build_student_input, predict_student
     from .foundation_cache import load_cached_case
     from .prepare import load_prepared
 
     nets = {name: load_checkpoint(path, "student", device) for name, path in students.items()}
+    offsets = {name: offsets_from_meta(meta) for name, (_, meta) in nets.items()}
+    first = next(iter(nets), None)
     rows: list[dict] = []
     for n, path in enumerate(cache_paths):
         case = load_cached_case(path)
@@ -100,8 +105,12 @@ def evaluate_variants(cache_paths: list[Path], prepared_dir: Path, students: dic
         for name, (net, meta) in nets.items():
             # (P, 8, ...) masks of a multi-plane cache are fused into 8 SDM channels, as in the pipeline
             inputs = build_student_input(case.image01, case.masks, meta.get("input_mode", "sdm"), float(meta.get("band", 10.0)))
-            pred = _full(predict_student(net, inputs, device), case.roi_start, case.full_shape)
+            pred = _full(predict_student(net, inputs, device, logit_offsets=offsets[name]), case.roi_start, case.full_shape)
             rows += [dict(r, variant=name) for r in evaluate_labelmaps(pred, ref, case=case.name, values="class")]
+            if name == first and offsets[name] is not None:
+                pred = _full(predict_student(net, inputs, device), case.roi_start, case.full_shape)
+                rows += [dict(r, variant=f"{name} (uncalibrated)")
+                         for r in evaluate_labelmaps(pred, ref, case=case.name, values="class")]
         for stride in strides if nets else ():
             if case.masks.ndim != 4:
                 raise ValueError("--stride is evaluated on single-plane caches only")
@@ -112,7 +121,7 @@ def evaluate_variants(cache_paths: list[Path], prepared_dir: Path, students: dic
                              **structure_metrics(mask, ref == s.class_index)})
             name, (net, meta) = next(iter(nets.items()))
             inputs = build_student_input(case.image01, masks, meta.get("input_mode", "sdm"), float(meta.get("band", 10.0)))
-            pred = _full(predict_student(net, inputs, device), case.roi_start, case.full_shape)
+            pred = _full(predict_student(net, inputs, device, logit_offsets=offsets[name]), case.roi_start, case.full_shape)
             rows += [dict(r, variant=f"{name} (stride {stride})")
                      for r in evaluate_labelmaps(pred, ref, case=case.name, values="class")]
         if progress:
@@ -267,6 +276,9 @@ def cmd_evaluate_cohort(args: argparse.Namespace) -> int:
             r["cohort"] = folder.name
         all_rows += rows
         variants = ["prompter alone", "foundation alone"] + list(students)
+        present = {r["variant"] for r in rows}
+        if students and f"{next(iter(students))} (uncalibrated)" in present:
+            variants.insert(3, f"{next(iter(students))} (uncalibrated)")
         for stride in strides if students else ():
             variants += [f"foundation alone (stride {stride})", f"{next(iter(students))} (stride {stride})"]
         summaries = {v: summarise([r for r in rows if r["variant"] == v]) for v in variants}
