@@ -22,14 +22,14 @@ import numpy as np
 
 from .structures import NUM_CLASSES, STRUCTURES
 
-__all__ = ["offsets_from_meta", "apply_offsets", "fit_volume_offsets", "calibration_meta", "DEFAULT_GRID"]
+__all__ = ["offsets_from_meta", "apply_offsets", "fit_volume_offsets", "calibration_meta", "OFFSET_BOUNDS"]
 
-#: candidate offsets searched per class (log-odds units).
-DEFAULT_GRID = np.round(np.arange(-3.0, 1.0001, 0.05), 4)
+#: range searched for each offset (log-odds units).
+OFFSET_BOUNDS = (-6.0, 3.0)
 
 #: voxels whose best structure log-probability is below this can never leave the background for
-#: any offset of the grid (they are skipped while fitting; only a speed-up).
-_NEGLIGIBLE_LOGP = -9.0
+#: any offset in :data:`OFFSET_BOUNDS` (they are skipped while fitting; only a speed-up).
+_NEGLIGIBLE_LOGP = -12.0
 
 
 def offsets_from_meta(meta: dict | None) -> np.ndarray | None:
@@ -56,7 +56,7 @@ def apply_offsets(logits: np.ndarray, offsets: np.ndarray | None) -> np.ndarray:
 
 
 def _candidates(logp: np.ndarray) -> np.ndarray:
-    """``(C, N)`` log-probabilities of the voxels an offset of the grid could relabel."""
+    """``(C, N)`` log-probabilities of the voxels an offset within the bounds could relabel."""
     logp = np.asarray(logp, dtype=np.float32).reshape(logp.shape[0], -1)
     keep = logp[1:].max(axis=0) > _NEGLIGIBLE_LOGP
     return logp[:, keep]
@@ -64,19 +64,23 @@ def _candidates(logp: np.ndarray) -> np.ndarray:
 
 def fit_volume_offsets(log_probs: list[np.ndarray], references: list[np.ndarray],
                        extra_reference_voxels: list[np.ndarray] | None = None, tie_sides: bool = False,
-                       grid: np.ndarray = DEFAULT_GRID, sweeps: int = 3) -> tuple[np.ndarray, dict]:
+                       bounds: tuple[float, float] = OFFSET_BOUNDS, tol: float = 0.01,
+                       sweeps: int = 3) -> tuple[np.ndarray, dict]:
     """Per-class offsets that make the predicted volumes match the reference volumes.
 
-    Coordinate search: for each structure in turn (``sweeps`` passes over the 8), the grid value
-    minimising ``|mean over cases of log(V_pred / V_ref)|``, the other offsets held fixed.
+    Coordinate search: for each structure in turn (``sweeps`` passes over the 8), the other
+    offsets held fixed, the offset where ``mean over cases of log(V_pred / V_ref)`` crosses 0,
+    found by bisection within ``bounds`` to ``tol`` (a structure's volume only grows with its own
+    offset, so the crossing is unique; without one in ``bounds``, the nearer bound).
 
     Args:
         log_probs: per case, the student's ``(9, X, Y, Z)`` log-softmax (or logits) on its crop.
         references: per case, the ``(X, Y, Z)`` reference class indices on the same crop.
         extra_reference_voxels: per case, ``(9,)`` reference voxel counts outside the crop (the
             student cannot label them, but they belong to the reference volume); None = none.
-        tie_sides: one offset for each left/right pair (4 free values instead of 8).
-        grid: candidate offsets.
+        tie_sides: one offset for each left/right pair (4 free values instead of 8; the pair's
+            mean log ratio is brought to 0).
+        bounds, tol: search range and precision of each offset.
 
     A structure is fitted on the cases whose reference has it; one that no case has keeps
     offset 0 and is listed in ``report["not_fitted"]``.
@@ -114,16 +118,30 @@ def fit_volume_offsets(log_probs: list[np.ndarray], references: list[np.ndarray]
     before = log_ratio(offsets)
     groups = [[k for k in g if present[:, k - 1].any()] for g in _groups(tie_sides)]
     groups = [g for g in groups if g]
+    def group_ratio(group: list[int], value: float) -> float:
+        trial = offsets.copy()
+        trial[group] = value
+        return float(log_ratio(trial)[[g - 1 for g in group]].mean())
+
+    lo_bound, hi_bound = float(bounds[0]), float(bounds[1])
     for _ in range(max(int(sweeps), 1)):
         for group in groups:
-            best = None
-            for value in grid:
-                trial = offsets.copy()
-                trial[group] = value
-                err = float(np.abs(log_ratio(trial)[[g - 1 for g in group]]).mean())
-                if best is None or err < best[0] - 1e-12:
-                    best = (err, value)
-            offsets[group] = best[1]
+            lo, hi = lo_bound, hi_bound
+            if group_ratio(group, lo) >= 0:  # too big even at the lowest offset
+                offsets[group] = lo
+                continue
+            if group_ratio(group, hi) <= 0:  # too small even at the highest
+                offsets[group] = hi
+                continue
+            while hi - lo > tol:
+                mid = 0.5 * (lo + hi)
+                if group_ratio(group, mid) > 0:
+                    hi = mid
+                else:
+                    lo = mid
+            # the end with the smaller |ratio| (volumes move in whole voxels)
+            offsets[group] = lo if abs(group_ratio(group, lo)) <= abs(group_ratio(group, hi)) else hi
+    offsets = np.round(offsets, 4).astype(np.float32)
     after = log_ratio(offsets)
     def table(values: np.ndarray) -> dict:
         return {s.name: (None if s.name in not_fitted else round(float(values[s.class_index - 1]), 4))
@@ -146,6 +164,8 @@ def _groups(tie_sides: bool) -> list[list[int]]:
 
 def calibration_meta(offsets: np.ndarray, cases: list[str], report: dict, tie_sides: bool) -> dict:
     """The ``meta["calibration"]`` entry written into a student checkpoint."""
+    import datetime
+
     return {"method": "volume matching: per-class logit offsets, mean log volume ratio to 0 on validation cases",
             "logit_offsets": [round(float(v), 4) for v in offsets], "tie_sides": bool(tie_sides),
-            "cases": list(cases), **report}
+            "cases": list(cases), "date": datetime.date.today().isoformat(), **report}

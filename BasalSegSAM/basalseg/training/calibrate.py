@@ -140,5 +140,5 @@ def _record_in_manifest(folder: Path, path: Path, calibration: dict) -> None:
     if not entries:
         raise BasalSegError(f"{folder / MANIFEST_NAME} lists no model file {path.name}")
     entry = dict(entries[0])
-    entry["calibration"] = {k: calibration[k] for k in ("method", "logit_offsets", "tie_sides", "cases")}
+    entry["calibration"] = {k: calibration[k] for k in ("method", "logit_offsets", "tie_sides", "cases", "date")}
     write_manifest_entry(folder, entry)
