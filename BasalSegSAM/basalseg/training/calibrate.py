@@ -71,8 +71,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from ..errors import BasalSegError
     from ..foundation import make_backend, pick_device
     from ..networks import load_checkpoint, save_checkpoint
-    from .foundation_cache import build_foundation_cache, load_cached_case, variant_name
-    from .prepare import load_prepared, prepare_cases
+    from .evaluate_cohort import heldout_cache
+    from .foundation_cache import load_cached_case
+    from .prepare import load_prepared
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -85,7 +86,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     trained_on = set(meta.get("training", {}).get("cases", []))
     prompter, _ = load_checkpoint(args.prompter, "prompter", device)
     backend = make_backend(args.foundation, args.checkpoint, str(device))
-    variant = variant_name(args.foundation)
     log_probs, refs, outside, names = [], [], [], []
     for folder in args.cohort:
         cases = read_cohort(folder, args.label_mapping)
@@ -93,10 +93,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         if leaked:
             raise BasalSegError(f"{folder}: the student was trained on {', '.join(leaked)}; calibrate on other cases")
         work = args.work / folder.name
-        prepared = prepare_cases(cases, work)
-        cache = build_foundation_cache(prepared, prompter, backend, work / "foundation" / variant, jitter=0,
-                                       device=device, reference_in_roi=False)
-        for path in cache:
+        for path in heldout_cache(cases, work, prompter, backend, args.foundation, device):
             case = load_cached_case(path)
             ref = load_prepared(work / "cases" / f"{case.name}.npz").classes
             roi = tuple(slice(s, s + n) for s, n in zip(case.roi_start, case.masks.shape[-3:]))

@@ -129,6 +129,21 @@ def evaluate_variants(cache_paths: list[Path], prepared_dir: Path, students: dic
     return rows
 
 
+def heldout_cache(cases: list, work: Path, prompter, backend, foundation: str, device, context: bool = False,
+                  planes=("axial",), progress=None) -> list[Path]:
+    """Prepare a labelled cohort's cases under ``work`` and run the foundation model on each from
+    the prompter's prompts as inference does (no jitter; the inference crop). Returns the cache
+    files ``work/foundation/<variant>/NAME.npz`` (:func:`~basalseg.training.foundation_cache.variant_name`
+    of ``foundation``, ``context``, ``planes``), reusing those already there."""
+    from .foundation_cache import build_foundation_cache, variant_name
+    from .prepare import prepare_cases
+
+    prepared = prepare_cases(cases, work)
+    return build_foundation_cache(prepared, prompter, backend, work / "foundation" / variant_name(foundation, context, planes),
+                                  jitter=0, device=device, reference_in_roi=False, progress=progress, context=context,
+                                  planes=planes)
+
+
 def foundation_cost(cache_paths: list[Path]) -> tuple[dict, list[dict]]:
     """The foundation stage's cost over cached cases: ``(summary, per-case rows)``.
 
@@ -230,8 +245,7 @@ def cmd_evaluate_cohort(args: argparse.Namespace) -> int:
     from ..foundation import make_backend, pick_device
     from ..networks import load_checkpoint
     from ..outputs import atomic_write_text
-    from .foundation_cache import build_foundation_cache, variant_name
-    from .prepare import prepare_cases
+    from .foundation_cache import variant_name
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -246,10 +260,9 @@ def cmd_evaluate_cohort(args: argparse.Namespace) -> int:
     context = bool(getattr(args, "context", False))
     variant = variant_name(args.foundation, context, planes)
     multi = len(planes) > 1
-    raw = getattr(args, "stride", (1,)) or (1,)
-    strides = tuple(k for k in ((raw,) if isinstance(raw, int) else raw) if k > 1)
-    if min((raw,) if isinstance(raw, int) else raw) < 1 or (strides and multi):
-        raise BasalSegError("--stride must be >= 1 and is evaluated with one plane only")
+    strides = tuple(k for k in getattr(args, "stride", (1,)) if k > 1)  # each >= 1 (_parse_strides)
+    if strides and multi:
+        raise BasalSegError("--stride is evaluated with one plane only")
     report_sections = []
     all_rows = []
     costs: dict[str, dict] = {}
@@ -257,13 +270,11 @@ def cmd_evaluate_cohort(args: argparse.Namespace) -> int:
     for folder in args.cohort:
         cases = read_cohort(folder, args.label_mapping)
         work = args.work / folder.name
-        prepared = prepare_cases(cases, work)
         prompter, _ = load_checkpoint(args.prompter, "prompter", device)
         backend = make_backend(args.foundation, args.checkpoint, str(device))
-        bar = tqdm(total=len(prepared), desc=f"{folder.name}: foundation", unit="case")
-        cache = build_foundation_cache(prepared, prompter, backend, work / "foundation" / variant, jitter=0,
-                                       device=device, reference_in_roi=False,
-                                       progress=lambda d, t: bar.update(d - bar.n), context=context, planes=planes)
+        bar = tqdm(total=len(cases), desc=f"{folder.name}: foundation", unit="case")
+        cache = heldout_cache(cases, work, prompter, backend, args.foundation, device, context, planes,
+                              progress=lambda d, t: bar.update(d - bar.n))
         bar.close()
         cost, per_case = foundation_cost(cache)
         costs[folder.name] = cost
