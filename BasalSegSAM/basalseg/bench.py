@@ -375,7 +375,7 @@ def run_bench(image=None, *, prompts: str = "auto", weights_dir=None, device=Non
     report["trained_weights"] = trained
     report["foundation"] = backend.describe()
     report["options"] = {"stride": stride, "batch": batch, "encoder": backend.inner.encoder, "fast_decoder": fast_decoder,
-                         "input_size": backend.inner.native_size}
+                         "input_size": backend.inner.native_size, "context": PipelineConfig().context}
     if warm_up:
         _warm_up(backend.inner)
     config = PipelineConfig(device=str(dev), threads=threads)
@@ -476,7 +476,8 @@ def run_bench(image=None, *, prompts: str = "auto", weights_dir=None, device=Non
             _warm_up(plain.inner)
         with meter.section("naive_foundation"):
             t = time.perf_counter()
-            run_foundation(plain, result.image01, naive_prompts, crop=False, one_pass_per_slice=False)
+            run_foundation(plain, result.image01, naive_prompts, crop=False, one_pass_per_slice=False,
+                           context=config.context)
             found = time.perf_counter() - t
         found_cpu = meter.peaks["naive_foundation"]["cpu_s"]
         n_full = len(full.prompts)
@@ -503,7 +504,7 @@ def run_bench(image=None, *, prompts: str = "auto", weights_dir=None, device=Non
         reference = LiteMedSAMBackend(device=str(dev))
         with meter.section("reference_foundation"):
             t = time.perf_counter()
-            ref_masks = run_foundation(reference, result.image01, run_prompts, crop=True)
+            ref_masks = run_foundation(reference, result.image01, run_prompts, crop=True, context=config.context)
             report["reference_foundation_s"] = time.perf_counter() - t
         report["dice_vs_reference"] = dice_per_structure(result.masks, ref_masks)
         if dk_classes is not None:  # both against the atlas labels, on the timed slices

@@ -75,9 +75,10 @@ def _add_run_options(p: argparse.ArgumentParser, with_student: bool = True) -> N
         p.add_argument("--encoder", default="fused", choices=list(ENCODER_CHOICES),
                        help="LiteMedSAM encoder implementation: fused (default), onnx (ONNX Runtime, needs "
                             "onnxruntime and onnx), compile (torch.compile, for long cohort runs), torch (plain)")
-        p.add_argument("--context", action="store_true",
+        p.add_argument("--context", action=argparse.BooleanOptionalAction, default=True,
                        help="3-slice context: give the foundation model slices k-1, k, k+1 as its colour channels "
-                            "instead of slice k repeated (docs/CONTEXT_AND_PLANES.md; off by default)")
+                            "instead of slice k repeated (default; --no-context: slice k repeated; "
+                            "docs/CONTEXT_AND_PLANES.md)")
         p.add_argument("--planes", type=parse_planes, default=("axial",), metavar="PLANE[,PLANE...]",
                        help="foundation planes: axial (default) or e.g. axial,coronal,sagittal to also run the "
                             "foundation model on coronal and sagittal slices and fuse the planes' SDM channels "
@@ -153,7 +154,7 @@ def _config(args: argparse.Namespace):
                          if getattr(args, "foundation", "litemedsam") == "litemedsam" and getattr(args, "encoder", None)
                          else {}),
         threads=getattr(args, "threads", None),
-        context=bool(getattr(args, "context", False)),
+        context=bool(getattr(args, "context", True)),
         planes=tuple(getattr(args, "planes", None) or ("axial",)),
         calibrate=not getattr(args, "no_calibration", False),
     )

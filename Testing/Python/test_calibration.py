@@ -131,6 +131,8 @@ def test_calibrate_command_pipeline_and_evaluation(weights_dir, monkeypatch, tmp
     _, meta = load_checkpoint(out, "student")
     cal = meta["calibration"]
     assert len(cal["logit_offsets"]) == NUM_CLASSES and cal["cases"] == ["case001"] and cal["logit_offsets"][0] == 0
+    assert cal["context"] is True  # fitted on the pipeline's default foundation variant
+    assert (tmp_path / "work" / "heldout" / "foundation" / "litemedsam-ctx3" / "case001.npz").is_file()
     assert set(cal["log_volume_ratio_after"]) == {s.name for s in STRUCTURES}
     # the tiny cohort has caudate and putamen only: thalamus and pallidum are left at 0
     assert sorted(cal["not_fitted"]) == sorted(s.name for s in STRUCTURES if "Thalamus" in s.name or "Pallidum" in s.name)

@@ -371,14 +371,20 @@ def test_pipeline_three_planes_with_context_end_to_end(small_t1, small_prompts_p
     assert written["options"]["planes"] == ["axial", "coronal", "sagittal"] and "multi_plane" in written
     assert load_prompts(out / "prompts.json").to_dict()["prompts"] == prompts.to_dict()["prompts"]
 
-    # defaults are unchanged: axial only, no context, no multi-plane record
+    # defaults: axial only with 3-slice context, no multi-plane record
     backend = RecordingBoxFill()
     seen.clear()
-    plain = Pipeline(PipelineConfig(device="cpu", weights_dir=str(weights_dir)), backend=backend).segment(
+    default = Pipeline(PipelineConfig(device="cpu", weights_dir=str(weights_dir)), backend=backend).segment(
+        volume, prompts=prompts)
+    assert len(backend.images) == 2 and all(img.ndim == 3 for img in backend.images)
+    assert default.plane_masks is None and "multi_plane" not in default.provenance and seen[0][0] == 8
+    assert default.provenance["options"]["context"] is True and default.provenance["options"]["planes"] == ["axial"]
+    # context off: slice k repeated (2D images)
+    backend = RecordingBoxFill()
+    plain = Pipeline(PipelineConfig(device="cpu", weights_dir=str(weights_dir), context=False), backend=backend).segment(
         volume, prompts=prompts)
     assert len(backend.images) == 2 and all(img.ndim == 2 for img in backend.images)
-    assert plain.plane_masks is None and "multi_plane" not in plain.provenance and seen[0][0] == 8
-    assert plain.provenance["options"]["context"] is False and plain.provenance["options"]["planes"] == ["axial"]
+    assert plain.provenance["options"]["context"] is False
 
 
 def test_pipeline_rejects_unknown_planes():
@@ -404,7 +410,9 @@ def test_cli_options_reach_the_config(capsys):
         config = _config(args)
         assert config.context is True and config.planes == ("axial", "coronal", "sagittal")
         config = _config(parser.parse_args([command, "in", "--out", "o"]))
-        assert config.context is False and config.planes == ("axial",)
+        assert config.context is True and config.planes == ("axial",)  # context is the default
+        config = _config(parser.parse_args([command, "in", "--out", "o", "--no-context"]))
+        assert config.context is False
     with pytest.raises(SystemExit) as info:
         parser.parse_args(["segment", "in", "--out", "o", "--planes", "axial,oblique"])
     assert info.value.code == 2 and "oblique" in capsys.readouterr().err
@@ -459,7 +467,7 @@ def test_evaluate_cohort_variants_have_their_own_cache_and_timing(weights_dir, m
     backends = []
     common = _evaluate_cohort_command(tmp_path, monkeypatch, weights_dir, backends)
 
-    assert run_cli(common + ["--planes", "axial,coronal,sagittal", "--out", tmp_path / "r3"]) == 0
+    assert run_cli(common + ["--no-context", "--planes", "axial,coronal,sagittal", "--out", tmp_path / "r3"]) == 0
     assert run_cli(common + ["--context", "--out", tmp_path / "rctx"]) == 0
     folders = sorted(p.name for p in (tmp_path / "work" / "heldout" / "foundation").iterdir())
     assert folders == ["litemedsam-3planes", "litemedsam-ctx3"]
@@ -504,7 +512,7 @@ def test_evaluate_cohort_stride_variants(weights_dir, monkeypatch, tmp_path):
         assert variants.count(name) == 8, name
     assert "T1+SDM (stride 2)" in (tmp_path / "r" / "report.md").read_text()
 
-    case = load_cached_case(tmp_path / "work" / "heldout" / "foundation" / "litemedsam" / "case001.npz")
+    case = load_cached_case(tmp_path / "work" / "heldout" / "foundation" / "litemedsam-ctx3" / "case001.npz")  # default
     assert np.array_equal(_strided(case, 1), case.masks)
     strided = _strided(case, 2)
     run = set(plan_slices(case.prompts, 2))

@@ -54,6 +54,8 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, type=Path, help="calibrated student checkpoint to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--tie-sides", action="store_true", help="one offset per left/right pair")
+    p.add_argument("--context", action=argparse.BooleanOptionalAction, default=True,
+                   help="foundation masks with 3-slice context, as the pipeline's default (--no-context: without)")
     p.add_argument("--manifest", type=Path, default=None,
                    help="weights folder whose manifest.json should record the calibrated student (--out must be in it)")
     p.add_argument("--foundation", default="litemedsam", choices=["litemedsam", "sam2"])
@@ -93,7 +95,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         if leaked:
             raise BasalSegError(f"{folder}: the student was trained on {', '.join(leaked)}; calibrate on other cases")
         work = args.work / folder.name
-        for path in heldout_cache(cases, work, prompter, backend, args.foundation, device):
+        for path in heldout_cache(cases, work, prompter, backend, args.foundation, device, context=args.context):
             case = load_cached_case(path)
             ref = load_prepared(work / "cases" / f"{case.name}.npz").classes
             roi = tuple(slice(s, s + n) for s, n in zip(case.roi_start, case.masks.shape[-3:]))
@@ -109,7 +111,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise BasalSegError(f"calibration failed: {exc}") from exc
     meta = dict(meta)
-    meta["calibration"] = calibration_meta(offsets, names, report, args.tie_sides)
+    meta["calibration"] = calibration_meta(offsets, names, report, args.tie_sides, context=args.context)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     arch = torch.load(args.student, map_location="cpu", weights_only=True)["architecture"]
     save_checkpoint(args.out, "student", arch, net, meta)
@@ -137,5 +139,5 @@ def _record_in_manifest(folder: Path, path: Path, calibration: dict) -> None:
     if not entries:
         raise BasalSegError(f"{folder / MANIFEST_NAME} lists no model file {path.name}")
     entry = dict(entries[0])
-    entry["calibration"] = {k: calibration[k] for k in ("method", "logit_offsets", "tie_sides", "cases", "date")}
+    entry["calibration"] = {k: calibration[k] for k in ("method", "logit_offsets", "tie_sides", "context", "cases", "date")}
     write_manifest_entry(folder, entry)

@@ -224,8 +224,9 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, default=None)
     from ..cli import parse_planes
 
-    p.add_argument("--context", action="store_true",
-                   help="foundation variant: 3-slice context (slices k-1, k, k+1 as the colour channels)")
+    p.add_argument("--context", action=argparse.BooleanOptionalAction, default=True,
+                   help="foundation variant: 3-slice context (slices k-1, k, k+1 as the colour channels; the "
+                        "pipeline's default); --no-context: slice k repeated")
     p.add_argument("--planes", type=parse_planes, default=("axial",), metavar="PLANE[,PLANE...]",
                    help="foundation variant: planes to run and fuse, e.g. axial,coronal,sagittal (default axial); "
                         "'foundation alone' is then each structure's majority vote (>= 2 of 3 planes)")
@@ -257,7 +258,7 @@ def cmd_evaluate_cohort(args: argparse.Namespace) -> int:
         name, path = item.split("=", 1)
         students[name] = path
     planes = tuple(getattr(args, "planes", None) or ("axial",))
-    context = bool(getattr(args, "context", False))
+    context = bool(getattr(args, "context", True))
     variant = variant_name(args.foundation, context, planes)
     multi = len(planes) > 1
     strides = tuple(k for k in getattr(args, "stride", (1,)) if k > 1)  # each >= 1 (_parse_strides)
