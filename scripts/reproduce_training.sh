@@ -17,20 +17,28 @@ TRAIN="--cohort $W/cohorts/train_tpl --cohort $W/cohorts/train_gmm --work $W/tra
 $B train $TRAIN --stage prompter --prompter-steps 1200 --steps-per-epoch 100
 $B train $TRAIN --stage cache --jitter 2
 $B train $TRAIN --stage student --mode sdm --band 10 --student-steps 800 --steps-per-epoch 100 --patch 80 --export BasalSegSAM/basalseg/weights
+# 2b. volume calibration of the exported student on its validation subjects (context masks, the pipeline's default)
+$B calibrate --cohort "$W/cohorts/train_tpl" --cohort "$W/cohorts/train_gmm" --validation-split "$W/train/split.json" \
+  --work "$W/calibration" --prompter "$W/train/prompter/prompter.pt" --student "$W/train/student-sdm-band10-litemedsam/student.pt" \
+  --out BasalSegSAM/basalseg/weights/student_litemedsam.pt --overwrite --manifest BasalSegSAM/basalseg/weights --threads "${THREADS:-2}"
 # 3. ablation students on the same foundation cache
 $B train $TRAIN --stage student --mode t1 --student-steps 800 --steps-per-epoch 100 --patch 80
 $B train $TRAIN --stage student --mode mask --student-steps 800 --steps-per-epoch 100 --patch 80
 $B train $TRAIN --stage student --mode sdm --band 5 --student-steps 800 --steps-per-epoch 100 --patch 80
 $B train $TRAIN --stage student --mode sdm --band 20 --student-steps 800 --steps-per-epoch 100 --patch 80
-# 4. held-out evaluation with ablations
+# 4. held-out evaluation with ablations (context, the default; the shipped, calibrated student first)
 R="$W/train"
 $B evaluate-cohort --cohort "$W/cohorts/heldout_mni_seed" --cohort "$W/cohorts/heldout_icbm" --work "$W/eval" \
-  --prompter "$R/prompter/prompter.pt" --stride 2 \
-  --student "T1+SDM (band 10)=$R/student-sdm-band10-litemedsam/student.pt" \
+  --prompter "$R/prompter/prompter.pt" --stride 2,3 \
+  --student "T1+SDM (band 10)=BasalSegSAM/basalseg/weights/student_litemedsam.pt" \
   --student "T1 only=$R/student-t1-litemedsam/student.pt" \
   --student "T1+raw masks=$R/student-mask-litemedsam/student.pt" \
   --student "T1+SDM (band 5)=$R/student-sdm-band5-litemedsam/student.pt" \
   --student "T1+SDM (band 20)=$R/student-sdm-band20-litemedsam/student.pt" \
   --out "$W/report"
+# 4b. the same without context (the variant the ablation students were trained on)
+$B evaluate-cohort --cohort "$W/cohorts/heldout_mni_seed" --cohort "$W/cohorts/heldout_icbm" --work "$W/eval" \
+  --prompter "$R/prompter/prompter.pt" --no-context --stride 2 \
+  --student "T1+SDM (band 10)=BasalSegSAM/basalseg/weights/student_litemedsam.pt" --out "$W/report-noctx"
 # 5. cross-rater check: the shipped pipeline on the ICBM 2009c template against three atlases' labels
 .venv/bin/python scripts/cross_rater.py "$W/cross_rater" --threads "${THREADS:-2}"

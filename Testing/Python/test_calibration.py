@@ -150,6 +150,17 @@ def test_calibrate_command_pipeline_and_evaluation(weights_dir, monkeypatch, tmp
     assert run_cli(base_leaky + ["--out", tmp_path / "x.pt"]) == 2
     assert not (tmp_path / "x.pt").exists()
 
+    # a validation split file picks the calibration cases out of a cohort
+    split = tmp_path / "split.json"
+    split.write_text('{"train": ["a"], "val": ["case001"]}')
+    assert run_cli(base + ["--validation-split", split, "--out", tmp_path / "split.pt"]) == 0
+    assert load_checkpoint(tmp_path / "split.pt", "student")[1]["calibration"]["cases"] == ["case001"]
+    split.write_text('{"train": ["case001"], "val": ["other"]}')
+    assert run_cli(base + ["--validation-split", split, "--out", tmp_path / "none.pt"]) == 2
+    split.write_text('not json')
+    assert run_cli(base + ["--validation-split", split, "--out", tmp_path / "none.pt"]) == 2
+    assert not (tmp_path / "none.pt").exists()
+
     # the pipeline uses the offsets unless told not to, and records them
     pipe = Pipeline(PipelineConfig(weights_dir=str(weights_dir), student_checkpoint=str(out), device="cpu"))
     _ = pipe.student

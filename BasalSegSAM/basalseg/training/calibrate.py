@@ -4,6 +4,7 @@
 
     basalseg calibrate --cohort VAL_COHORT --work WORK --prompter PROMPTER.pt \\
         --student STUDENT.pt --out CALIBRATED.pt [--tie-sides] [--manifest WEIGHTS_DIR]
+    basalseg calibrate --cohort TRAIN_COHORT ... --validation-split WORK/split.json ...
 
 The validation cohort (nnU-Net layout) must be cases the student was **not trained on** and that
 no reported evaluation uses (for the shipped student: the 4 validation cases of its training
@@ -48,6 +49,9 @@ def register(sub) -> None:
     p.add_argument("--cohort", action="append", required=True, type=Path,
                    help="validation cohort (nnU-Net layout), cases the student was not trained on; repeatable")
     p.add_argument("--label-mapping", default=None)
+    p.add_argument("--validation-split", type=Path, default=None, metavar="SPLIT_JSON",
+                   help="use only the cases listed under 'val' in this split file (basalseg train's "
+                        "WORK/split.json), so the training cohorts themselves can be given as --cohort")
     p.add_argument("--work", required=True, type=Path, help="working folder (prepared cases, foundation cache)")
     p.add_argument("--prompter", required=True, type=Path, help="prompter checkpoint")
     p.add_argument("--student", required=True, type=Path, help="student checkpoint to calibrate")
@@ -88,9 +92,19 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     trained_on = set(meta.get("training", {}).get("cases", []))
     prompter, _ = load_checkpoint(args.prompter, "prompter", device)
     backend = make_backend(args.foundation, args.checkpoint, str(device))
+    keep = None
+    if args.validation_split is not None:
+        try:
+            keep = set(json.loads(args.validation_split.read_text(encoding="utf-8"))["val"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise BasalSegError(f"{args.validation_split}: not a split file with a 'val' list ({exc})") from exc
     log_probs, refs, outside, names = [], [], [], []
     for folder in args.cohort:
         cases = read_cohort(folder, args.label_mapping)
+        if keep is not None:
+            cases = [c for c in cases if c.name in keep]
+            if not cases:
+                continue
         leaked = sorted(c.name for c in cases if c.name in trained_on)
         if leaked:
             raise BasalSegError(f"{folder}: the student was trained on {', '.join(leaked)}; calibrate on other cases")
@@ -106,6 +120,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             outside.append(np.bincount(out_of_crop.ravel(), minlength=9)[:9])
             names.append(case.name)
             print(f"{case.name}: student run", flush=True)
+    if not names:
+        raise BasalSegError("no calibration cases: none of the cohorts' cases is in the validation split")
     try:
         offsets, report = fit_volume_offsets(log_probs, refs, outside, tie_sides=args.tie_sides)
     except ValueError as exc:
