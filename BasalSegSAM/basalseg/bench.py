@@ -375,10 +375,11 @@ def run_bench(image=None, *, prompts: str = "auto", weights_dir=None, device=Non
     report["trained_weights"] = trained
     report["foundation"] = backend.describe()
     report["options"] = {"stride": stride, "batch": batch, "encoder": backend.inner.encoder, "fast_decoder": fast_decoder,
-                         "input_size": backend.inner.native_size, "context": PipelineConfig().context}
+                         "input_size": backend.inner.native_size}
     if warm_up:
         _warm_up(backend.inner)
     config = PipelineConfig(device=str(dev), threads=threads)
+    report["options"]["context"] = config.context  # the naive and reference runs below use it too
     pipeline = Pipeline(config, backend=backend, prompter=prompter, student=student)
     pipeline.student_meta = student_meta
 

@@ -81,12 +81,13 @@ def evaluate_variants(cache_paths: list[Path], prepared_dir: Path, students: dic
     ``--stride K`` run gives (every K-th prompted slice plus each structure's ends run, the rest
     interpolated), derived exactly from the cached all-slices masks.
     """
-    strides = [k for k in ((stride,) if isinstance(stride, int) else tuple(stride)) if k > 1]
-    from ..calibration import offsets_from_meta
+    from ..calibration import apply_offsets, offsets_from_meta
     from ..networks import load_checkpoint
     from ..student import build_student_input, predict_student
     from .foundation_cache import load_cached_case
     from .prepare import load_prepared
+
+    strides = [k for k in ((stride,) if isinstance(stride, int) else tuple(stride)) if k > 1]
 
     nets = {name: load_checkpoint(path, "student", device) for name, path in students.items()}
     offsets = {name: offsets_from_meta(meta) for name, (_, meta) in nets.items()}
@@ -105,10 +106,11 @@ def evaluate_variants(cache_paths: list[Path], prepared_dir: Path, students: dic
         for name, (net, meta) in nets.items():
             # (P, 8, ...) masks of a multi-plane cache are fused into 8 SDM channels, as in the pipeline
             inputs = build_student_input(case.image01, case.masks, meta.get("input_mode", "sdm"), float(meta.get("band", 10.0)))
-            pred = _full(predict_student(net, inputs, device, logit_offsets=offsets[name]), case.roi_start, case.full_shape)
+            logits = predict_student(net, inputs, device, return_logits=True)
+            pred = _full(apply_offsets(logits, offsets[name]), case.roi_start, case.full_shape)
             rows += [dict(r, variant=name) for r in evaluate_labelmaps(pred, ref, case=case.name, values="class")]
-            if name == first and offsets[name] is not None:
-                pred = _full(predict_student(net, inputs, device), case.roi_start, case.full_shape)
+            if name == first and offsets[name] is not None:  # the same logits without the calibration
+                pred = _full(apply_offsets(logits, None), case.roi_start, case.full_shape)
                 rows += [dict(r, variant=f"{name} (uncalibrated)")
                          for r in evaluate_labelmaps(pred, ref, case=case.name, values="class")]
         for stride in strides if nets else ():
