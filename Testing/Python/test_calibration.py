@@ -187,3 +187,22 @@ def test_no_calibration_option():
     assert _config(parser.parse_args(["segment", "in", "--out", "o"])).calibrate is True
     assert _config(parser.parse_args(["segment", "in", "--out", "o", "--no-calibration"])).calibrate is False
     assert _config(parser.parse_args(["batch", "in", "--out", "o", "--no-calibration"])).calibrate is False
+
+
+def test_pipeline_refuses_a_corrupt_calibration(weights_dir, tmp_path):
+    from basalseg.errors import CheckpointError
+    from basalseg.networks import load_checkpoint, save_checkpoint
+    from basalseg.pipeline import Pipeline, PipelineConfig
+
+    net, meta = load_checkpoint(weights_dir / "student_litemedsam.pt", "student")
+    bad = tmp_path / "bad.pt"
+    save_checkpoint(bad, "student", TINY_STUDENT_ARCH, net, dict(meta, calibration={"logit_offsets": [0, -1]}))
+    pipe = Pipeline(PipelineConfig(weights_dir=str(weights_dir), student_checkpoint=str(bad), device="cpu"))
+    _ = pipe.student
+    with pytest.raises(CheckpointError, match="9 finite logit offsets"):
+        pipe.student_offsets()
+    # without calibration the same checkpoint still runs
+    off = Pipeline(PipelineConfig(weights_dir=str(weights_dir), student_checkpoint=str(bad), device="cpu",
+                                  calibrate=False))
+    _ = off.student
+    assert off.student_offsets() is None
