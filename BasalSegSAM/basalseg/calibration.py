@@ -73,6 +73,9 @@ def fit_volume_offsets(log_probs: list[np.ndarray], references: list[np.ndarray]
     found by bisection within ``bounds`` to ``tol`` (a structure's volume only grows with its own
     offset, so the crossing is unique; without one in ``bounds``, the nearer bound).
 
+    A structure is fitted on the cases whose reference has it; one that no case has keeps
+    offset 0 and is listed in ``report["not_fitted"]``.
+
     Args:
         log_probs: per case, the student's ``(9, X, Y, Z)`` log-softmax (or logits) on its crop.
         references: per case, the ``(X, Y, Z)`` reference class indices on the same crop.
@@ -81,9 +84,6 @@ def fit_volume_offsets(log_probs: list[np.ndarray], references: list[np.ndarray]
         tie_sides: one offset for each left/right pair (4 free values instead of 8; the pair's
             mean log ratio is brought to 0).
         bounds, tol: search range and precision of each offset.
-
-    A structure is fitted on the cases whose reference has it; one that no case has keeps
-    offset 0 and is listed in ``report["not_fitted"]``.
 
     Returns:
         ``(offsets (9,) float32, report)``; ``report`` has ``log_volume_ratio_before`` and
@@ -111,13 +111,13 @@ def fit_volume_offsets(log_probs: list[np.ndarray], references: list[np.ndarray]
     def log_ratio(offsets: np.ndarray) -> np.ndarray:
         vols = np.stack([np.bincount((c + offsets[:, None]).argmax(0), minlength=NUM_CLASSES) for c in cands])
         ratios = np.log(np.maximum(vols[:, 1:], 0.5) / np.maximum(ref_counts[:, 1:], 1.0))
-        with np.errstate(invalid="ignore"):
-            return np.where(present, ratios, 0.0).sum(axis=0) / np.maximum(present.sum(axis=0), 1)
+        return np.where(present, ratios, 0.0).sum(axis=0) / np.maximum(present.sum(axis=0), 1)
 
     offsets = np.zeros(NUM_CLASSES, np.float32)
     before = log_ratio(offsets)
     groups = [[k for k in g if present[:, k - 1].any()] for g in _groups(tie_sides)]
     groups = [g for g in groups if g]
+
     def group_ratio(group: list[int], value: float) -> float:
         trial = offsets.copy()
         trial[group] = value
@@ -143,6 +143,7 @@ def fit_volume_offsets(log_probs: list[np.ndarray], references: list[np.ndarray]
             offsets[group] = lo if abs(group_ratio(group, lo)) <= abs(group_ratio(group, hi)) else hi
     offsets = np.round(offsets, 4).astype(np.float32)
     after = log_ratio(offsets)
+
     def table(values: np.ndarray) -> dict:
         return {s.name: (None if s.name in not_fitted else round(float(values[s.class_index - 1]), 4))
                 for s in STRUCTURES}
