@@ -150,6 +150,23 @@ def test_calibrate_command_pipeline_and_evaluation(weights_dir, monkeypatch, tmp
     assert run_cli(base_leaky + ["--out", tmp_path / "x.pt"]) == 2
     assert not (tmp_path / "x.pt").exists()
 
+    # --manifest: an unreadable manifest or one without the file is refused before any work
+    folder = tmp_path / "w"
+    folder.mkdir()
+    assert run_cli(base + ["--manifest", folder, "--out", folder / "s.pt"]) == 2
+    (folder / "manifest.json").write_text('{"models": []}')
+    assert run_cli(base + ["--manifest", folder, "--out", folder / "s.pt"]) == 2
+    assert not (folder / "s.pt").exists()
+    # ... and a listed file gets its calibration and new sha256 in the manifest
+    import json
+
+    from basalseg.download import sha256_file
+    (folder / "manifest.json").write_text(json.dumps({"format": "basalseg-weights-manifest", "version": 1, "models": [
+        {"name": "student-litemedsam", "kind": "student", "file": "s.pt", "sha256": "0" * 64}]}))
+    assert run_cli(base + ["--manifest", folder, "--out", folder / "s.pt"]) == 0
+    listed = json.loads((folder / "manifest.json").read_text())["models"][0]
+    assert listed["sha256"] == sha256_file(folder / "s.pt") and listed["calibration"]["cases"] == ["case001"]
+
     # a validation split file picks the calibration cases out of a cohort
     split = tmp_path / "split.json"
     split.write_text('{"train": ["a"], "val": ["case001"]}')

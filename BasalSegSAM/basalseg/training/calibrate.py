@@ -77,6 +77,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from ..errors import BasalSegError
     from ..foundation import make_backend, pick_device
     from ..networks import load_checkpoint, save_checkpoint
+    from ..weights import write_manifest_entry
     from .evaluate_cohort import heldout_cache
     from .foundation_cache import load_cached_case
     from .prepare import load_prepared
@@ -87,6 +88,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise BasalSegError(f"{args.out} exists; pass --overwrite to replace it")
     if args.manifest is not None and args.out.resolve().parent != args.manifest.resolve():
         raise BasalSegError(f"--out must be inside the --manifest folder {args.manifest}")
+    entry = _manifest_entry(args.manifest, args.out) if args.manifest is not None else None  # checked before any work
     device = pick_device(None if args.device in (None, "auto") else args.device)
     net, meta = load_checkpoint(args.student, "student", device)
     trained_on = set(meta.get("training", {}).get("cases", []))
@@ -139,21 +141,24 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             print(f"  {name:16s} not in any calibration case: offset left at 0")
         else:
             print(f"  {name:16s} {before:+.3f} -> {report['log_volume_ratio_after'][name]:+.3f}")
-    if args.manifest is not None:
-        _record_in_manifest(args.manifest, args.out, meta["calibration"])
+    if entry is not None:
+        entry["calibration"] = {k: meta["calibration"][k]
+                                for k in ("method", "logit_offsets", "tie_sides", "context", "cases", "date")}
+        write_manifest_entry(args.manifest, entry)  # recomputes the file's sha256
     print(f"wrote {args.out}")
     return 0
 
 
-def _record_in_manifest(folder: Path, path: Path, calibration: dict) -> None:
-    """Update the manifest entry of ``path`` (same file name) with its new sha256 and calibration."""
+def _manifest_entry(folder: Path, path: Path) -> dict:
+    """A copy of the manifest entry of ``path`` (same file name) in ``folder``'s manifest."""
     from ..errors import BasalSegError
-    from ..weights import MANIFEST_NAME, write_manifest_entry
+    from ..weights import MANIFEST_NAME
 
-    manifest = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
-    entries = [m for m in manifest.get("models", []) if m.get("file") == path.name]
+    try:
+        manifest = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
+        entries = [m for m in manifest.get("models", []) if m.get("file") == path.name]
+    except (OSError, ValueError, AttributeError) as exc:
+        raise BasalSegError(f"{folder / MANIFEST_NAME}: cannot read the weights manifest ({exc})") from exc
     if not entries:
         raise BasalSegError(f"{folder / MANIFEST_NAME} lists no model file {path.name}")
-    entry = dict(entries[0])
-    entry["calibration"] = {k: calibration[k] for k in ("method", "logit_offsets", "tie_sides", "context", "cases", "date")}
-    write_manifest_entry(folder, entry)
+    return dict(entries[0])
