@@ -117,7 +117,10 @@ def _run(args: argparse.Namespace, cachePath: str | None) -> int:
     from basalseg.prompts import load_prompts
     from basalseg.results import write_result
 
-    StagedOutputDir(args.out, overwrite=args.overwrite)  # refuse an occupied folder before any work
+    from basalseg.outputs import RESULT_FILES
+
+    # refuse an occupied folder (or result files that are not ours) before any work
+    StagedOutputDir(args.out, overwrite=args.overwrite, owned=RESULT_FILES, protect=[args.image, args.prompts])
     if args.band is not None and args.band <= 0:
         from basalseg.errors import BasalSegError
 

@@ -61,9 +61,9 @@ import csv
 import datetime
 import io
 import json
+import logging
 import os
 import re
-import shutil
 import sys
 import time
 import traceback
@@ -72,6 +72,8 @@ from pathlib import Path
 
 from .errors import BasalSegError, Cancelled, OutputWriteError
 from .imageio import SUPPORTED_SUFFIXES
+
+_log = logging.getLogger("basalseg")
 
 __all__ = ["Scan", "discover_scans", "session_date", "run_batch", "BatchSummary", "write_cohort_tables",
            "COHORT_COLUMNS", "BATCH_FAILED_EXIT", "register", "LOG_NAME"]
@@ -154,6 +156,7 @@ def _is_t1w(path: Path) -> bool:
 def _bids_scans(root: Path, subject_dirs: list[Path]) -> list[Scan]:
     scans = []
     for sub in subject_dirs:
+        before = len(scans)
         anat_dirs = [(sub / "anat", "")] + [(ses / "anat", ses.name) for ses in sorted(sub.glob("ses-*")) if ses.is_dir()]
         for anat, session in anat_dirs:
             if not anat.is_dir():
@@ -161,6 +164,8 @@ def _bids_scans(root: Path, subject_dirs: list[Path]) -> list[Scan]:
             for path in sorted(p for p in anat.iterdir() if _is_t1w(p)):
                 ents = _entities(path.name)
                 scans.append(Scan(name="", path=path, subject=sub.name, session=session, entities=ents))
+        if len(scans) == before:
+            _log.warning("skipped %s: no T1w image (looked for %s/[ses-*/]anat/*_T1w.nii[.gz])", sub.name, sub)
     groups: dict[str, list[Scan]] = {}
     for s in scans:
         groups.setdefault(_safe(f"{s.subject}_{s.session}" if s.session else s.subject), []).append(s)
@@ -316,23 +321,20 @@ def session_date(path: str | os.PathLike) -> tuple[str | None, str | None]:
 
 def _clean_leftovers(out_dir: Path, name: str, log) -> None:
     """Remove what an interrupted write of ``name`` left (staging folders); put back a result that
-    an interrupted overwrite had moved aside, when the new one never arrived."""
-    from .report import result_state
+    an interrupted overwrite had set aside, when the new one never arrived. The batch lock is held,
+    so no other batch can be writing there (:func:`basalseg.staging.clean_leftovers`)."""
+    from .outputs import RESULT_FILES
+    from .staging import clean_leftovers
 
-    final = out_dir / name
-    for leftover in sorted(out_dir.glob(f".{name}.staging-*")):
-        shutil.rmtree(leftover, ignore_errors=True)
-        log("cleanup", scan=name, removed=leftover.name)
-    for old in sorted(out_dir.glob(f".{name}.old-*")):
-        if not final.exists() and result_state(old)[0] == "complete":
-            os.replace(old, final)
-            log("cleanup", scan=name, restored=old.name)
-        else:
-            shutil.rmtree(old, ignore_errors=True)
-            log("cleanup", scan=name, removed=old.name)
+    for message in clean_leftovers(out_dir / name, RESULT_FILES, assume_dead=True):
+        log("cleanup", scan=name, message=message)
 
 
 class _Lock:
+    """``OUT_DIR/.basalseg-batch.lock``, held (``flock``) while a batch writes there and removed at
+    the end. A lock file removed by a finishing batch while another opened it is detected (its
+    inode differs from the path's) and the lock taken again, so two batches never both hold one."""
+
     def __init__(self, out_dir: Path):
         self.path = out_dir / LOCK_NAME
         self.handle = None
@@ -342,17 +344,31 @@ class _Lock:
             import fcntl
         except ImportError:  # pragma: no cover - Windows: no lock
             return self
-        self.handle = open(self.path, "a+")
-        try:
-            fcntl.flock(self.handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            self.handle.close()
-            raise BasalSegError(f"another basalseg batch is writing to {self.path.parent}; wait for it to finish") from exc
-        return self
+        for _ in range(100):
+            handle = open(self.path, "a+")
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                handle.close()
+                raise BasalSegError(f"another basalseg batch is writing to {self.path.parent}; wait for it to finish") from exc
+            try:
+                same = os.fstat(handle.fileno()).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self.handle = handle
+                return self
+            handle.close()  # the file was removed by a batch that just ended: take the new one
+        raise BasalSegError(f"cannot take the batch lock {self.path}")  # pragma: no cover
 
     def __exit__(self, *exc):
         if self.handle is not None:
+            try:
+                os.unlink(self.path)  # while still holding it: nobody else holds this inode
+            except OSError:
+                pass
             self.handle.close()
+            self.handle = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -517,6 +533,7 @@ def run_batch(scans: list[Scan], out_dir: str | os.PathLike, pipeline, *, prompt
     with _Lock(out_dir):
         log = _Log(out_dir / LOG_NAME)
         todo: list[tuple[Scan, bool]] = []  # (scan, overwrite)
+        damaged: set[str] = set()  # incomplete results redone: files with result names are replaced
         failures: dict[str, dict] = {}
         for scan in scans:
             _clean_leftovers(out_dir, scan.name, log)
@@ -530,6 +547,8 @@ def run_batch(scans: list[Scan], out_dir: str | os.PathLike, pipeline, *, prompt
                                        "time": _now()}
             else:
                 todo.append((scan, state != "absent"))
+                if state == "incomplete":
+                    damaged.add(scan.name)
         log("start", basalseg=__version__, argv=sys.argv[1:], scans=len(scans), todo=len(todo),
             skipped=len(summary.skipped), refused=len(failures))
         for name in summary.skipped:
@@ -603,7 +622,8 @@ def run_batch(scans: list[Scan], out_dir: str | os.PathLike, pipeline, *, prompt
                 except Exception as exc:  # noqa: BLE001
                     provenance["brain_volume"] = {"status": "not_estimated", "reason": f"error: {type(exc).__name__}: {exc}"}
                 result.provenance = provenance
-                write_result(result, out_dir / scan.name, overwrite=overwrite, qc=qc)
+                write_result(result, out_dir / scan.name, overwrite=overwrite, qc=qc,
+                             replace="named" if scan.name in damaged else "verified")
                 try:
                     write_montage(out_dir, scan.name, montage_from_result(result, title=scan.name))
                 except Exception as exc:  # noqa: BLE001 - the report falls back to qc.png

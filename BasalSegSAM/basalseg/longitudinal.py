@@ -159,10 +159,32 @@ def _check_pair(a, b) -> list[str]:
     ha, hb = a.input.get("sha256"), b.input.get("sha256")
     if ha and ha == hb:
         warnings.append("A and B were made from the same image file (same sha256): the change is not longitudinal")
+    ea, eb = _extent_mm(a.input), _extent_mm(b.input)
+    if ea and eb and any(abs(x - y) > FOV_TOLERANCE_MM for x, y in zip(ea, eb)):
+        fmt = lambda e: "x".join(f"{x:.0f}" for x in e)  # noqa: E731
+        warnings.append(f"the scans cover different fields of view (A {fmt(ea)} mm, B {fmt(eb)} mm along the voxel "
+                        "axes): another protocol or another scan; check that both cover every structure fully")
     for rec, tag in ((a, "A"), (b, "B")):
         if rec.missing:
             warnings.append(f"{tag} has structures the prompt generator did not find: {', '.join(rec.missing)}")
+        for flag in rec.provenance.get("qc_flags") or []:
+            if isinstance(flag, dict) and flag.get("message"):
+                warnings.append(f"{tag}: {flag['message']}")
     return warnings
+
+
+#: fields of view differing by more than this (mm, along a voxel axis) are reported
+FOV_TOLERANCE_MM = 10.0
+#: a mean absolute change across the structures above this (%) is reported: it is far more than
+#: atrophy (about 0.5-2 % a year) explains, and typical of two different people or a failed result
+LARGE_CHANGE_PERCENT = 15.0
+
+
+def _extent_mm(record: dict) -> list[float] | None:
+    try:
+        return [float(n) * float(s) for n, s in zip(record["shape"], record["spacing_mm"])]
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _row(structure: str, label, va: float | None, vb: float | None, days: int | None) -> dict:
@@ -225,6 +247,10 @@ def compare_results(a_dir: str | os.PathLike, b_dir: str | os.PathLike, date_a: 
                     "scan_a": a.name, "scan_b": b.name})
         if row["percent_change"] is None and row["volume_ml_a"] == 0 and row["structure"] not in ("BrainMask", "Brain"):
             warnings.append(f"{row['structure']} is empty in A: no percent change")
+    changes = [abs(r["percent_change"]) for r in rows[:len(STRUCTURES)] if r.get("percent_change") is not None]
+    if changes and sum(changes) / len(changes) > LARGE_CHANGE_PERCENT:
+        warnings.append(f"the structures changed by {sum(changes) / len(changes):.0f}% on average, far more than atrophy "
+                        "explains (about 0.5-2% a year): are A and B scans of the same person, and both results correct?")
     return Comparison(a=a, b=b, rows=rows, date_a=da, date_b=db, date_source_a=src_a, date_source_b=src_b,
                       interval_days=days, warnings=warnings)
 

@@ -39,11 +39,12 @@ import numpy as np
 import torch
 
 from . import __version__
-from .errors import BasalSegError, Cancelled, CheckpointError
+from .errors import BasalSegError, Cancelled, CheckpointError, PromptsError
 from .foundation import FoundationBackend, SliceMaskCache, make_backend, pick_device
 from .foundation.fast import run_foundation_fast
 from .foundation.runner import run_planes
 from .imageio import Volume
+from .inputcheck import check_t1_like
 from .intensity import normalize01
 from .prompter import generate_prompts, predict_coarse
 from .prompts import PLANES, PromptSet, normalise_planes, prompts_from_classes
@@ -234,7 +235,13 @@ class Pipeline:
 
     # -- stages ----------------------------------------------------------------------------
     def prepare(self, volume: Volume) -> tuple[np.ndarray, Grid]:
-        """Canonical 1 mm image in [0, 1] and its grid."""
+        """Canonical 1 mm image in [0, 1] and its grid.
+
+        Raises:
+            InputImageError: the input cannot be a T1 of the basal ganglia (a label image, a slab
+                thinner than the structures; :func:`basalseg.inputcheck.check_t1_like`).
+        """
+        check_t1_like(volume)
         data, grid = to_canonical(volume)
         return normalize01(data), grid
 
@@ -286,6 +293,7 @@ class Pipeline:
         report("prepare", 1.0)
 
         coarse = None
+        given = prompts is not None
         checkpoint("prompter")
         t = time.perf_counter()
         if prompts is None:
@@ -298,6 +306,9 @@ class Pipeline:
                 raise BasalSegError(f"given prompts must be axial, got {prompts.plane} prompts")
         found = prompts.structures_found()
         missing = [s.key for s in STRUCTURES if s.key not in found]
+        if not found and given:
+            raise PromptsError("the given prompts hold no prompt for any structure (an empty prompts file?); "
+                               "add prompts or run without --prompts to use the prompt generator")
         if not found:
             raise NothingFoundError(
                 "the prompt generator found none of the 8 structures in this image; is it a brain T1 "

@@ -339,18 +339,22 @@ def _parse(data: object, name: str) -> PromptSet:
         if not np.isfinite(grid.affine).all():
             raise ValueError("grid affine must hold finite numbers")
         prompts = []
-        for n, item in enumerate(data.get("prompts", [])):
+        for n, item in enumerate(_as_list(data.get("prompts", []), "prompts")):
             if not isinstance(item, dict):
                 raise ValueError(f"prompt {n} is not an object")
-            points = item.get("points", [])
-            labels = item.get("point_labels", [1] * len(points))
+            where = f"prompt {n}"
+            points = _as_list(item.get("points", []), f"{where} points")
+            labels = _as_list(item.get("point_labels", [1] * len(points)), f"{where} point_labels")
+            structure = item["structure"]
+            if not isinstance(structure, str):
+                raise ValueError(f"{where} structure must be a structure name (text), got {structure!r}")
             prompts.append(
                 Prompt(
-                    structure=str(item["structure"]),
-                    slice=_as_int(item["slice"], f"prompt {n} slice"),
-                    box=[float(v) for v in item["box"]],
-                    points=[[float(v) for v in pt] for pt in points],
-                    point_labels=[_as_int(v, f"prompt {n} point label") for v in labels],
+                    structure=structure,
+                    slice=_as_int(item["slice"], f"{where} slice"),
+                    box=[_as_number(v, f"{where} box") for v in _as_list(item["box"], f"{where} box")],
+                    points=[[_as_number(v, f"{where} point") for v in _as_list(pt, f"{where} point")] for pt in points],
+                    point_labels=[_as_int(v, f"{where} point label") for v in labels],
                 )
             )
     except PromptsError:
@@ -366,6 +370,20 @@ def _parse(data: object, name: str) -> PromptSet:
         return PromptSet(grid=grid, prompts=prompts, source=source, axis=PLANES[plane]).validate()
     except PromptsError as exc:
         raise type(exc)(f"{name}: {exc}") from None
+
+
+def _as_list(value: object, what: str) -> list:
+    """A JSON array, refused otherwise (a string such as ``"1234"`` is not four numbers)."""
+    if not isinstance(value, list):
+        raise ValueError(f"{what} must be a list, got {type(value).__name__} {value!r:.60}")
+    return value
+
+
+def _as_number(value: object, what: str) -> float:
+    """A JSON number (not a boolean, not a string of digits)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{what} values must be numbers, got {value!r:.60}")
+    return float(value)
 
 
 def _as_int(value: object, what: str) -> int:

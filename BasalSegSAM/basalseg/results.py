@@ -11,14 +11,15 @@ import json
 import os
 from pathlib import Path
 
-from .outputs import StagedOutputDir, json_text, nifti_bytes, seg_nrrd_bytes, volume_rows, volumes_csv_text
+from .inputcheck import coverage_flags
+from .outputs import (RESULT_FILES, StagedOutputDir, affine_is_orthogonal, json_text, nifti_bytes, seg_nrrd_bytes,
+                      volume_rows, volumes_csv_text)
 from .prompts import PromptSet
 from .qc import overlay_png
 from .weights import sha256_file
 
 __all__ = ["write_result", "write_prompts_only", "RESULT_FILES"]
 
-RESULT_FILES = ("segmentation.nii.gz", "segmentation.seg.nrrd", "volumes.csv", "prompts.json", "qc.png", "provenance.json")
 
 
 def _input_record(volume) -> dict:
@@ -26,17 +27,34 @@ def _input_record(volume) -> dict:
               "affine": volume.affine.round(6).tolist()}
     if volume.path and Path(volume.path).is_file():
         record["sha256"] = sha256_file(volume.path)
+    if volume.meta.get("notes"):
+        record["notes"] = list(volume.meta["notes"])
+    if not affine_is_orthogonal(volume.affine):
+        record.setdefault("notes", []).append("sheared voxel axes: the labelmap's sform is exact, its qform unset")
     return record
 
 
-def write_result(result, out_dir: str | os.PathLike, overwrite: bool = False, qc: bool = True) -> Path:
+def _record_files(folder: Path, provenance: dict) -> None:
+    """``provenance["files"]``: the sha256 of every result file written (how a later run knows that
+    a file is BasalSegSAM's own and unchanged; see :mod:`basalseg.staging`)."""
+    provenance["files"] = {name: sha256_file(folder / name) for name in RESULT_FILES
+                           if name != "provenance.json" and (folder / name).is_file()}
+
+
+def write_result(result, out_dir: str | os.PathLike, overwrite: bool = False, qc: bool = True,
+                 replace: str = "verified", protect=()) -> Path:
     """Write every output of a segmentation run; return the folder.
 
+    Only the :data:`RESULT_FILES` are written or replaced; other files in ``out_dir`` stay as they
+    are (see :class:`~basalseg.staging.StagedOutputDir` for ``replace`` and ``protect``).
+
     Raises:
-        OutputExistsError: ``out_dir`` holds results and ``overwrite`` is False.
+        OutputExistsError: ``out_dir`` holds results and ``overwrite`` is False, or a file in the
+            way is not BasalSegSAM's own.
         OutputWriteError: the folder cannot be written (nothing is left behind).
     """
-    stage = StagedOutputDir(out_dir, overwrite=overwrite)
+    stage = StagedOutputDir(out_dir, overwrite=overwrite, owned=RESULT_FILES, replace=replace,
+                            protect=[result.volume.path, *protect])
     with stage:
         folder = stage.path
         rows = volume_rows(result.labels, result.volume.voxel_volume_mm3)
@@ -54,25 +72,24 @@ def write_result(result, out_dir: str | os.PathLike, overwrite: bool = False, qc
             "timings_s": {k: round(v, 3) for k, v in result.timings.items()},
             "structures_not_found": result.missing,
             "voxel_volume_mm3": result.volume.voxel_volume_mm3,
-            "files": {name: None for name in RESULT_FILES if (folder / name).exists() or name == "provenance.json"},
         })
-        for name in list(provenance["files"]):
-            if name != "provenance.json":
-                provenance["files"][name] = sha256_file(folder / name)
-        del provenance["files"]["provenance.json"]
+        provenance["qc_flags"] = list(provenance.get("qc_flags") or []) + coverage_flags(result.labels)
+        _record_files(folder, provenance)
         (folder / "provenance.json").write_text(json_text(provenance), encoding="utf-8")
     return Path(out_dir)
 
 
 def write_prompts_only(prompts: PromptSet, image01, coarse, volume, out_dir: str | os.PathLike,
                        overwrite: bool = False, provenance: dict | None = None) -> Path:
-    """Write ``prompts.json``, a QC picture of the prompter's regions with the boxes, and provenance."""
-    with StagedOutputDir(out_dir, overwrite=overwrite) as stage:
+    """Write ``prompts.json``, a QC picture of the prompter's regions with the boxes, and provenance
+    (only these files are written or replaced; other files in ``out_dir`` stay as they are)."""
+    with StagedOutputDir(out_dir, overwrite=overwrite, owned=RESULT_FILES, protect=[volume.path]) as stage:
         folder = stage.path
         (folder / "prompts.json").write_text(json.dumps(prompts.to_dict(), indent=1), encoding="utf-8")
         (folder / "qc.png").write_bytes(overlay_png(image01, coarse, prompts, title="BasalSegSAM prompts"))
         record = dict(provenance or {})
         record["input"] = _input_record(volume)
         record["canonical_grid"] = prompts.grid.to_dict()
+        _record_files(folder, record)
         (folder / "provenance.json").write_text(json_text(record), encoding="utf-8")
     return Path(out_dir)

@@ -140,7 +140,8 @@ def nrrd_run(small_t1_lps_nrrd, small_prompts_path, weights_dir, tmp_path_factor
 def test_segment_lps_nrrd_output_on_the_nrrd_grid(nrrd_run, small_t1_lps_nrrd):
     rc, out, stdout, stderr = nrrd_run
     assert rc == 0, stderr
-    assert sorted(p.name for p in out.iterdir()) == sorted(set(RESULT_FILES) - {"qc.png"}), "old files replaced"
+    assert sorted(p.name for p in out.iterdir()) == sorted((set(RESULT_FILES) - {"qc.png"}) | {"stale.txt"})
+    assert (out / "stale.txt").read_text() == "from an older run", "a file that is not ours is never touched"
     img = nib.load(str(out / "segmentation.nii.gz"))
     assert img.shape == small_t1_lps_nrrd.shape
     assert np.allclose(img.affine, small_t1_lps_nrrd.affine, atol=1e-5)
@@ -169,7 +170,8 @@ def test_segment_lps_nrrd_equals_the_nifti_run_reindexed(nrrd_run, nifti_run):
 def test_segment_json_progress(nrrd_run):
     rc, out, stdout, stderr = nrrd_run
     events = [json.loads(line) for line in stdout.splitlines() if line.strip()]
-    assert events[-1] == {"event": "done", "out": str(out)}
+    assert {k: v for k, v in events[-1].items() if k != "qc_flags"} == {"event": "done", "out": str(out)}
+    assert events[-1]["qc_flags"] == json.loads((out / "provenance.json").read_text())["qc_flags"]
     progress = [e for e in events if e["event"] == "progress"]
     stages = [e["stage"] for e in progress]
     for stage in ("prepare", "foundation", "sdm", "student", "resample"):
