@@ -37,6 +37,8 @@ report makes them from the input image (path and sha256 in ``provenance.json``) 
 ``disagreement``
     Dice between the stacked foundation-model masks and the student's labels on the slices that
     carried prompts for that structure (``foundation_student_dice`` in provenance) below 0.70.
+``partial_coverage`` (and any other ``qc_flags`` the pipeline recorded in ``provenance.json``)
+    structures reaching the edge of the field of view: their volumes may be too small.
 ``failed``
     the scan has no result: reading failed, the prompt generator found nothing
     (``NothingFoundError``), ...; message from ``failures.csv``.
@@ -473,7 +475,7 @@ class Thresholds:
 
 @dataclass
 class Flag:
-    kind: str  # outlier | asymmetry | missing | disagreement | failed
+    kind: str  # outlier | asymmetry | missing | disagreement | failed | a pipeline qc flag (partial_coverage, ...)
     message: str
     structure: str | None = None  # structure key or pair part
 
@@ -535,6 +537,9 @@ def cohort_flags(records: list[ResultRecord], thresholds: Thresholds | None = No
             if d is not None and d < thresholds.dice and key in _BY_KEY:
                 out.append(Flag("disagreement", f"{_BY_KEY[key].name}: foundation vs student Dice {d:.2f} "
                                                 f"(< {thresholds.dice:.2f})", key))
+        for qc in r.provenance.get("qc_flags") or []:  # recorded by the pipeline (basalseg.inputcheck, ...)
+            if isinstance(qc, dict) and qc.get("flag"):
+                out.append(Flag(str(qc["flag"]), str(qc.get("message", qc["flag"]))))
         flags[r.name] = out
     return flags, stats
 
@@ -589,7 +594,8 @@ li.flag-outlier{color:#a00} li.flag-asymmetry{color:#a60}
 li.flag-missing{color:#700070} li.flag-disagreement{color:#005fa3} li.flag-failed{color:#a00}
 span.badge{display:inline-block;border-radius:3px;padding:0 4px;margin-right:3px;color:#fff;font-size:.8em}
 .b-outlier{background:#c00}.b-asymmetry{background:#c70}.b-missing{background:#808}
-.b-disagreement{background:#06c}.b-failed{background:#555}
+.b-disagreement{background:#06c}.b-failed{background:#555}.b-partial_coverage{background:#960}
+li.flag-partial_coverage{color:#960}
 small.note{color:#777;display:block;max-width:420px}
 """.strip()
 
@@ -685,6 +691,8 @@ def build_report(out_dir: str | os.PathLike, thresholds: Thresholds | None = Non
         "<li><b>missing</b>: structure not found by the prompt generator, or an empty segmentation.</li>"
         f"<li><b>disagreement</b>: Dice between the foundation model's stacked masks and the student's labels, on the "
         f"slices that carried prompts, below {thresholds.dice:.2f}.</li>"
+        "<li><b>partial_coverage</b>: structures reach the edge of the image and may continue beyond the field of "
+        "view, so their volumes may be too small.</li>"
         "<li><b>failed</b>: no result (see the table at the end).</li>"
         "<li>Brain mask / brain volumes: see <code>basalseg.icv</code>; blank where the T1 is not skull-stripped.</li>"
         "</ul></details>")

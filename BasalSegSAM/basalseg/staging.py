@@ -6,7 +6,7 @@
 
   - a **new** folder: staged beside it (``.<name>.staging-*``) and renamed into place at once;
   - an **existing** folder (the user's own, a symbolic link to one, the current folder): staged
-    inside it (``.basalseg-staging-*``); on commit only the result files named in ``owned`` are
+    inside it (``.basalseg.staging-*``); on commit only the result files named in ``owned`` are
     replaced, one rename each, ``provenance.json`` last (so an interrupted commit reads as an
     incomplete result, never as a complete one). Every other file in the folder is left exactly
     as it was; a symbolic link stays a link and the results land where it points.
@@ -46,8 +46,8 @@ log = logging.getLogger("basalseg")
 
 #: the record of the process that made a staging folder (never part of a result)
 OWNER_FILE = ".owner"
-_INNER_STAGING = ".basalseg-staging-"
-_INNER_OLD = ".basalseg-old-"
+_INNER_STAGING = ".basalseg.staging-"
+_INNER_OLD = ".basalseg.old-"
 
 
 def _write_error(path: Path, exc: OSError) -> OutputWriteError:
@@ -134,7 +134,7 @@ def clean_leftovers(final: str | os.PathLike, owned: Collection[str] = (), assum
 
     Staging folders of a process that has ended are removed (a caller that holds a lock on the
     whole output tree may pass ``assume_dead``, which also removes records without an owner).
-    A set-aside folder of old results (``.basalseg-old-*`` inside ``final``, or the older
+    A set-aside folder of old results (``.basalseg.old-*`` inside ``final``, or the older
     ``.<name>.old-*`` beside it) is put back when ``final`` holds none of the ``owned`` files any
     more (the commit died between the two halves), else removed. Anything whose owner may still
     be running is reported and kept.
@@ -361,7 +361,7 @@ class StagedOutputDir:
         """``final`` did not exist: one rename makes the whole folder appear."""
         (self.path / OWNER_FILE).unlink()
         try:
-            os.rename(self.path, self.final)
+            os.replace(self.path, self.final)
         except OSError as exc:
             if exc.errno in (errno.ENOTEMPTY, errno.EEXIST) or self.final.exists():
                 raise OutputExistsError(f"{self.requested} was filled by something else while this run worked; "

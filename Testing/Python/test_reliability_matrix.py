@@ -1103,7 +1103,7 @@ def test_row_cancel_while_the_results_are_moved_into_place(out_state, small_t1, 
     place): the folder must end up with the old results or the complete new ones, nothing hidden away."""
     import types
 
-    import basalseg.outputs
+    import basalseg.staging
     from basalseg.results import RESULT_FILES
 
     renames = []
@@ -1116,7 +1116,7 @@ def test_row_cancel_while_the_results_are_moved_into_place(out_state, small_t1, 
 
     proxy = types.SimpleNamespace(**{name: getattr(os, name) for name in dir(os) if not name.startswith("__")})
     proxy.replace = replace
-    monkeypatch.setattr(basalseg.outputs, "os", proxy)
+    monkeypatch.setattr(basalseg.staging, "os", proxy)
     out = tmp_path / "out"
     before, extra = {}, []
     if out_state == "existing":
@@ -1486,7 +1486,7 @@ def test_slicer_row_cancel_each_stage(stage, slicer_env):
 def test_slicer_row_export_disk_full(slicer_env, tmp_path, monkeypatch):
     """Exporting onto a full disk (ENOSPC when the data reaches the disk): 'disk full', the earlier export
     is untouched and no temporary file is left."""
-    import basalseg.outputs
+    import basalseg.staging
     from basalseg.errors import OutputWriteError
 
     env = slicer_env
@@ -1498,7 +1498,7 @@ def test_slicer_row_export_disk_full(slicer_env, tmp_path, monkeypatch):
     def fsync(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(basalseg.outputs.os, "fsync", fsync)
+    monkeypatch.setattr(basalseg.staging.os, "fsync", fsync)
     for name in ("result.seg.nrrd", "labels.nii.gz", "volumes.csv"):
         with pytest.raises(OutputWriteError, match="disk full"):
             env.logic.export(env.seg, env.t1, str(target.parent / name) if name != "result.seg.nrrd" else str(target))

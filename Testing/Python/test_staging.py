@@ -171,8 +171,8 @@ def test_leftovers_of_a_killed_run_are_removed_and_reported(tmp_path, caplog):
     out = tmp_path / "out"
     beside = _leftover(tmp_path / ".out.staging-abcd1234", _dead_pid())
     _write_result(out, "v1")
-    inside = _leftover(out / ".basalseg-staging-dead0000", _dead_pid())
-    alive = _leftover(out / ".basalseg-staging-live0000", os.getppid())
+    inside = _leftover(out / ".basalseg.staging-dead0000", _dead_pid())
+    alive = _leftover(out / ".basalseg.staging-live0000", os.getppid())
     with caplog.at_level("WARNING", logger="basalseg"):
         _write_result(out, "v2", overwrite=True)
     assert not beside.exists() and not inside.exists()
@@ -185,7 +185,7 @@ def test_interrupted_commit_puts_the_old_results_back(tmp_path):
     """Power loss after the old results were set aside, before the new ones moved in."""
     out = tmp_path / "out"
     _write_result(out, "v1")
-    old = out / ".basalseg-old-0000"
+    old = out / ".basalseg.old-0000"
     old.mkdir()
     (old / OWNER_FILE).write_text(json.dumps({"pid": _dead_pid(), "host": socket.gethostname()}))
     for name in ("volumes.csv", "segmentation.nii.gz", "provenance.json"):
