@@ -330,6 +330,27 @@ def _clean_leftovers(out_dir: Path, name: str, log) -> None:
         log("cleanup", scan=name, message=message)
 
 
+#: the files a batch writes at the top of OUT_DIR (besides one folder per scan)
+COHORT_FILES = ("volumes.csv", "volumes_wide.csv", "failures.csv", "report.html", LOG_NAME)
+
+
+def _check_batch_folder(out_dir: Path) -> None:
+    """Refuse an OUT_DIR whose cohort-table names are taken by files of someone else's: a folder
+    that a batch wrote has its ``batch_log.jsonl``; without it, ``volumes.csv`` & co. are not ours.
+
+    Raises:
+        OutputExistsError: naming the file in the way.
+    """
+    from .errors import OutputExistsError
+
+    if (out_dir / LOG_NAME).is_file():
+        return
+    taken = [name for name in COHORT_FILES if (out_dir / name).exists()]
+    if taken:
+        raise OutputExistsError(f"{out_dir} holds {', '.join(taken)} but is not a basalseg batch folder (no {LOG_NAME}): "
+                                "the cohort tables would replace them; choose another --out")
+
+
 class _Lock:
     """``OUT_DIR/.basalseg-batch.lock``, held (``flock``) while a batch writes there and removed at
     the end. A lock file removed by a finishing batch while another opened it is detected (its
@@ -526,6 +547,7 @@ def run_batch(scans: list[Scan], out_dir: str | os.PathLike, pipeline, *, prompt
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputWriteError(f"cannot write {out_dir}: {exc.strerror or exc}") from exc
+    _check_batch_folder(out_dir)
     prompts_dir = Path(prompts_dir) if prompts_dir else None
     echo = echo or (lambda text: print(text, flush=True))
     summary = BatchSummary(out_dir=out_dir, total=len(scans))

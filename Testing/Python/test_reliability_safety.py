@@ -284,3 +284,17 @@ def test_row_compare_of_different_scans_warns(stand_ins, small_t1, prompts_path,
     assert status == 0, err
     assert "different fields of view" in err
     assert "far more than atrophy" in err  # half the box slices: a change no follow-up explains
+
+
+def test_row_batch_never_replaces_a_users_cohort_table(stand_ins, small_t1, prompts_path, weights_dir, tmp_path):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    (inp / "a.nii.gz").write_bytes(Path(small_t1.path).read_bytes())
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "volumes.csv").write_text("the user's own table")
+    status, _, err = cli(["batch", inp, "--out", out, "--weights", weights_dir, "--prompts", prompts_path,
+                          "--device", "cpu", "--progress", "none", "--no-qc"])
+    assert status == 2 and "not a basalseg batch folder" in err
+    assert sorted(p.name for p in out.iterdir()) == ["volumes.csv"]
+    assert (out / "volumes.csv").read_text() == "the user's own table"
