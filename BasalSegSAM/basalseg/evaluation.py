@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .metrics import dice
 from .structures import STRUCTURES
 
 __all__ = ["structure_metrics", "evaluate_labelmaps", "evaluate_files", "summarise", "metrics_csv", "markdown_table",
@@ -53,11 +54,9 @@ def structure_metrics(pred: np.ndarray, ref: np.ndarray, spacing=(1.0, 1.0, 1.0)
         raise ValueError(f"prediction shape {pred.shape} differs from reference {ref.shape}")
     vv = float(voxel_volume_mm3 if voxel_volume_mm3 is not None else np.prod(spacing))
     n_p, n_r = int(pred.sum()), int(ref.sum())
-    inter = int((pred & ref).sum())
-    dice = 1.0 if n_p + n_r == 0 else 2.0 * inter / (n_p + n_r)
     vp, vr = n_p * vv, n_r * vv
     vacc = float("nan") if vr == 0 else 1.0 - abs(vp - vr) / vr
-    return {"dice": dice, "volume_accuracy": vacc, "hd95_mm": _hd95(pred, ref, tuple(spacing)),
+    return {"dice": dice(pred, ref), "volume_accuracy": vacc, "hd95_mm": _hd95(pred, ref, tuple(spacing)),
             "volume_pred_ml": vp / 1000.0, "volume_ref_ml": vr / 1000.0}
 
 

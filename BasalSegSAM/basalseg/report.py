@@ -63,9 +63,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BasalSegError
-from .structures import STRUCTURES
 from .download import sha256_file as _sha256
+from .errors import BasalSegError
+from .metrics import dice
+from .structures import STRUCTURES
 
 __all__ = [
     "ResultRecord", "Thresholds", "Flag", "result_state", "read_result", "find_results", "read_failures",
@@ -276,10 +277,8 @@ def foundation_student_dice(masks: np.ndarray, classes: np.ndarray, prompts) -> 
         if not ks:
             out[s.key] = None
             continue
-        f = np.asarray(masks[s.class_index - 1][:, :, ks], dtype=bool)
-        st = np.asarray(classes[:, :, ks]) == s.class_index
-        total = int(f.sum()) + int(st.sum())
-        out[s.key] = None if total == 0 else round(2.0 * int((f & st).sum()) / total, 4)
+        value = dice(masks[s.class_index - 1][:, :, ks], np.asarray(classes[:, :, ks]) == s.class_index, empty=None)
+        out[s.key] = None if value is None else round(value, 4)
     return out
 
 

@@ -18,6 +18,7 @@ from monai.losses import DiceCELoss
 from monai.transforms import (Compose, RandAdjustContrastd, RandAffined, RandBiasFieldd, RandGaussianNoised,
                               RandSpatialCropd, SpatialPadd)
 
+from ..metrics import dice_per_class as _dice_per_class
 from ..networks import PROMPTER_ARCH, build_network, save_checkpoint
 from ..prompter import PROMPTER_ROI, downsample2, predict_coarse
 from ..structures import NUM_CLASSES
@@ -43,13 +44,8 @@ def prompter_transforms(seed: int) -> Compose:
 
 
 def dice_per_class(pred: np.ndarray, ref: np.ndarray, num_classes: int = NUM_CLASSES) -> np.ndarray:
-    """Dice for classes 1..C-1 (1.0 where both are empty)."""
-    out = []
-    for c in range(1, num_classes):
-        p, r = pred == c, ref == c
-        denom = p.sum() + r.sum()
-        out.append(1.0 if denom == 0 else 2.0 * (p & r).sum() / denom)
-    return np.array(out)
+    """Dice for classes 1..C-1 (1.0 where both are empty; :func:`basalseg.metrics.dice_per_class`)."""
+    return _dice_per_class(pred, ref, num_classes)
 
 
 def _low_res(case):
