@@ -8,8 +8,12 @@ Axis order, stated once (the same as ``basalseg.imageio``):
   ``.transpose(2, 1, 0)`` in both directions and nowhere else.
 * The affine is the volume's ``IJKToRAS`` matrix, times its parent transform's matrix to world
   when the volume sits under a **linear** transform (a non-linear one must be hardened first).
-  Segmentations made here go under the same parent transform as their volume and store their
-  labelmaps in the volume's own (node) coordinates, so they overlay the volume exactly.
+  A segmentation made here goes under the same parent transform as its volume and stores its
+  labelmaps in the volume's own (node) coordinates, so it overlays the volume exactly. An
+  **existing** segmentation keeps its parent transform and reference geometry (its other
+  segments never move): the labels are written in its own node coordinates,
+  ``inverse(segmentation parent to world) @ volume world affine``, and Slicer resamples them onto
+  its geometry.
 
 Segments are named and coloured from ``basalseg.structures`` (FreeSurfer names ``Left-Putamen``
 and colours) and tagged with their FreeSurfer label value (segment tag ``BasalSegSAM.Label``).
@@ -43,7 +47,13 @@ __all__ = [
     "volumesToTable",
     "tableRows",
     "SegmentConflictError",
+    "labelsDigest",
+    "isUntouchedResult",
+    "volumesTableOf",
     "LABEL_TAG",
+    "TABLE_REFERENCE",
+    "INPUT_REFERENCE",
+    "DIGEST_ATTRIBUTE",
     "NODE_ATTRIBUTE",
 ]
 
@@ -51,6 +61,12 @@ __all__ = [
 LABEL_TAG = "BasalSegSAM.Label"
 #: Node attribute set on every node this module creates (value: its role).
 NODE_ATTRIBUTE = "BasalSegSAM.Role"
+#: Node reference from a segmentation to its volumes table (one table per segmentation).
+TABLE_REFERENCE = "BasalSegSAM.VolumesTable"
+#: Node reference from a segmentation to the volume its structure segments were computed on.
+INPUT_REFERENCE = "BasalSegSAM.InputVolume"
+#: Attribute: sha1 of the labelmap this module last wrote into a segmentation.
+DIGEST_ATTRIBUTE = "BasalSegSAM.LabelsDigest"
 
 
 class SegmentConflictError(ValueError):
@@ -212,9 +228,11 @@ def labelsToSegmentation(labels: np.ndarray, volumeNode, segmentationNode=None, 
         segmentationNode = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", scene.GenerateUniqueName(baseName))
         segmentationNode.SetAttribute(NODE_ATTRIBUTE, "segmentation")
         segmentationNode.CreateDefaultDisplayNodes()
-    segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
-    segmentationNode.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
-    ijkToRas = ijkToRasOfNode(volumeNode)
+        segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+        segmentationNode.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
+    elif not _referenceGeometry(segmentationNode) and segmentationNode.GetSegmentation().GetNumberOfSegments() == 0:
+        segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)  # nothing there to move
+    ijkToRas = _volumeInSegmentationFrame(volumeNode, segmentationNode)
     segmentation = segmentationNode.GetSegmentation()
     wasModifying = segmentationNode.StartModify()
     try:
@@ -229,7 +247,54 @@ def labelsToSegmentation(labels: np.ndarray, volumeNode, segmentationNode=None, 
                     raise RuntimeError(f"could not write segment {s.name}")
     finally:
         segmentationNode.EndModify(wasModifying)
+    segmentationNode.SetNodeReferenceID(INPUT_REFERENCE, volumeNode.GetID())
+    segmentationNode.SetAttribute(DIGEST_ATTRIBUTE, labelsDigest(labelsFromSegmentation(segmentationNode, volumeNode)))
     return segmentationNode
+
+
+def _referenceGeometry(segmentationNode) -> str:
+    name = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
+    return segmentationNode.GetSegmentation().GetConversionParameter(name) or ""
+
+
+def _volumeInSegmentationFrame(volumeNode, segmentationNode) -> np.ndarray:
+    """Voxel ``(i, j, k, 1)`` of the volume -> the segmentation node's own coordinates (both
+    parent transforms must be linear). Equals ``IJKToRAS`` when both share one parent."""
+    if segmentationNode.GetTransformNodeID() == volumeNode.GetTransformNodeID():
+        return ijkToRasOfNode(volumeNode)
+    return np.linalg.inv(_parentToWorld(segmentationNode)) @ worldAffine(volumeNode)
+
+
+def labelsDigest(labels: np.ndarray) -> str:
+    """sha1 of a labelmap's voxels and shape (to tell an untouched result from an edited one)."""
+    import hashlib
+
+    labels = np.ascontiguousarray(labels, dtype=np.int16)
+    return hashlib.sha1(repr(labels.shape).encode() + labels.tobytes()).hexdigest()
+
+
+def isUntouchedResult(segmentationNode, volumeNode) -> bool:
+    """True when ``segmentationNode`` holds exactly what this module last wrote into it for
+    ``volumeNode``: no structure segment was edited, added or removed since, so replacing them
+    loses nothing of the user's."""
+    if segmentationNode is None or volumeNode is None:
+        return False
+    if segmentationNode.GetNodeReferenceID(INPUT_REFERENCE) != volumeNode.GetID():
+        return False
+    digest = segmentationNode.GetAttribute(DIGEST_ATTRIBUTE)
+    if not digest:
+        return False
+    try:
+        return labelsDigest(labelsFromSegmentation(segmentationNode, volumeNode)) == digest
+    except (ValueError, RuntimeError):
+        return False
+
+
+def volumesTableOf(segmentationNode):
+    """The volumes table that belongs to a segmentation (None when it has none yet)."""
+    if segmentationNode is None:
+        return None
+    return segmentationNode.GetNodeReference(TABLE_REFERENCE)
 
 
 def _structureOfSegment(segment) -> Optional[Structure]:
@@ -247,7 +312,9 @@ def _structureOfSegment(segment) -> Optional[Structure]:
 def labelsFromSegmentation(segmentationNode, volumeNode) -> np.ndarray:
     """The segmentation's structure segments as one FreeSurfer-valued labelmap on the volume's grid.
 
-    Segments are recognised by their ``BasalSegSAM.Label`` tag, else by their FreeSurfer name;
+    The segmentation may sit under another (linear) transform than the volume: its segments are
+    read at the volume voxels' world positions. Segments are recognised by their
+    ``BasalSegSAM.Label`` tag, else by their FreeSurfer name;
     other segments are ignored. Where segments overlap (after manual edits), the later structure
     in :data:`~basalseg.structures.STRUCTURES` order wins.
 
@@ -255,11 +322,9 @@ def labelsFromSegmentation(segmentationNode, volumeNode) -> np.ndarray:
         ``(I, J, K)`` int16 labelmap.
     """
     dims = tuple(volumeNode.GetImageData().GetDimensions())
-    if segmentationNode.GetTransformNodeID() != volumeNode.GetTransformNodeID():
-        raise ValueError("the segmentation and the volume are under different transforms; harden them first")
     reference = slicer.vtkOrientedImageData()
     reference.SetDimensions(*dims)
-    reference.SetImageToWorldMatrix(_arrayToMatrix(ijkToRasOfNode(volumeNode)))
+    reference.SetImageToWorldMatrix(_arrayToMatrix(_volumeInSegmentationFrame(volumeNode, segmentationNode)))
     labels = np.zeros(dims, dtype=np.int16)
     segmentation = segmentationNode.GetSegmentation()
     labelmapName = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
