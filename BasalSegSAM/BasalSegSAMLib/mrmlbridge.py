@@ -234,6 +234,7 @@ def labelsToSegmentation(labels: np.ndarray, volumeNode, segmentationNode=None, 
         segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)  # nothing there to move
     ijkToRas = _volumeInSegmentationFrame(volumeNode, segmentationNode)
     segmentation = segmentationNode.GetSegmentation()
+    target = _existingGeometry(segmentationNode, ijkToRas, labels.shape)  # the grid its segments already use
     wasModifying = segmentationNode.StartModify()
     try:
         for s in structures:
@@ -243,6 +244,12 @@ def labelsToSegmentation(labels: np.ndarray, volumeNode, segmentationNode=None, 
             mask = labels == s.label
             if mask.any():
                 image = _orientedMask(mask, ijkToRas)
+                if target is not None:
+                    onTarget = slicer.vtkOrientedImageData()
+                    if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+                            image, target, onTarget, False, True):
+                        raise RuntimeError(f"could not resample {s.name} onto the segmentation's grid")
+                    image = onTarget
                 if not slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(image, segmentationNode, segmentId):
                     raise RuntimeError(f"could not write segment {s.name}")
     finally:
@@ -255,6 +262,34 @@ def labelsToSegmentation(labels: np.ndarray, volumeNode, segmentationNode=None, 
 def _referenceGeometry(segmentationNode) -> str:
     name = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
     return segmentationNode.GetSegmentation().GetConversionParameter(name) or ""
+
+
+def _existingGeometry(segmentationNode, ijkToRas: np.ndarray, shape):
+    """The grid (geometry only, no voxels) of the binary labelmaps the segmentation already
+    holds, its extent grown to cover the volume ``(shape, ijkToRas)``; None when it holds none.
+    Writing new segments on it keeps Slicer from resampling the shared labelmap layer, and with
+    it the user's other segments, onto the new segments' grid."""
+    segmentation = segmentationNode.GetSegmentation()
+    labelmapName = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    if segmentation.GetNumberOfSegments() == 0 or not segmentation.ContainsRepresentation(labelmapName):
+        return None
+    for n in range(segmentation.GetNumberOfLayers()):
+        layer = segmentation.GetLayerDataObject(n)
+        if layer is not None and not layer.IsEmpty():
+            matrix = vtk.vtkMatrix4x4()
+            layer.GetImageToWorldMatrix(matrix)
+            corners = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1)
+                                for k in (0, shape[2] - 1)]).T
+            ijk = (np.linalg.inv(_matrixToArray(matrix)) @ ijkToRas @ corners)[:3]
+            extent = list(layer.GetExtent())
+            for a in range(3):
+                extent[2 * a] = min(extent[2 * a], int(np.floor(ijk[a].min())) - 1)
+                extent[2 * a + 1] = max(extent[2 * a + 1], int(np.ceil(ijk[a].max())) + 1)
+            geometry = slicer.vtkOrientedImageData()
+            geometry.SetExtent(*extent)
+            geometry.SetImageToWorldMatrix(matrix)
+            return geometry
+    return None
 
 
 def _volumeInSegmentationFrame(volumeNode, segmentationNode) -> np.ndarray:
@@ -309,6 +344,22 @@ def _structureOfSegment(segment) -> Optional[Structure]:
     return None
 
 
+def _onGrid(image, dims) -> np.ndarray:
+    """``[i, j, k]`` array of ``dims`` holding an image resampled onto that grid, whose extent
+    may be smaller (cropped to the segment) or larger (a shared layer's) than ``0..dims-1``."""
+    e = image.GetExtent()
+    kji = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(
+        e[5] - e[4] + 1, e[3] - e[2] + 1, e[1] - e[0] + 1)
+    out = np.zeros(dims, dtype=kji.dtype)
+    lo = [max(e[2 * a], 0) for a in range(3)]
+    hi = [min(e[2 * a + 1], dims[a] - 1) for a in range(3)]
+    if any(h < l for l, h in zip(lo, hi)):
+        return out
+    out[lo[0]:hi[0] + 1, lo[1]:hi[1] + 1, lo[2]:hi[2] + 1] = kji[
+        lo[2] - e[4]:hi[2] - e[4] + 1, lo[1] - e[2]:hi[1] - e[2] + 1, lo[0] - e[0]:hi[0] - e[0] + 1].transpose(2, 1, 0)
+    return out
+
+
 def labelsFromSegmentation(segmentationNode, volumeNode) -> np.ndarray:
     """The segmentation's structure segments as one FreeSurfer-valued labelmap on the volume's grid.
 
@@ -348,8 +399,7 @@ def labelsFromSegmentation(segmentationNode, volumeNode) -> np.ndarray:
         if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
                 image, reference, resampled, False, True):
             raise RuntimeError(f"could not resample segment {s.name} onto the volume grid")
-        kji = numpy_support.vtk_to_numpy(resampled.GetPointData().GetScalars()).reshape(dims[::-1])
-        labels[kji.transpose(2, 1, 0) > 0] = s.label
+        labels[_onGrid(resampled, dims) > 0] = s.label
     return labels
 
 
