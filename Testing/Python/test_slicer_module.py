@@ -47,20 +47,27 @@ def _parameter_fields() -> dict[str, str]:
     return {n.target.id: ast.unparse(n.annotation) for n in cls.body if isinstance(n, ast.AnnAssign)}
 
 
+#: Files that use the widget's ``ui``: the module file and the panel sections in BasalSegSAMLib.
+UI_USERS = [MODULE] + [MODULE_DIR / "BasalSegSAMLib" / f"{name}.py"
+                       for name in ("promptpanel", "resultpanel", "installpanel", "selftest")]
+
+
 def _ui_attributes_used() -> set[str]:
-    """``X`` of every ``<something>.ui.X`` in the module file."""
-    tree = ast.parse(MODULE.read_text())
+    """``X`` of every ``<something>.ui.X`` in the module file and the panel sections."""
     used = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and node.value.attr == "ui":
-            used.add(node.attr)
+    for path in UI_USERS:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and node.value.attr == "ui":
+                used.add(node.attr)
     return used
 
 
 def test_every_widget_the_code_uses_is_in_the_ui_file():
     widgets = _ui_widgets()
-    missing = sorted(_ui_attributes_used() - set(widgets))
+    used = _ui_attributes_used()
+    missing = sorted(used - set(widgets))
     assert missing == []
+    assert {"undoButton", "previousSliceButton", "nextSliceButton", "promptsTable", "structureComboBox"} <= used
 
 
 def test_ui_widget_classes_are_qt_or_declared_custom_widgets():
@@ -76,7 +83,7 @@ def test_ui_widget_classes_are_qt_or_declared_custom_widgets():
 def test_parameter_node_fields_and_gui_bindings_match():
     fields = _parameter_fields()
     assert set(fields) == {"inputVolume", "foundation", "sam2Checkpoint", "device", "sdmBand", "outputSegmentation",
-                           "volumesTable", "promptsJson", "promptsVolume"}
+                           "volumesTable", "promptsJson", "generatedPromptsJson", "promptsVolume"}
     bindings = _parameter_bindings()
     assert set(bindings.values()) <= set(fields)
     assert set(bindings.values()) == {"inputVolume", "foundation", "sam2Checkpoint", "device", "sdmBand", "outputSegmentation"}
@@ -158,12 +165,18 @@ def test_module_file_loads_with_stand_ins_for_slicers_gui_modules():
             ScriptedLoadableModuleWidget=Base, ScriptedLoadableModuleLogic=Logic, ScriptedLoadableModuleTest=Base)
         slicer.parameterNodeWrapper = module("slicer.parameterNodeWrapper", parameterNodeWrapper=parameterNodeWrapper,
             Choice=Annotation, WithinRange=Annotation)
+        translated = []
+        def translate(context, text):
+            translated.append((context, text))
+            return text
+        slicer.i18n = module("slicer.i18n", tr=lambda text: translate("BasalSegSAM", text), translate=translate)
 
         import BasalSegSAM as m
 
         parent = types.SimpleNamespace()
         m.BasalSegSAM(parent)
         assert parent.title == "BasalSegSAM" and parent.categories == ["Segmentation"] and parent.contributors
+        assert ("qSlicerAbstractCoreModule", "Segmentation") in translated and ("BasalSegSAM", "BasalSegSAM") in translated
         for word in ("Dice", "HD95", "volume_ml", "signed-distance", "Cancel", "Left-Putamen 12"):
             assert word in parent.helpText, word
         assert wrapped == [m.BasalSegSAMParameterNode]
