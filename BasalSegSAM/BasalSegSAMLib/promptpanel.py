@@ -73,8 +73,7 @@ class PromptPanel(VTKObservationMixin):
             combo.addItem(_(s.title), s.key)
         table = self.ui.promptsTable
         table.setColumnCount(5)
-        table.setHorizontalHeaderLabels([_("Structure"), _("Slice (S mm)"), _("Box x0, y0, x1, y1"), _("Points +/-"),
-                                         _("Edited")])
+        table.setHorizontalHeaderLabels([_("Structure"), _("Slice (S mm)"), _("Box x0,y0,x1,y1"), _("+/-"), _("Edited")])
         table.horizontalHeader().setStretchLastSection(True)
         table.cellClicked.connect(self.onRowClicked)
         combo.currentIndexChanged.connect(self.onStructureChanged)
@@ -363,7 +362,7 @@ class PromptPanel(VTKObservationMixin):
             scrollTo = None
             for row, p in enumerate(prompts):
                 positives = sum(1 for v in p.point_labels if v == 1)
-                cells = [_(p.struct.title), self._sliceText(p.slice), ", ".join(f"{v:g}" for v in p.box),
+                cells = [_(p.struct.title), self._sliceText(p.slice), ",".join(f"{v:g}" for v in p.box),
                          f"{positives} / {len(p.point_labels) - positives}", _("edited") if self.editor.isEdited(p) else ""]
                 for column, text in enumerate(cells):
                     item = qt.QTableWidgetItem(text)
@@ -373,6 +372,7 @@ class PromptPanel(VTKObservationMixin):
                     table.setItem(row, column, item)
                 if p.slice == current and scrollTo is None:
                     scrollTo = table.item(row, 0)
+            table.resizeColumnsToContents()
             if scrollTo is not None:
                 table.scrollToItem(scrollTo)
         self.ui.promptsSummaryLabel.setText(self.summary())
