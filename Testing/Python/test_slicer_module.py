@@ -117,7 +117,7 @@ def test_lib_imports_no_qt_and_its_init_imports_nothing():
         import BasalSegSAMLib.parameters, BasalSegSAMLib.processrunner, BasalSegSAMLib.dependencies
         import BasalSegSAMLib.jobs, BasalSegSAMLib.segmentworker
         assert "slicer" not in sys.modules, "a stdlib-only helper imported slicer"
-        import BasalSegSAMLib.mrmlbridge, BasalSegSAMLib.promptmarkups, BasalSegSAMLib.logic
+        import BasalSegSAMLib.mrmlbridge, BasalSegSAMLib.promptmarkups, BasalSegSAMLib.prompteditor, BasalSegSAMLib.logic
         gui = [m for m in ("qt", "ctk", "PythonQt", "PySide6", "PySide2", "PyQt5", "PyQt6", "slicer.ScriptedLoadableModule")
                if m in sys.modules]
         assert not gui, gui
@@ -244,3 +244,25 @@ def test_lib_modules_have_docstrings_and_camel_case_public_api(path):
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
             assert "_" not in node.name.strip("_") or node.name.isupper(), f"{path}: {node.name} is not camelCase"
+
+
+def test_extension_urls_point_at_files_of_this_repository_and_placeholders_are_said():
+    top = (REPO / "CMakeLists.txt").read_text()
+    prefix = "https://raw.githubusercontent.com/basalsegsam/SlicerBasalSegSAM/main/"
+    for key in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+        urls = re.search(rf'set\({key} "([^"]+)"\)', top).group(1).split()
+        assert urls, key
+        for url in urls:
+            assert url.startswith(prefix), url
+            assert (REPO / url[len(prefix):]).is_file(), url  # the file exists where the URL says
+    assert "PLACEHOLDERS" in top and "placeholder" in re.search(r'EXTENSION_CONTRIBUTORS "([^"]+)"', top).group(1)
+    readme = (REPO / "README.md").read_text()
+    assert "Publishing the extension" in readme and "placeholder" in readme.split("Publishing the extension")[1][:1500]
+
+
+def test_the_screenshot_is_a_real_render_of_the_panel():
+    from PIL import Image
+
+    shot = Image.open(REPO / "Resources" / "Screenshots" / "1.png").convert("RGB")
+    assert shot.size[0] >= 400 and shot.size[1] >= 800
+    assert len(shot.getcolors(maxcolors=1 << 20)) > 200  # text, widgets, the highlighted rows
