@@ -135,7 +135,9 @@ class BasalSegSAMTest(ScriptedLoadableModuleTest):
 
         self.delayDisplay("Generating prompts in a background process")
         volume = self._sampleVolume()
-        logic = slicer.util.getModuleLogic("BasalSegSAM")
+        from BasalSegSAM import BasalSegSAMLogic
+
+        logic = BasalSegSAMLogic()
         prompts = logic.generatePrompts(volume, RunOptions(device="cpu", threads=defaultThreads()), timeout=900)
         self.assertEqual(len(prompts.grid.shape), 3)
         editor = PromptMarkupsEditor(prompts)

@@ -280,3 +280,20 @@ def test_install_dependencies_never_nests_shows_one_error_and_offers_a_restart(s
     ui.installDependenciesButton.click()
     assert standIn.restarts == 1 and "Restart Slicer" in ui.dependenciesLabel.text
     assert not ui.generatePromptsButton.enabled  # not before the restart
+
+
+def test_the_self_test_for_real_slicer_runs_under_the_stand_ins(session):
+    """BasalSegSAMTest is meant for a run inside Slicer; here it runs against the stand-ins, which
+    catches a broken self-test (a renamed method, a wrong import) before anyone starts Slicer.
+    Left out: the prompt generation through the real pipeline (test_slicer_e2e does that)."""
+    standIn, widget, volume, shoot = session
+    standIn.registerWidget(widget)
+    from BasalSegSAMLib.selftest import BasalSegSAMTest
+
+    test = BasalSegSAMTest()
+    for name in ("test_bridgeOrientation", "test_promptMarkupsRoundTrip", "test_processRunnerCancel",
+                 "test_widgetSetsUp"):
+        test.setUp()
+        getattr(test, name)()
+    assert {"test_bridgeOrientation", "test_promptMarkupsRoundTrip", "test_processRunnerCancel",
+            "test_generatePromptsThroughProcessRunner", "test_widgetSetsUp"} <= set(dir(test))

@@ -65,7 +65,20 @@ class _App:
         return text
 
     def layoutManager(self):
-        return None
+        import slicer
+
+        return _LayoutManager(slicer.mrmlScene)
+
+
+class _LayoutManager:
+    """``slicer.app.layoutManager()``: only ``sliceWidget(name).mrmlSliceNode()``."""
+
+    def __init__(self, scene):
+        self._scene = scene
+
+    def sliceWidget(self, name):
+        node = self._scene.GetNodeByID(f"vtkMRMLSliceNode{name}")
+        return types.SimpleNamespace(mrmlSliceNode=lambda: node)
 
 
 class _Module:
@@ -181,6 +194,13 @@ class StandIn:
             composite.SetLayoutName(name)
             composite.SetSingletonTag(name)
             self.scene.AddNode(composite)
+
+    def registerWidget(self, widget):
+        """Make ``slicer.modules.basalsegsam.widgetRepresentation().self()`` return ``widget``."""
+        import slicer
+
+        representation = types.SimpleNamespace(self=lambda: widget)
+        slicer.modules.basalsegsam = types.SimpleNamespace(widgetRepresentation=lambda: representation)
 
     def sliceNode(self, name="Red"):
         return self.scene.GetNodeByID(f"vtkMRMLSliceNode{name}")
