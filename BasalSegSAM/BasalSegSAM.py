@@ -195,6 +195,7 @@ class BasalSegSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setParameterNode(None)
         self.prompts.forget()
         self.prompts.editor = None  # its nodes go with the scene
+        self.prompts.history.clear()
         if self.logic is not None:
             self.logic.clearCaches()
 

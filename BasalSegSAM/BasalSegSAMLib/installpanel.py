@@ -58,6 +58,13 @@ class DependencyPanel:
         self.ui.installDependenciesButton.setEnabled(not self.installing)
         self._changed()
 
+    def _progress(self, text: str) -> None:
+        """Show an install step now: repaint, but deliver no clicks (they could start a second install)."""
+        import qt
+
+        self._showStatus(text)
+        slicer.app.processEvents(qt.QEventLoop.ExcludeUserInputEvents)
+
     def onInstall(self) -> None:
         if self.installing:  # a click delivered while pip runs: never a nested install
             return
@@ -81,7 +88,7 @@ class DependencyPanel:
         try:
             with slicer.util.WaitCursor():
                 report = dependencies.installDependencies(slicer.util.pip_install, dependencies.pyTorchExtensionInstaller(),
-                                                          log=self._showStatus)
+                                                          log=self._progress)
         except Exception as exc:  # one dialog with the cause, nothing else
             logging.exception("BasalSegSAM: installing dependencies failed")
             self._showStatus(_("Installing the dependencies failed: {error}").format(error=exc), error=True)

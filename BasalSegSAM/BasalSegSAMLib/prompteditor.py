@@ -180,6 +180,8 @@ class PromptMarkupsEditor:
                                                 f"{self.namePrefix} {sign} points {get_structure(key).name}")
             _styleNode(node, key, "promptPoints")
             node.SetAttribute(SIGN_ATTRIBUTE, sign)
+            if hasattr(node, "SetMarkupLabelFormat"):
+                node.SetMarkupLabelFormat("+" if positive else "-")  # a placed point is labelled by its sign
             display = node.GetDisplayNode()
             if display is not None and not positive:
                 display.SetSelectedColor(*NEGATIVE_COLOR)

@@ -60,6 +60,7 @@ def test_editor_shows_one_slice_and_reads_edits_back(mrml_scene):
     editor.syncFromMarkups()
     thalamus = _prompt(ps, "right_thalamus", 5)
     assert thalamus.points == [[25.0, 12.0]] and thalamus.point_labels == [0]
+    assert editor.pointsNode("right_thalamus", False).GetNthControlPointLabel(0) == "-"  # labelled by its sign
 
     # slice 7 shows the other putamen prompt; the thalamus box hides
     editor.showSlice(7)

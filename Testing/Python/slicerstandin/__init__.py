@@ -42,10 +42,10 @@ class _App:
         self.temporaryPath = temporaryPath
         self._translated = translated
 
-    def processEvents(self):
-        from PySide6 import QtWidgets
+    def processEvents(self, flags=None):
+        from PySide6 import QtCore, QtWidgets
 
-        QtWidgets.QApplication.processEvents()
+        QtWidgets.QApplication.processEvents(QtCore.QEventLoop.AllEvents if flags is None else flags)
 
     def testingEnabled(self):
         return False
