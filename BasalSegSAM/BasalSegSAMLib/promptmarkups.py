@@ -35,7 +35,7 @@ import numpy as np
 import slicer
 import vtk
 
-from basalseg.structures import STRUCTURES, get_structure
+from basalseg.structures import get_structure
 
 if TYPE_CHECKING:  # pragma: no cover
     from basalseg.prompts import Prompt, PromptSet

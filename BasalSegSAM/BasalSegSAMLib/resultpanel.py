@@ -29,6 +29,10 @@ from .logic import EXPORT_FORMATS, exportFileName
 __all__ = ["ResultPanel", "askReplaceOrNew"]
 
 
+def _nodeId(node):
+    return node.GetID() if node is not None else None
+
+
 def askReplaceOrNew(target, conflicts: list[str]):
     """Ask whether to replace the conflicting segments: ``"replace"``, ``"new"`` or None (cancel)."""
     box = qt.QMessageBox(slicer.util.mainWindow())
@@ -83,9 +87,10 @@ class ResultPanel:
         if p is None:
             return
         table = self.logic.volumesTableFor(p.outputSegmentation) if p.outputSegmentation is not None else None
-        if table is not p.volumesTable:
+        # compare IDs, not Python wrappers: setting the parameter calls this again
+        if _nodeId(table) != _nodeId(p.volumesTable):
             p.volumesTable = table
-        if self.ui.volumesTableView.mrmlTableNode() is not table:
+        if _nodeId(self.ui.volumesTableView.mrmlTableNode()) != _nodeId(table):
             self.ui.volumesTableView.setMRMLTableNode(table)
 
     def apply(self, result, volume, cacheMessage: str = "") -> bool:
