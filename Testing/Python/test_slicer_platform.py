@@ -49,6 +49,16 @@ def test_cli_and_worker_parsers_build_without_posix_only_modules():
         cache, rest = segmentworker._split(["T1.nii.gz", "--out", "o", "--cache", "c.npz"])
         args = build_parser().parse_args(["segment", *rest])  # what segmentworker.main does
         assert cache == "c.npz" and str(args.out) == "o"
+        import contextlib, io
+        from basalseg import cli
+        for entry, argv in ((segmentworker.main, ["--help"]), (cli.main, ["prompts", "--help"])):
+            text = io.StringIO()
+            try:
+                with contextlib.redirect_stdout(text):
+                    entry(argv)  # the real entry points, up to their parsers
+            except SystemExit as exc:
+                assert exc.code == 0, exc.code
+            assert "--out" in text.getvalue(), text.getvalue()[:200]
         print("ok")
         """
     )
