@@ -28,7 +28,7 @@ from test_slicer_helpers import add_volume, blob_volume, oblique_affine  # noqa:
 FAKE = textwrap.dedent(
     r'''
     """Stands in for ``basalseg prompts`` and the segment worker: two structures from two blobs."""
-    import argparse, json, sys
+    import argparse, json, os, sys, time
     from pathlib import Path
 
     import numpy as np
@@ -49,6 +49,13 @@ FAKE = textwrap.dedent(
     args, _ = parser.parse_known_args(sys.argv[2:])
     volume = load_volume(args.image)
     emit(event="progress", stage="prepare", fraction=1.0, overall=0.1)
+    if os.environ.get("FAKE_MODE") == "error":
+        print("basalseg: error: the prompt generator found none of the 8 structures", file=sys.stderr)
+        emit(event="error", message="the prompt generator found none of the 8 structures", kind="NothingFoundError")
+        sys.exit(2)
+    if os.environ.get("FAKE_MODE") == "hang":
+        emit(event="progress", stage="foundation", fraction=0.3, overall=0.3)
+        time.sleep(60)
     canonical, grid = to_canonical(volume)
     half = np.arange(canonical.shape[0])[:, None, None] < canonical.shape[0] // 2
     classes = np.where(canonical > 550, np.where(half, 3, 6), 0).astype(np.uint8)  # left putamen, right caudate
@@ -297,3 +304,45 @@ def test_the_self_test_for_real_slicer_runs_under_the_stand_ins(session):
         getattr(test, name)()
     assert {"test_bridgeOrientation", "test_promptMarkupsRoundTrip", "test_processRunnerCancel",
             "test_generatePromptsThroughProcessRunner", "test_widgetSetsUp"} <= set(dir(test))
+
+
+def test_rows_prompt_files_clear_cancel_and_a_failed_run(session, tmp_path, monkeypatch):
+    standIn, widget, volume, shoot = session
+    ui, p = widget.ui, widget._parameterNode
+    ui.generatePromptsButton.click()
+    _finish(standIn, widget)
+    editor = widget.prompts.editor
+
+    # a table row shows its structure and slice
+    last = ui.promptsTable.rowCount - 1
+    structure, k = str(ui.promptsTable.item(last, 0).data(0x0100)).split("|")  # Qt.UserRole
+    widget.prompts.onRowClicked(last, 1)
+    assert editor.currentSlice == int(k) and widget.prompts.selectedStructure() == structure
+
+    # save, clear (asked), load back: the same prompts
+    saved = tmp_path / "prompts.json"
+    standIn.answerFile(str(saved))
+    ui.savePromptsButton.click()
+    assert saved.is_file()
+    standIn.confirmations.append(True)
+    ui.clearPromptsButton.click()
+    assert widget.prompts.editor is None and p.promptsJson == "" and ui.promptsTable.rowCount == 0
+    standIn.answerFile(str(saved))
+    ui.loadPromptsButton.click()
+    assert widget.prompts.editor is not None and len(widget.prompts.editor.promptSet.prompts) == len(editor.promptSet.prompts)
+    assert widget.prompts.editor.editedCount() == 0
+
+    # a failed run: one error, nothing added; a cancelled run: nothing added
+    before = {n.GetID() for n in slicer.util.getNodesByClass("vtkMRMLSegmentationNode")}
+    monkeypatch.setenv("FAKE_MODE", "error")
+    ui.segmentButton.click()
+    _finish(standIn, widget)
+    errors = [text for kind, text in standIn.messages if kind == "error"]
+    assert len(errors) == 1 and "none of the 8 structures" in errors[0] and "Failed" in ui.statusLabel.text
+    monkeypatch.setenv("FAKE_MODE", "hang")
+    ui.segmentButton.click()
+    assert standIn.waitFor(lambda: widget.job is not None and widget.job.overall >= 0.3, 30)
+    ui.cancelButton.click()
+    _finish(standIn, widget, timeout=30)
+    assert "Cancelled" in ui.statusLabel.text and ui.segmentButton.enabled
+    assert {n.GetID() for n in slicer.util.getNodesByClass("vtkMRMLSegmentationNode")} == before
