@@ -36,12 +36,38 @@ from .jobs import BasalSegJob, JobResult, childEnvironment, defaultCommandPrefix
 from .parameters import RunOptions
 from .processrunner import ProcessRunner, RunnerEvent
 
-__all__ = ["SegmentationLogic", "JobFailed", "EXPORT_FORMATS"]
+__all__ = ["SegmentationLogic", "JobFailed", "EXPORT_FORMATS", "safeFileName", "exportFileName"]
 
 log = logging.getLogger("BasalSegSAM")
 
 #: Export formats: name -> file suffix.
 EXPORT_FORMATS = {"seg.nrrd": ".seg.nrrd", "nifti": ".nii.gz", "csv": ".csv"}
+
+
+_UNSAFE = re.compile(r'[<>:"/\\|?*\x00-\x1f]+')
+_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{n}" for n in range(1, 10)), *(f"LPT{n}" for n in range(1, 10))}
+
+
+def safeFileName(name: str, fallback: str = "volume") -> str:
+    """``name`` made valid as a file name on Windows, macOS and Linux.
+
+    Characters Windows refuses (``< > : " / \\ | ? *`` and control characters) become ``_``,
+    trailing dots and spaces go, a reserved device name (``CON``, ``NUL.txt``, ``COM1`` ...) gets a
+    leading ``_``, and an empty result is ``fallback``. E.g. ``"3: T1"`` -> ``"3_ T1"``.
+    """
+    text = _UNSAFE.sub("_", str(name or "")).strip().rstrip(". ")
+    if not text:
+        text = fallback
+    if text.split(".")[0].strip().upper() in _RESERVED:
+        text = "_" + text
+    return text[:120]
+
+
+def exportFileName(nodeName: str, fmt: str) -> str:
+    """Default export file name for a volume node's result: ``<safe name>_basalseg<suffix>``."""
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; use one of {', '.join(EXPORT_FORMATS)}")
+    return f"{safeFileName(nodeName)}_basalseg{EXPORT_FORMATS[fmt]}"
 
 
 class JobFailed(RuntimeError):
@@ -180,7 +206,12 @@ class SegmentationLogic:
             segmentationNode: target segmentation (None: a new one); see ``onConflict``.
             onConflict: ``"new"``, ``"replace"`` or ``"error"`` when the target already has
                 segments named like the structures (see :func:`.mrmlbridge.labelsToSegmentation`).
-            tableNode: volumes table to overwrite (None: a new one).
+            tableNode: volumes table to overwrite; None: the segmentation's own table (see
+                :meth:`volumesTableFor`), made when it has none.
+
+        Every segmentation has its own volumes table, named after it and referenced from it, so
+        a second result in a new segmentation never overwrites the first one's volumes. A
+        closed-surface representation is made so the 3D view shows the result.
 
         Returns:
             ``(segmentationNode, tableNode)``.
@@ -188,9 +219,8 @@ class SegmentationLogic:
         if result is None or result.kind != "segment" or result.labels is None:
             raise ValueError("not a segmentation result")
         segmentationNode = mrmlbridge.labelsToSegmentation(result.labels, volumeNode, segmentationNode, onConflict)
-        voxelVolume = float(abs(np.linalg.det(mrmlbridge.worldAffine(volumeNode)[:3, :3])))
-        tableNode = mrmlbridge.volumesToTable(result.labels, voxelVolume, tableNode, scene=self.scene,
-                                              name=f"{volumeNode.GetName()} BasalSegSAM volumes")
+        tableNode = self.updateVolumesTable(segmentationNode, volumeNode, tableNode, labels=result.labels)
+        segmentationNode.CreateClosedSurfaceRepresentation()
         return segmentationNode, tableNode
 
     # -- blocking front -------------------------------------------------------------------------
@@ -236,12 +266,27 @@ class SegmentationLogic:
         return segmentationNode, tableNode, result
 
     # -- volumes and export ---------------------------------------------------------------------
-    def updateVolumesTable(self, segmentationNode, volumeNode, tableNode=None):
-        """Recompute the volumes table from the segmentation as it is now (e.g. after manual edits)."""
-        labels = mrmlbridge.labelsFromSegmentation(segmentationNode, volumeNode)
+    def volumesTableFor(self, segmentationNode):
+        """The segmentation's own volumes table, or None when it has none yet."""
+        return mrmlbridge.volumesTableOf(segmentationNode)
+
+    def updateVolumesTable(self, segmentationNode, volumeNode, tableNode=None, labels=None):
+        """Recompute the volumes table from the segmentation as it is now (e.g. after manual edits).
+
+        Args:
+            segmentationNode, volumeNode: the result and its input volume (grid, voxel volume).
+            tableNode: the table to fill; None: the segmentation's own table, made (named
+                ``"<segmentation> volumes"``) and referenced from the segmentation when missing.
+            labels: the labelmap when already at hand (else read from the segmentation).
+        """
+        if labels is None:
+            labels = mrmlbridge.labelsFromSegmentation(segmentationNode, volumeNode)
+        tableNode = tableNode or self.volumesTableFor(segmentationNode)
         voxelVolume = float(abs(np.linalg.det(mrmlbridge.worldAffine(volumeNode)[:3, :3])))
-        return mrmlbridge.volumesToTable(labels, voxelVolume, tableNode, scene=self.scene,
-                                         name=f"{volumeNode.GetName()} BasalSegSAM volumes")
+        tableNode = mrmlbridge.volumesToTable(labels, voxelVolume, tableNode, scene=self.scene,
+                                              name=f"{segmentationNode.GetName()} volumes")
+        segmentationNode.SetNodeReferenceID(mrmlbridge.TABLE_REFERENCE, tableNode.GetID())
+        return tableNode
 
     def export(self, segmentationNode, volumeNode, path: str, fmt: Optional[str] = None) -> Path:
         """Write the segmentation as it is now to ``path``.

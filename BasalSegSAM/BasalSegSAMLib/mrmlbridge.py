@@ -8,8 +8,12 @@ Axis order, stated once (the same as ``basalseg.imageio``):
   ``.transpose(2, 1, 0)`` in both directions and nowhere else.
 * The affine is the volume's ``IJKToRAS`` matrix, times its parent transform's matrix to world
   when the volume sits under a **linear** transform (a non-linear one must be hardened first).
-  Segmentations made here go under the same parent transform as their volume and store their
-  labelmaps in the volume's own (node) coordinates, so they overlay the volume exactly.
+  A segmentation made here goes under the same parent transform as its volume and stores its
+  labelmaps in the volume's own (node) coordinates, so it overlays the volume exactly. An
+  **existing** segmentation keeps its parent transform and reference geometry (its other
+  segments never move): the labels are written in its own node coordinates,
+  ``inverse(segmentation parent to world) @ volume world affine``, and Slicer resamples them onto
+  its geometry.
 
 Segments are named and coloured from ``basalseg.structures`` (FreeSurfer names ``Left-Putamen``
 and colours) and tagged with their FreeSurfer label value (segment tag ``BasalSegSAM.Label``).
@@ -43,7 +47,13 @@ __all__ = [
     "volumesToTable",
     "tableRows",
     "SegmentConflictError",
+    "labelsDigest",
+    "isUntouchedResult",
+    "volumesTableOf",
     "LABEL_TAG",
+    "TABLE_REFERENCE",
+    "INPUT_REFERENCE",
+    "DIGEST_ATTRIBUTE",
     "NODE_ATTRIBUTE",
 ]
 
@@ -51,6 +61,12 @@ __all__ = [
 LABEL_TAG = "BasalSegSAM.Label"
 #: Node attribute set on every node this module creates (value: its role).
 NODE_ATTRIBUTE = "BasalSegSAM.Role"
+#: Node reference from a segmentation to its volumes table (one table per segmentation).
+TABLE_REFERENCE = "BasalSegSAM.VolumesTable"
+#: Node reference from a segmentation to the volume its structure segments were computed on.
+INPUT_REFERENCE = "BasalSegSAM.InputVolume"
+#: Attribute: sha1 of the labelmap this module last wrote into a segmentation.
+DIGEST_ATTRIBUTE = "BasalSegSAM.LabelsDigest"
 
 
 class SegmentConflictError(ValueError):
@@ -212,10 +228,13 @@ def labelsToSegmentation(labels: np.ndarray, volumeNode, segmentationNode=None, 
         segmentationNode = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", scene.GenerateUniqueName(baseName))
         segmentationNode.SetAttribute(NODE_ATTRIBUTE, "segmentation")
         segmentationNode.CreateDefaultDisplayNodes()
-    segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
-    segmentationNode.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
-    ijkToRas = ijkToRasOfNode(volumeNode)
+        segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+        segmentationNode.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
+    elif not _referenceGeometry(segmentationNode) and segmentationNode.GetSegmentation().GetNumberOfSegments() == 0:
+        segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)  # nothing there to move
+    ijkToRas = _volumeInSegmentationFrame(volumeNode, segmentationNode)
     segmentation = segmentationNode.GetSegmentation()
+    target = _existingGeometry(segmentationNode, ijkToRas, labels.shape)  # the grid its segments already use
     wasModifying = segmentationNode.StartModify()
     try:
         for s in structures:
@@ -225,11 +244,92 @@ def labelsToSegmentation(labels: np.ndarray, volumeNode, segmentationNode=None, 
             mask = labels == s.label
             if mask.any():
                 image = _orientedMask(mask, ijkToRas)
+                if target is not None:
+                    onTarget = slicer.vtkOrientedImageData()
+                    if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+                            image, target, onTarget, False, True):
+                        raise RuntimeError(f"could not resample {s.name} onto the segmentation's grid")
+                    image = onTarget
                 if not slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(image, segmentationNode, segmentId):
                     raise RuntimeError(f"could not write segment {s.name}")
     finally:
         segmentationNode.EndModify(wasModifying)
+    segmentationNode.SetNodeReferenceID(INPUT_REFERENCE, volumeNode.GetID())
+    segmentationNode.SetAttribute(DIGEST_ATTRIBUTE, labelsDigest(labelsFromSegmentation(segmentationNode, volumeNode)))
     return segmentationNode
+
+
+def _referenceGeometry(segmentationNode) -> str:
+    name = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
+    return segmentationNode.GetSegmentation().GetConversionParameter(name) or ""
+
+
+def _existingGeometry(segmentationNode, ijkToRas: np.ndarray, shape):
+    """The grid (geometry only, no voxels) of the binary labelmaps the segmentation already
+    holds, its extent grown to cover the volume ``(shape, ijkToRas)``; None when it holds none.
+    Writing new segments on it keeps Slicer from resampling the shared labelmap layer, and with
+    it the user's other segments, onto the new segments' grid."""
+    segmentation = segmentationNode.GetSegmentation()
+    labelmapName = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    if segmentation.GetNumberOfSegments() == 0 or not segmentation.ContainsRepresentation(labelmapName):
+        return None
+    for n in range(segmentation.GetNumberOfLayers()):
+        layer = segmentation.GetLayerDataObject(n)
+        if layer is not None and not layer.IsEmpty():
+            matrix = vtk.vtkMatrix4x4()
+            layer.GetImageToWorldMatrix(matrix)
+            corners = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1)
+                                for k in (0, shape[2] - 1)]).T
+            ijk = (np.linalg.inv(_matrixToArray(matrix)) @ ijkToRas @ corners)[:3]
+            extent = list(layer.GetExtent())
+            for a in range(3):
+                extent[2 * a] = min(extent[2 * a], int(np.floor(ijk[a].min())) - 1)
+                extent[2 * a + 1] = max(extent[2 * a + 1], int(np.ceil(ijk[a].max())) + 1)
+            geometry = slicer.vtkOrientedImageData()
+            geometry.SetExtent(*extent)
+            geometry.SetImageToWorldMatrix(matrix)
+            return geometry
+    return None
+
+
+def _volumeInSegmentationFrame(volumeNode, segmentationNode) -> np.ndarray:
+    """Voxel ``(i, j, k, 1)`` of the volume -> the segmentation node's own coordinates (both
+    parent transforms must be linear). Equals ``IJKToRAS`` when both share one parent."""
+    if segmentationNode.GetTransformNodeID() == volumeNode.GetTransformNodeID():
+        return ijkToRasOfNode(volumeNode)
+    return np.linalg.inv(_parentToWorld(segmentationNode)) @ worldAffine(volumeNode)
+
+
+def labelsDigest(labels: np.ndarray) -> str:
+    """sha1 of a labelmap's voxels and shape (to tell an untouched result from an edited one)."""
+    import hashlib
+
+    labels = np.ascontiguousarray(labels, dtype=np.int16)
+    return hashlib.sha1(repr(labels.shape).encode() + labels.tobytes()).hexdigest()
+
+
+def isUntouchedResult(segmentationNode, volumeNode) -> bool:
+    """True when ``segmentationNode`` holds exactly what this module last wrote into it for
+    ``volumeNode``: no structure segment was edited, added or removed since, so replacing them
+    loses nothing of the user's."""
+    if segmentationNode is None or volumeNode is None:
+        return False
+    if segmentationNode.GetNodeReferenceID(INPUT_REFERENCE) != volumeNode.GetID():
+        return False
+    digest = segmentationNode.GetAttribute(DIGEST_ATTRIBUTE)
+    if not digest:
+        return False
+    try:
+        return labelsDigest(labelsFromSegmentation(segmentationNode, volumeNode)) == digest
+    except (ValueError, RuntimeError):
+        return False
+
+
+def volumesTableOf(segmentationNode):
+    """The volumes table that belongs to a segmentation (None when it has none yet)."""
+    if segmentationNode is None:
+        return None
+    return segmentationNode.GetNodeReference(TABLE_REFERENCE)
 
 
 def _structureOfSegment(segment) -> Optional[Structure]:
@@ -244,10 +344,28 @@ def _structureOfSegment(segment) -> Optional[Structure]:
     return None
 
 
+def _onGrid(image, dims) -> np.ndarray:
+    """``[i, j, k]`` array of ``dims`` holding an image resampled onto that grid, whose extent
+    may be smaller (cropped to the segment) or larger (a shared layer's) than ``0..dims-1``."""
+    e = image.GetExtent()
+    kji = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(
+        e[5] - e[4] + 1, e[3] - e[2] + 1, e[1] - e[0] + 1)
+    out = np.zeros(dims, dtype=kji.dtype)
+    lo = [max(e[2 * a], 0) for a in range(3)]
+    hi = [min(e[2 * a + 1], dims[a] - 1) for a in range(3)]
+    if any(h < l for l, h in zip(lo, hi)):
+        return out
+    out[lo[0]:hi[0] + 1, lo[1]:hi[1] + 1, lo[2]:hi[2] + 1] = kji[
+        lo[2] - e[4]:hi[2] - e[4] + 1, lo[1] - e[2]:hi[1] - e[2] + 1, lo[0] - e[0]:hi[0] - e[0] + 1].transpose(2, 1, 0)
+    return out
+
+
 def labelsFromSegmentation(segmentationNode, volumeNode) -> np.ndarray:
     """The segmentation's structure segments as one FreeSurfer-valued labelmap on the volume's grid.
 
-    Segments are recognised by their ``BasalSegSAM.Label`` tag, else by their FreeSurfer name;
+    The segmentation may sit under another (linear) transform than the volume: its segments are
+    read at the volume voxels' world positions. Segments are recognised by their
+    ``BasalSegSAM.Label`` tag, else by their FreeSurfer name;
     other segments are ignored. Where segments overlap (after manual edits), the later structure
     in :data:`~basalseg.structures.STRUCTURES` order wins.
 
@@ -255,11 +373,9 @@ def labelsFromSegmentation(segmentationNode, volumeNode) -> np.ndarray:
         ``(I, J, K)`` int16 labelmap.
     """
     dims = tuple(volumeNode.GetImageData().GetDimensions())
-    if segmentationNode.GetTransformNodeID() != volumeNode.GetTransformNodeID():
-        raise ValueError("the segmentation and the volume are under different transforms; harden them first")
     reference = slicer.vtkOrientedImageData()
     reference.SetDimensions(*dims)
-    reference.SetImageToWorldMatrix(_arrayToMatrix(ijkToRasOfNode(volumeNode)))
+    reference.SetImageToWorldMatrix(_arrayToMatrix(_volumeInSegmentationFrame(volumeNode, segmentationNode)))
     labels = np.zeros(dims, dtype=np.int16)
     segmentation = segmentationNode.GetSegmentation()
     labelmapName = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
@@ -283,8 +399,7 @@ def labelsFromSegmentation(segmentationNode, volumeNode) -> np.ndarray:
         if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
                 image, reference, resampled, False, True):
             raise RuntimeError(f"could not resample segment {s.name} onto the volume grid")
-        kji = numpy_support.vtk_to_numpy(resampled.GetPointData().GetScalars()).reshape(dims[::-1])
-        labels[kji.transpose(2, 1, 0) > 0] = s.label
+        labels[_onGrid(resampled, dims) > 0] = s.label
     return labels
 
 

@@ -104,11 +104,15 @@ def parseLine(line: str) -> RunnerEvent:
     return RunnerEvent("log", {"line": text})
 
 
+#: Windows process-creation flag that keeps a console window from appearing (value from the Win32 API).
+CREATE_NO_WINDOW = getattr(subprocess, "CREATE_NO_WINDOW", 0x08000000)
+
+
 def defaultLauncher(command: Sequence[str], cwd: Optional[str] = None, env: Optional[dict] = None) -> subprocess.Popen:
     """Start ``command`` with piped, line-buffered UTF-8 output in a new process group."""
     kwargs: dict = {}
     if sys.platform == "win32":
-        kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | getattr(subprocess, "CREATE_NO_WINDOW", 0)
+        kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | CREATE_NO_WINDOW
     else:
         kwargs["start_new_session"] = True
     return subprocess.Popen(
@@ -131,7 +135,8 @@ def signalTree(process: PopenLike, sig: int) -> None:
     """Send ``sig`` to the child's whole process group (POSIX); on Windows any ``sig`` means
     ``taskkill /T /F`` (the tree is forced at once)."""
     if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
-        subprocess.run(["taskkill", "/T", "/F", "/PID", str(process.pid)], capture_output=True)
+        subprocess.run(["taskkill", "/T", "/F", "/PID", str(process.pid)], capture_output=True,
+                       creationflags=CREATE_NO_WINDOW)  # no console window flashes up
         return
     try:
         os.killpg(process.pid, sig)  # new session: the child leads its own group

@@ -18,13 +18,9 @@ Geometry, stated once (prompt axes are those of ``basalseg.prompts``):
 * Nodes carry attributes: ``BasalSegSAM.Role`` (``promptBox`` / ``promptPoints``),
   ``BasalSegSAM.Structure`` (the structure key) and, for a per-prompt box, ``BasalSegSAM.Slice``.
 
-Two ways to use them:
-
-* :func:`promptsToMarkups` / :func:`promptsFromMarkups`: one ROI per prompt and one point list per
-  structure, for the whole prompt set (export, scripting, tests).
-* :class:`PromptMarkupsEditor`: the module's interactive editor: one ROI and one point list per
-  structure showing the prompts of the **current slice** only (the slice the Red view shows);
-  :meth:`PromptMarkupsEditor.syncFromMarkups` reads the user's edits back into the prompt set.
+Here: :func:`promptsToMarkups` / :func:`promptsFromMarkups`, one ROI per prompt and one point
+list per structure for the whole prompt set (export, scripting, tests). The module's interactive
+per-slice editor, built on the same geometry, is :mod:`.prompteditor`.
 
 MRML and numpy only (no Qt).
 """
@@ -39,7 +35,7 @@ import numpy as np
 import slicer
 import vtk
 
-from basalseg.structures import STRUCTURES, get_structure
+from basalseg.structures import get_structure
 
 if TYPE_CHECKING:  # pragma: no cover
     from basalseg.prompts import Prompt, PromptSet
@@ -55,7 +51,6 @@ __all__ = [
     "promptsToMarkups",
     "promptsFromMarkups",
     "PromptMarkupNodes",
-    "PromptMarkupsEditor",
     "removeWithDisplayNodes",
     "promptSetToJson",
     "promptSetFromJson",
@@ -204,8 +199,10 @@ def _setPoint(pointsNode, ras, positive: bool) -> int:
     return index
 
 
-def _pointsOf(pointsNode, grid: "Grid") -> list[tuple[float, float, float, int]]:
-    """``(x, y, k_float, label)`` of every defined control point (label 1 positive, 0 negative)."""
+def _pointsOf(pointsNode, grid: "Grid", defaultPositive: bool = True) -> list[tuple[float, float, float, int]]:
+    """``(x, y, k_float, label)`` of every defined control point (label 1 positive, 0 negative).
+
+    A point without a sign of its own (just placed) takes the node's: ``defaultPositive``."""
     out = []
     position = [0.0, 0.0, 0.0]
     for n in range(pointsNode.GetNumberOfControlPoints()):
@@ -215,7 +212,11 @@ def _pointsOf(pointsNode, grid: "Grid") -> list[tuple[float, float, float, int]]
         pointsNode.GetNthControlPointPositionWorld(n, position)
         x, y, kf = pixelFromRas(position, grid.affine)
         description = (pointsNode.GetNthControlPointDescription(n) or "").strip().lower()
-        label = 0 if description == NEGATIVE or (not description and pointsNode.GetNthControlPointLabel(n) == "-") else 1
+        if description in (POSITIVE, NEGATIVE):
+            label = 1 if description == POSITIVE else 0
+        else:
+            mark = pointsNode.GetNthControlPointLabel(n)
+            label = 0 if mark == "-" else 1 if mark == "+" else int(bool(defaultPositive))
         out.append((x, y, kf, label))
     return out
 
@@ -343,278 +344,3 @@ def promptSetFromJson(text: str, name: str = "prompts") -> Optional["PromptSet"]
     except json.JSONDecodeError as exc:
         raise PromptsError(f"{name}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
     return prompts_from_dict(data, name)
-
-
-# ---------------------------------------------------------------------------------------------
-# the interactive, per-slice editor
-# ---------------------------------------------------------------------------------------------
-
-
-class PromptMarkupsEditor:
-    """Shows one slice's prompts as Markups and reads edits back.
-
-    Per structure there is one ROI node (its box on the current slice; hidden when the structure
-    has no box there) and one point list (its points on the current slice). The prompt set is
-    the truth; the nodes are a view of one slice of it:
-
-    * :meth:`showSlice` puts slice ``k``'s prompts into the nodes.
-    * :meth:`syncFromMarkups` reads the nodes back into the prompt set for the current slice: a
-      moved or resized box, added, moved or deleted points. The slice of an edited prompt stays
-      the current slice (a box dragged along the slice normal snaps back). Points placed for a
-      structure with no box get a box around them; a box node deleted from the scene deletes
-      that prompt.
-    * :meth:`addBox`, :meth:`deleteBox`, :meth:`addPoint` edit programmatically.
-
-    While the editor itself changes nodes, :attr:`updating` is True, so observers (the widget)
-    can ignore those events.
-
-    Args:
-        promptSet: the prompts to edit (edited in place).
-        scene: the MRML scene (default ``slicer.mrmlScene``).
-        namePrefix: node name prefix.
-    """
-
-    def __init__(self, promptSet: "PromptSet", scene=None, namePrefix: str = "BasalSegSAM"):
-        self.scene = scene or slicer.mrmlScene
-        self.promptSet = promptSet
-        self.namePrefix = namePrefix
-        self.currentSlice: Optional[int] = None
-        self.updating = False
-        self._boxIds: dict[str, str] = {}
-        self._pointIds: dict[str, str] = {}
-
-    # -- nodes --------------------------------------------------------------------------------
-    def _get(self, ids: dict, key: str):
-        nodeId = ids.get(key)
-        node = self.scene.GetNodeByID(nodeId) if nodeId else None
-        return node
-
-    def boxNode(self, key: str, create: bool = True):
-        """The ROI node of a structure (made on first use)."""
-        key = get_structure(key).key
-        node = self._get(self._boxIds, key)
-        if node is None and create:
-            node = self.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", f"{self.namePrefix} box {get_structure(key).name}")
-            _styleNode(node, key, "promptBox")
-            node.SetAttribute(EDITOR_ATTRIBUTE, "1")
-            node.SetAttribute(PRESENT_ATTRIBUTE, "0")
-            self._setVisible(node, False)
-            self._boxIds[key] = node.GetID()
-        return node
-
-    def pointsNode(self, key: str, create: bool = True):
-        """The point list of a structure (made on first use)."""
-        key = get_structure(key).key
-        node = self._get(self._pointIds, key)
-        if node is None and create:
-            node = self.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", f"{self.namePrefix} points {get_structure(key).name}")
-            _styleNode(node, key, "promptPoints")
-            node.SetAttribute(EDITOR_ATTRIBUTE, "1")
-            self._pointIds[key] = node.GetID()
-        return node
-
-    def nodes(self) -> list:
-        """Every node the editor made that is still in the scene."""
-        out = [self._get(self._boxIds, k) for k in self._boxIds] + [self._get(self._pointIds, k) for k in self._pointIds]
-        return [n for n in out if n is not None]
-
-    def removeNodes(self) -> None:
-        """Remove the editor's nodes from the scene (the prompt set is kept)."""
-        self.updating = True
-        try:
-            for node in self.nodes():
-                removeWithDisplayNodes(node)
-        finally:
-            self.updating = False
-        self._boxIds.clear()
-        self._pointIds.clear()
-
-    @staticmethod
-    def removeStaleNodes(scene) -> int:
-        """Remove editor nodes no editor owns any more (e.g. saved with a scene: the editor is
-        rebuilt from the prompts.json text in the parameter node). Returns how many were removed."""
-        stale = []
-        for className in ("vtkMRMLMarkupsROINode", "vtkMRMLMarkupsFiducialNode"):
-            nodes = scene.GetNodesByClass(className)
-            for n in range(nodes.GetNumberOfItems()):
-                node = nodes.GetItemAsObject(n)
-                if node.GetAttribute(EDITOR_ATTRIBUTE) == "1":
-                    stale.append(node)
-        for node in stale:
-            removeWithDisplayNodes(node)
-        return len(stale)
-
-    @staticmethod
-    def _setVisible(node, visible: bool) -> None:
-        display = node.GetDisplayNode()
-        if display is not None:
-            display.SetVisibility(bool(visible))
-
-    # -- slices -------------------------------------------------------------------------------
-    def sliceFromRas(self, ras) -> Optional[int]:
-        """Canonical slice index of a world position; None when it lies outside the grid."""
-        _, _, kFloat = pixelFromRas(ras, self.promptSet.grid.affine)
-        k = int(np.floor(kFloat + 0.5))
-        return k if 0 <= k < self.promptSet.grid.shape[2] else None
-
-    def sliceRas(self, k: int) -> np.ndarray:
-        """World RAS of the centre of slice ``k`` (to move a slice view there)."""
-        nx, ny, _ = self.promptSet.grid.shape
-        return rasFromPixel((nx - 1) / 2.0, (ny - 1) / 2.0, k, self.promptSet.grid.affine)
-
-    def _prompt(self, key: str, k: int):
-        return next((p for p in self.promptSet.prompts if p.structure == key and p.slice == k), None)
-
-    def showSlice(self, k: Optional[int]) -> None:
-        """Show slice ``k``'s prompts (None hides every box and point)."""
-        self.updating = True
-        try:
-            self.currentSlice = None if k is None else int(k)
-            for s in STRUCTURES:
-                prompt = None if k is None else self._prompt(s.key, int(k))
-                roi = self.boxNode(s.key, create=prompt is not None)
-                if roi is not None:
-                    if prompt is not None:
-                        setRoiFromBox(roi, prompt.box, prompt.slice, self.promptSet.grid)
-                    roi.SetAttribute(PRESENT_ATTRIBUTE, "1" if prompt is not None else "0")
-                    self._setVisible(roi, prompt is not None)
-                points = self.pointsNode(s.key, create=bool(prompt is not None and prompt.points))
-                if points is not None:
-                    wasModifying = points.StartModify()
-                    points.RemoveAllControlPoints()
-                    if prompt is not None:
-                        for (x, y), label in zip(prompt.points, prompt.point_labels):
-                            _setPoint(points, rasFromPixel(x, y, prompt.slice, self.promptSet.grid.affine), bool(label))
-                    points.EndModify(wasModifying)
-        finally:
-            self.updating = False
-
-    def refresh(self) -> None:
-        """Show the current slice again (after the prompt set changed)."""
-        self.showSlice(self.currentSlice)
-
-    def setPromptSet(self, promptSet: "PromptSet") -> None:
-        """Edit another prompt set (e.g. freshly generated), keeping the current slice."""
-        self.promptSet = promptSet
-        self.refresh()
-
-    # -- reading edits back --------------------------------------------------------------------
-    def syncFromMarkups(self) -> bool:
-        """Read the current slice's nodes back into the prompt set; True when anything changed."""
-        from basalseg.prompts import Prompt
-
-        k = self.currentSlice
-        if k is None:
-            return False
-        grid = self.promptSet.grid
-        changed = False
-        for s in STRUCTURES:
-            old = self._prompt(s.key, k)
-            roi = self.boxNode(s.key, create=False)
-            pointsNode = self.pointsNode(s.key, create=False)
-            points, labels = [], []
-            if pointsNode is not None:
-                for x, y, _, label in _pointsOf(pointsNode, grid):
-                    points.append(_clipPoint(x, y, grid))
-                    labels.append(label)
-            present = roi is not None and roi.GetAttribute(PRESENT_ATTRIBUTE) == "1"
-            if present:
-                box, _ = boxFromRoi(roi, grid)
-            elif points:
-                box = _autoBox(points, grid)
-            else:
-                box = None
-            if box is None:
-                if old is not None:  # its box node was deleted
-                    self.promptSet.prompts.remove(old)
-                    changed = True
-                continue
-            new = Prompt(s.key, k, box, points, labels)
-            if old is None or old.to_dict() != new.to_dict():
-                if old is not None:
-                    self.promptSet.prompts.remove(old)
-                self.promptSet.prompts.append(new)
-                changed = True
-            self._showPrompt(new)  # an auto box appears; a ROI dragged off its slice snaps back
-        if changed:
-            self.promptSet.validate()
-        return changed
-
-    def _showPrompt(self, prompt: "Prompt") -> None:
-        self.updating = True
-        try:
-            roi = self.boxNode(prompt.structure)
-            setRoiFromBox(roi, prompt.box, prompt.slice, self.promptSet.grid)
-            roi.SetAttribute(PRESENT_ATTRIBUTE, "1")
-            self._setVisible(roi, True)
-        finally:
-            self.updating = False
-
-    # -- programmatic edits --------------------------------------------------------------------
-    def addBox(self, key: str, k: Optional[int] = None, box: Optional[list] = None) -> "Prompt":
-        """Add (or replace) a structure's box on slice ``k`` (default: the current slice).
-
-        Without ``box``, the structure's box on the nearest slice is copied; without any, a
-        20x20-pixel box at the centre of the slice is used.
-        """
-        from basalseg.prompts import Prompt
-
-        key = get_structure(key).key
-        k = self.currentSlice if k is None else int(k)
-        if k is None:
-            raise ValueError("no current slice: show a slice first or pass k")
-        grid = self.promptSet.grid
-        if box is None:
-            others = self.promptSet.for_structure(key)
-            if others:
-                box = list(min(others, key=lambda p: abs(p.slice - k)).box)
-            else:
-                cx, cy = (grid.shape[0] - 1) / 2.0, (grid.shape[1] - 1) / 2.0
-                box = [max(cx - 10, 0.0), max(cy - 10, 0.0), min(cx + 10, grid.shape[0] - 1.0), min(cy + 10, grid.shape[1] - 1.0)]
-        old = self._prompt(key, k)
-        prompt = Prompt(key, k, [float(v) for v in box], list(old.points) if old else [], list(old.point_labels) if old else [])
-        if old is not None:
-            self.promptSet.prompts.remove(old)
-        self.promptSet.prompts.append(prompt)
-        self.promptSet.validate()
-        if k == self.currentSlice:
-            self.refresh()
-        return prompt
-
-    def deleteBox(self, key: str, k: Optional[int] = None) -> bool:
-        """Delete a structure's prompt (box and points) on slice ``k`` (default: current)."""
-        key = get_structure(key).key
-        k = self.currentSlice if k is None else int(k)
-        old = None if k is None else self._prompt(key, k)
-        if old is None:
-            return False
-        self.promptSet.prompts.remove(old)
-        if k == self.currentSlice:
-            self.refresh()
-        return True
-
-    def addPoint(self, key: str, ras, positive: bool = True) -> None:
-        """Add a point at world ``ras`` to a structure's prompt on the current slice (a box is made
-        around it when the structure has none there)."""
-        if self.currentSlice is None:
-            raise ValueError("no current slice")
-        self.updating = True
-        try:
-            _setPoint(self.pointsNode(key), ras, positive)
-        finally:
-            self.updating = False
-        self.syncFromMarkups()
-
-    def labelNewPoints(self, key: str, positive: bool) -> None:
-        """Give points that have no sign yet (just placed by the user) the sign ``positive``."""
-        node = self.pointsNode(key, create=False)
-        if node is None:
-            return
-        self.updating = True
-        try:
-            for n in range(node.GetNumberOfControlPoints()):
-                if not (node.GetNthControlPointDescription(n) or "").strip():
-                    node.SetNthControlPointDescription(n, POSITIVE if positive else NEGATIVE)
-                    node.SetNthControlPointLabel(n, "+" if positive else "-")
-        finally:
-            self.updating = False

@@ -39,7 +39,6 @@ import json
 import os
 import platform
 import re
-import resource
 import shutil
 import sys
 import tempfile
@@ -88,6 +87,8 @@ def _reset_hwm() -> bool:
 
 
 def _ru_maxrss_kib() -> int:
+    import resource  # POSIX only: imported here so the CLI parser loads on Windows
+
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss // 1024) if sys.platform == "darwin" else int(rss)
 

@@ -4,7 +4,8 @@ The Slicer module's Qt-free parts are tested against ``slicer-core`` (PyPI): a r
 with the application logic, the colour logic's default nodes and the volumes, segmentations,
 markups and tables logics, installed as ``slicer.mrmlScene`` / ``slicer.modules`` the way
 Slicer does it. ``slicer.app``, Qt, ``loadVolume``/``saveNode`` and Segment Statistics do not
-exist there; what needs them is checked only inside real Slicer (``BasalSegSAMTest``).
+exist there: the widget is tested under stand-ins for Slicer's GUI layer (``slicerstandin``,
+``test_slicer_widget.py``), and only a run inside real Slicer (``BasalSegSAMTest``) checks the rest.
 
 Other test files import what they need from here (``from test_slicer_helpers import ...``);
 importing a fixture makes pytest use it in that file.

@@ -302,32 +302,104 @@ def test_requirements_file_and_missing_packages():
     assert [(r.name, v) for r, v in missing] == [("monai", "1.2.0"), ("scipy", None)]
 
 
-def test_install_dependencies_uses_the_pytorch_extension_then_pip():
-    installed = {"torch": None, "monai": None, "nibabel": "5.2"}
+def test_install_dependencies_uses_the_pytorch_extension_then_pip_with_pins(tmp_path):
+    installed = {"torch": None, "torchvision": None, "numpy": "1.26.4", "monai": None, "nibabel": "5.2"}
     calls = []
 
     def torch_installer():
         calls.append("torch")
-        installed["torch"] = "2.5.0"
+        installed["torch"], installed["torchvision"] = "2.5.0+cu121", "0.20.0+cu121"
 
-    def pip(requirements):
-        calls.append(requirements)
+    def pip(args, interactive=True):  # slicer.packaging.pip_install's signature
+        calls.append((list(args), interactive))
+        constraints = Path(args[args.index("-c") + 1]).read_text()
+        calls.append(constraints)
 
     messages = []
-    done = installDependencies(pip, torch_installer, [Requirement("monai", ">=1.3", "monai>=1.3"),
-                                                      Requirement("nibabel", ">=5.0", "nibabel>=5.0")],
-                               versionOf=installed.get, log=messages.append)
-    assert calls == ["torch", "monai>=1.3"] and done == ["torch", "monai>=1.3"]
-    assert any("PyTorch extension" in m for m in messages)
+    report = installDependencies(pip, torch_installer, [Requirement("monai", ">=1.3", "monai>=1.3"),
+                                                        Requirement("nibabel", ">=5.0", "nibabel>=5.0")],
+                                 versionOf=installed.get, log=messages.append, workDir=str(tmp_path),
+                                 importedModules=set())
+    assert calls[0] == "torch"
+    args, interactive = calls[1]
+    assert args[0] == "-c" and args[2:] == ["monai>=1.3"] and interactive is False  # the user confirmed already
+    assert calls[2].split() == ["torch==2.5.0+cu121", "torchvision==0.20.0+cu121", "numpy==1.26.4"]
+    assert report.installed == ["torch", "torchvision", "monai>=1.3"] and not report.restartNeeded
+    assert any("PyTorch extension" in m for m in messages) and "Restart" not in report.message()
 
-    installed["torch"] = None
-    with pytest.raises(DependencyError, match="Extensions Manager"):
+    # torch present but torchvision missing: still through the PyTorch extension, never pip
+    installed.update(torchvision=None, monai="1.4")
+    calls.clear()
+    report = installDependencies(pip, torch_installer, [Requirement("monai", ">=1.3", "monai>=1.3")],
+                                 versionOf=installed.get, importedModules=set())
+    assert calls == ["torch"] and report.installed == ["torchvision"]
+
+    # an upgrade of a package this session has imported: restart needed, and said so
+    installed["monai"] = "1.2"
+    report = installDependencies(lambda args: None, None, [Requirement("monai", ">=1.3", "monai>=1.3")],
+                                 versionOf=installed.get, workDir=str(tmp_path), importedModules={"monai"})
+    assert report.restartNeeded and "Restart Slicer" in report.message()
+
+    installed["torchvision"] = None
+    with pytest.raises(DependencyError, match="torchvision is not installed.*Extensions Manager"):
         installDependencies(pip, None, [], versionOf=installed.get)
 
-    def broken_pip(requirements):
+    def broken_pip(args):
         raise RuntimeError("no network")
 
-    installed["torch"] = "2.5.0"
+    installed["torchvision"] = "0.20.0"
     with pytest.raises(DependencyError, match="no network"):
-        installDependencies(broken_pip, None, [Requirement("monai", ">=1.3", "monai>=1.3")], versionOf=installed.get)
-    assert installDependencies(broken_pip, None, [], versionOf=installed.get) == []
+        installDependencies(broken_pip, None, [Requirement("monai", ">=1.3", "monai>=1.3")], versionOf=installed.get,
+                            workDir=str(tmp_path))
+    assert installDependencies(broken_pip, None, [], versionOf=installed.get).installed == []
+
+
+def test_torch_counts_as_installed_only_with_torchvision():
+    from BasalSegSAMLib.dependencies import torchVersion
+
+    assert torchVersion({"torch": "2.5"}.get) is None
+    assert torchVersion({"torch": "2.5", "torchvision": "0.20"}.get) == "2.5"
+
+
+def test_pytorch_extension_installs_torch_and_torchvision_together(monkeypatch):
+    import types
+
+    from BasalSegSAMLib import dependencies
+
+    seen = {}
+
+    class Logic:
+        def installTorch(self, **kwargs):
+            seen.update(kwargs)
+            return object()
+
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=Logic))
+    dependencies.pyTorchExtensionInstaller()()
+    assert seen == {"askConfirmation": False, "torchVersionRequirement": ">=2.2", "torchvisionVersionRequirement": ">=0.17"}
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", None)
+    assert dependencies.pyTorchExtensionInstaller() is None
+
+
+def test_each_segmentation_has_its_own_volumes_table_and_a_3d_surface(mrml_scene):
+    from BasalSegSAMLib.jobs import JobResult
+
+    shape = (10, 9, 6)
+    volume = add_volume(np.zeros(shape, np.float32), oblique_affine(), name="3: T1")
+    labels = np.zeros(shape, np.int16)
+    labels[1:4, 1:4, 1:3] = 12
+    logic = SegmentationLogic()
+    result = JobResult(kind="segment", labels=labels)
+    first, firstTable = logic.applySegmentResult(result, volume)
+    bigger = labels.copy()
+    bigger[5:9, 5:8, 2:5] = 50
+    second, secondTable = logic.applySegmentResult(JobResult(kind="segment", labels=bigger), volume, first, "new")
+    assert second.GetID() != first.GetID() and secondTable.GetID() != firstTable.GetID()
+    assert logic.volumesTableFor(first) is firstTable and logic.volumesTableFor(second) is secondTable
+    assert firstTable.GetName() == f"{first.GetName()} volumes" and secondTable.GetName() == f"{second.GetName()} volumes"
+    rows = {r["structure"]: r["voxels"] for r in mrmlbridge.tableRows(firstTable)}
+    assert rows["Right-Caudate"] == 0 and rows["Left-Putamen"] == 18  # the first result's volumes stay
+    assert {r["structure"]: r["voxels"] for r in mrmlbridge.tableRows(secondTable)}["Right-Caudate"] == 36
+    again = logic.updateVolumesTable(first, volume)  # after edits: the same table, refilled
+    assert again is firstTable
+    surface = slicer.vtkSegmentationConverter.GetSegmentationClosedSurfaceRepresentationName()
+    assert first.GetSegmentation().ContainsRepresentation(surface)

@@ -47,20 +47,27 @@ def _parameter_fields() -> dict[str, str]:
     return {n.target.id: ast.unparse(n.annotation) for n in cls.body if isinstance(n, ast.AnnAssign)}
 
 
+#: Files that use the widget's ``ui``: the module file and the panel sections in BasalSegSAMLib.
+UI_USERS = [MODULE] + [MODULE_DIR / "BasalSegSAMLib" / f"{name}.py"
+                       for name in ("promptpanel", "resultpanel", "installpanel", "selftest")]
+
+
 def _ui_attributes_used() -> set[str]:
-    """``X`` of every ``<something>.ui.X`` in the module file."""
-    tree = ast.parse(MODULE.read_text())
+    """``X`` of every ``<something>.ui.X`` in the module file and the panel sections."""
     used = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and node.value.attr == "ui":
-            used.add(node.attr)
+    for path in UI_USERS:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and node.value.attr == "ui":
+                used.add(node.attr)
     return used
 
 
 def test_every_widget_the_code_uses_is_in_the_ui_file():
     widgets = _ui_widgets()
-    missing = sorted(_ui_attributes_used() - set(widgets))
+    used = _ui_attributes_used()
+    missing = sorted(used - set(widgets))
     assert missing == []
+    assert {"undoButton", "previousSliceButton", "nextSliceButton", "promptsTable", "structureComboBox"} <= used
 
 
 def test_ui_widget_classes_are_qt_or_declared_custom_widgets():
@@ -76,7 +83,7 @@ def test_ui_widget_classes_are_qt_or_declared_custom_widgets():
 def test_parameter_node_fields_and_gui_bindings_match():
     fields = _parameter_fields()
     assert set(fields) == {"inputVolume", "foundation", "sam2Checkpoint", "device", "sdmBand", "outputSegmentation",
-                           "volumesTable", "promptsJson", "promptsVolume"}
+                           "volumesTable", "promptsJson", "generatedPromptsJson", "promptsVolume"}
     bindings = _parameter_bindings()
     assert set(bindings.values()) <= set(fields)
     assert set(bindings.values()) == {"inputVolume", "foundation", "sam2Checkpoint", "device", "sdmBand", "outputSegmentation"}
@@ -110,7 +117,7 @@ def test_lib_imports_no_qt_and_its_init_imports_nothing():
         import BasalSegSAMLib.parameters, BasalSegSAMLib.processrunner, BasalSegSAMLib.dependencies
         import BasalSegSAMLib.jobs, BasalSegSAMLib.segmentworker
         assert "slicer" not in sys.modules, "a stdlib-only helper imported slicer"
-        import BasalSegSAMLib.mrmlbridge, BasalSegSAMLib.promptmarkups, BasalSegSAMLib.logic
+        import BasalSegSAMLib.mrmlbridge, BasalSegSAMLib.promptmarkups, BasalSegSAMLib.prompteditor, BasalSegSAMLib.logic
         gui = [m for m in ("qt", "ctk", "PythonQt", "PySide6", "PySide2", "PyQt5", "PyQt6", "slicer.ScriptedLoadableModule")
                if m in sys.modules]
         assert not gui, gui
@@ -158,12 +165,18 @@ def test_module_file_loads_with_stand_ins_for_slicers_gui_modules():
             ScriptedLoadableModuleWidget=Base, ScriptedLoadableModuleLogic=Logic, ScriptedLoadableModuleTest=Base)
         slicer.parameterNodeWrapper = module("slicer.parameterNodeWrapper", parameterNodeWrapper=parameterNodeWrapper,
             Choice=Annotation, WithinRange=Annotation)
+        translated = []
+        def translate(context, text):
+            translated.append((context, text))
+            return text
+        slicer.i18n = module("slicer.i18n", tr=lambda text: translate("BasalSegSAM", text), translate=translate)
 
         import BasalSegSAM as m
 
         parent = types.SimpleNamespace()
         m.BasalSegSAM(parent)
         assert parent.title == "BasalSegSAM" and parent.categories == ["Segmentation"] and parent.contributors
+        assert ("qSlicerAbstractCoreModule", "Segmentation") in translated and ("BasalSegSAM", "BasalSegSAM") in translated
         for word in ("Dice", "HD95", "volume_ml", "signed-distance", "Cancel", "Left-Putamen 12"):
             assert word in parent.helpText, word
         assert wrapped == [m.BasalSegSAMParameterNode]
@@ -231,3 +244,25 @@ def test_lib_modules_have_docstrings_and_camel_case_public_api(path):
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
             assert "_" not in node.name.strip("_") or node.name.isupper(), f"{path}: {node.name} is not camelCase"
+
+
+def test_extension_urls_point_at_files_of_this_repository_and_placeholders_are_said():
+    top = (REPO / "CMakeLists.txt").read_text()
+    prefix = "https://raw.githubusercontent.com/basalsegsam/SlicerBasalSegSAM/main/"
+    for key in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+        urls = re.search(rf'set\({key} "([^"]+)"\)', top).group(1).split()
+        assert urls, key
+        for url in urls:
+            assert url.startswith(prefix), url
+            assert (REPO / url[len(prefix):]).is_file(), url  # the file exists where the URL says
+    assert "PLACEHOLDERS" in top and "placeholder" in re.search(r'EXTENSION_CONTRIBUTORS "([^"]+)"', top).group(1)
+    readme = (REPO / "README.md").read_text()
+    assert "Publishing the extension" in readme and "placeholder" in readme.split("Publishing the extension")[1][:1500]
+
+
+def test_the_screenshot_is_a_real_render_of_the_panel():
+    from PIL import Image
+
+    shot = Image.open(REPO / "Resources" / "Screenshots" / "1.png").convert("RGB")
+    assert shot.size[0] >= 400 and shot.size[1] >= 800
+    assert len(shot.getcolors(maxcolors=1 << 20)) > 200  # text, widgets, the highlighted rows

@@ -271,3 +271,56 @@ def test_volumes_table_equals_the_pipelines_volume_rows(mrml_scene):
     assert again is table and table.GetNumberOfColumns() == 5 and table.GetNumberOfRows() == 8
     assert all(r["voxels"] == 0 for r in mrmlbridge.tableRows(table))
     assert node.GetScene() is mrml_scene
+
+
+def test_an_existing_segmentation_keeps_its_geometry_transform_and_other_segments(mrml_scene):
+    """Writing into a user's segmentation that sits under its own transform on another grid:
+    nothing of it moves, and the new segments land on the volume voxels' world positions."""
+    shape = (12, 10, 8)
+    volume = add_volume(np.zeros(shape, np.float32), oblique_affine())
+    other = add_volume(np.zeros((20, 20, 12), np.float32), np.diag([-1.0, -1.0, 1.0, 1.0]), name="other")
+    transform = mrml_scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    shift = np.eye(4)
+    shift[:3, 3] = [3.0, -2.0, 1.0]
+    transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(shift))
+    user = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "user")
+    user.CreateDefaultDisplayNodes()
+    user.SetReferenceImageGeometryParameterFromVolumeNode(other)
+    user.SetAndObserveTransformNodeID(transform.GetID())
+    tumor = np.zeros((12, 20, 20), np.uint8)  # k, j, i of `other`
+    tumor[3:6, 4:9, 5:10] = 1
+    tumorId = user.GetSegmentation().AddEmptySegment("", "Tumor", [1, 1, 0])
+    slicer.util.updateSegmentBinaryLabelmapFromArray(tumor, user, tumorId, other)
+    geometryName = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
+    geometry = user.GetSegmentation().GetConversionParameter(geometryName)
+    tumorBefore = slicer.util.arrayFromSegmentBinaryLabelmap(user, tumorId, other).copy()
+
+    labels = np.zeros(shape, np.int16)
+    labels[3:9, 2:8, 2:6] = 12
+    out = mrmlbridge.labelsToSegmentation(labels, volume, user, onConflict="replace")
+    assert out is user
+    assert user.GetTransformNodeID() == transform.GetID()
+    assert user.GetSegmentation().GetConversionParameter(geometryName) == geometry
+    assert np.array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(user, tumorId, other), tumorBefore)
+    back = mrmlbridge.labelsFromSegmentation(user, volume)  # read at the volume voxels' world positions
+    inside = labels == 12
+    # resampled onto the user's 1 mm grid and back: the block keeps its place and nearly its size
+    assert (back[inside] == 12).mean() > 0.8 and (back[~inside] == 12).sum() < 0.2 * inside.sum(), \
+        ((back[inside] == 12).mean(), (back[~inside] == 12).sum(), inside.sum())
+
+
+def test_an_untouched_result_is_told_from_an_edited_one(mrml_scene):
+    shape = (10, 9, 6)
+    volume = add_volume(np.zeros(shape, np.float32), oblique_affine())
+    labels = np.zeros(shape, np.int16)
+    labels[1:4, 1:4, 1:3] = 12
+    seg = mrmlbridge.labelsToSegmentation(labels, volume)
+    assert mrmlbridge.isUntouchedResult(seg, volume)
+    other = add_volume(np.zeros(shape, np.float32), oblique_affine(), name="other")
+    assert not mrmlbridge.isUntouchedResult(seg, other) and not mrmlbridge.isUntouchedResult(None, volume)
+    edited = labels.copy()
+    edited[6:8, 6:8, 3:5] = 12  # as if painted in Segment Editor
+    segmentId = seg.GetSegmentation().GetSegmentIdBySegmentName("Left-Putamen")
+    slicer.util.updateSegmentBinaryLabelmapFromArray((edited == 12).transpose(2, 1, 0).astype(np.uint8), seg,
+                                                     segmentId, volume)
+    assert not mrmlbridge.isUntouchedResult(seg, volume)
