@@ -288,12 +288,14 @@ class SegmentationLogic:
         segmentationNode.SetNodeReferenceID(mrmlbridge.TABLE_REFERENCE, tableNode.GetID())
         return tableNode
 
-    def export(self, segmentationNode, volumeNode, path: str, fmt: Optional[str] = None) -> Path:
+    def export(self, segmentationNode, volumeNode, path: str, fmt: Optional[str] = None,
+               overwrite: bool = False) -> Path:
         """Write the segmentation as it is now to ``path``.
 
         Args:
             segmentationNode, volumeNode: the result and its input volume (grid).
-            path: the file to write (replaced atomically).
+            path: the file to write (written atomically).
+            overwrite: replace an existing file (the user confirmed it); never the volume's own file.
             fmt: ``"seg.nrrd"`` (Slicer segmentation, 8 named coloured segments, FreeSurfer label
                 values), ``"nifti"`` (int16 labelmap, FreeSurfer values) or ``"csv"`` (volumes);
                 None guesses from the suffix.
@@ -302,7 +304,10 @@ class SegmentationLogic:
 
         Raises:
             ValueError: no nodes, unknown format.
+            OutputExistsError: ``path`` exists and ``overwrite`` is False, or it is the file the
+                input volume was loaded from.
         """
+        from basalseg.errors import OutputExistsError
         from basalseg.outputs import atomic_write_bytes, nifti_bytes, seg_nrrd_bytes, volume_rows, volumes_csv_text
 
         if segmentationNode is None or volumeNode is None:
@@ -314,6 +319,12 @@ class SegmentationLogic:
                        "nifti" if name.endswith(".nii") else None)
         if fmt not in EXPORT_FORMATS:
             raise ValueError(f"unknown export format for {path.name}; use .seg.nrrd, .nii.gz or .csv")
+        storage = volumeNode.GetStorageNode() if hasattr(volumeNode, "GetStorageNode") else None
+        source = storage.GetFileName() if storage is not None else None
+        if source and path.exists() and Path(source).resolve() == path.resolve():
+            raise OutputExistsError(f"{path} is the file the input volume was loaded from; choose another file name")
+        if path.exists() and not overwrite:
+            raise OutputExistsError(f"{path} already exists; choose another file name or confirm replacing it")
         labels = mrmlbridge.labelsFromSegmentation(segmentationNode, volumeNode)
         affine = mrmlbridge.worldAffine(volumeNode)
         if fmt == "seg.nrrd":

@@ -123,6 +123,9 @@ class ResultPanel:
                 message += " " + extra
         if missing:
             message += " " + _("Empty: {names}.").format(names=", ".join(missing))
+        for flag in (result.provenance or {}).get("qc_flags") or []:  # e.g. partial_coverage
+            if isinstance(flag, dict) and flag.get("message"):
+                message += " " + _("QC {flag}: {message}").format(flag=flag.get("flag", ""), message=flag["message"])
         self._showStatus(message)
         return True
 
@@ -141,8 +144,14 @@ class ResultPanel:
         path = qt.QFileDialog.getSaveFileName(slicer.util.mainWindow(), _("Export"), default, filters)
         if not path:
             return
+        overwrite = True  # the file dialog asked before choosing an existing file
+        if not path.lower().endswith(suffix) and not (fmt == "nifti" and path.lower().endswith(".nii")):
+            path += suffix  # a name the dialog did not see: ask here if it exists
+            if os.path.exists(path):
+                overwrite = slicer.util.confirmYesNoDisplay(
+                    _("{path} already exists. Replace it?").format(path=path), windowTitle=_("Export"))
+                if not overwrite:
+                    return
         with slicer.util.tryWithErrorDisplay(_("Export failed."), waitCursor=True):
-            if not path.lower().endswith(suffix) and not (fmt == "nifti" and path.lower().endswith(".nii")):
-                path += suffix
-            written = self.logic.export(p.outputSegmentation, p.inputVolume, path, fmt)
+            written = self.logic.export(p.outputSegmentation, p.inputVolume, path, fmt, overwrite=overwrite)
             self._showStatus(_("Wrote {path}").format(path=written))

@@ -1501,7 +1501,8 @@ def test_slicer_row_export_disk_full(slicer_env, tmp_path, monkeypatch):
     monkeypatch.setattr(basalseg.staging.os, "fsync", fsync)
     for name in ("result.seg.nrrd", "labels.nii.gz", "volumes.csv"):
         with pytest.raises(OutputWriteError, match="disk full"):
-            env.logic.export(env.seg, env.t1, str(target.parent / name) if name != "result.seg.nrrd" else str(target))
+            env.logic.export(env.seg, env.t1, str(target.parent / name) if name != "result.seg.nrrd" else str(target),
+                             overwrite=True)
     assert snapshot(target.parent) == before
     assert scene_state(env.scene) == state
 

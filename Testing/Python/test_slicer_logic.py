@@ -264,6 +264,24 @@ def test_export_writes_what_the_segmentation_holds_now(mrml_scene, tmp_path):
     table = logic.updateVolumesTable(seg, t1)
     assert mrmlbridge.tableRows(table)[6]["voxels"] == int((edited == 51).sum())
 
+    # an existing file is replaced only when the user confirmed it (issue 17: never silently)
+    from basalseg.errors import OutputExistsError
+
+    before = Path(csv).read_bytes()
+    with pytest.raises(OutputExistsError, match="already exists"):
+        logic.export(seg, t1, str(tmp_path / "volumes.csv"))
+    assert Path(csv).read_bytes() == before
+    logic.export(seg, t1, str(tmp_path / "volumes.csv"), overwrite=True)
+    # ... and never the file the input volume was loaded from
+    source = tmp_path / "t1_source.nii.gz"
+    source.write_bytes(b"the user's T1")
+    storage = mrml_scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(source))
+    t1.SetAndObserveStorageNodeID(storage.GetID())
+    with pytest.raises(OutputExistsError, match="loaded from"):
+        logic.export(seg, t1, str(source), fmt="nifti", overwrite=True)
+    assert source.read_bytes() == b"the user's T1"
+
     with pytest.raises(ValueError, match="unknown export format"):
         logic.export(seg, t1, str(tmp_path / "x.png"))
     with pytest.raises(ValueError):
