@@ -724,6 +724,7 @@ def run_batch(scans: list[Scan], out_dir: str | os.PathLike, pipeline, *, prompt
 
 def register(sub) -> None:
     from .cli import _add_run_options
+    from .cluster import add_executor_options
     from .icv import SKULL_STRIPPED_CHOICES
     from .report import add_threshold_options
 
@@ -749,12 +750,13 @@ def register(sub) -> None:
                    help="for the brain-mask volume: auto-detect skull-stripped inputs (default), or say so")
     p.add_argument("--no-report", action="store_true", help="do not write report.html")
     add_threshold_options(p)
+    add_executor_options(p)
     p.set_defaults(handler=cmd_batch)
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
     from .cli import _config, _progress_mode
-    from .pipeline import Pipeline
+    from .cluster import check_executor_args, make_executor, slurm_job_script
     from .progress import emit_json
     from .prompts import load_prompts
     from .report import thresholds_from_args
@@ -766,14 +768,24 @@ def cmd_batch(args: argparse.Namespace) -> int:
     if args.prompts_dir and not args.prompts_dir.is_dir():
         raise BasalSegError(f"--prompts-dir {args.prompts_dir}: no such folder")
     thresholds = thresholds_from_args(args)
+    check_executor_args(args)
+    if args.print_job_script:
+        print(slurm_job_script(args, args.out), end="")
+        return 0
     scans = discover_scans(args.input_dir)
     prompts = load_prompts(args.prompts) if args.prompts else None
     mode = _progress_mode(args.progress)
     redo = "all" if args.overwrite else "incomplete" if args.redo_incomplete else "none"
-    pipeline = Pipeline(_config(args))
+    executor = make_executor(args, _config(args), args.out)  # None: --executor local
+    if executor is None:
+        from .pipeline import Pipeline
+
+        pipeline = Pipeline(_config(args))
+    else:
+        pipeline = None  # each worker builds its own
     summary = run_batch(scans, args.out, pipeline, prompts=prompts, prompts_dir=args.prompts_dir,
                         skull_stripped=args.skull_stripped, redo=redo, qc=not args.no_qc, progress=mode,
-                        report=not args.no_report, thresholds=thresholds, embed=args.embed)
+                        report=not args.no_report, thresholds=thresholds, embed=args.embed, executor=executor)
     if mode == "json":
         emit_json(event="done", out=str(args.out), done=len(summary.done), skipped=len(summary.skipped),
                   failed=len(summary.failed), report=str(summary.report) if summary.report else None)
