@@ -48,6 +48,7 @@ import os
 import pickle
 import re
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -101,6 +102,7 @@ class PipelineFactory:
 
 
 _PIPELINES: dict[str, object] = {}
+_ONE_SCAN_AT_A_TIME = threading.Lock()
 _BUILDS: dict[str, int] = {}
 
 
@@ -129,6 +131,14 @@ def _worker_id() -> str:
         return get_worker().address
     except (ImportError, ValueError):
         return f"pid {os.getpid()}"
+
+
+def _dashboard(client) -> str | None:
+    try:
+        import bokeh  # noqa: F401 - Dask serves its dashboard only with bokeh
+    except ImportError:
+        return None
+    return getattr(client, "dashboard_link", None)
 
 
 def _warm_up(factory, threads, need_prompter: bool) -> dict:
@@ -174,11 +184,13 @@ def _scan_task(scan, out_dir: str, overwrite: bool, job: dict, factory, threads,
     flag = _CancelFlag(cancel_name)
     base = {"scan": scan.name, "worker": _worker_id(), "pid": os.getpid()}
     try:
-        flag.check()
-        pipeline, builds = worker_pipeline(factory, threads)
-        base["builds"] = builds
-        written = process_scan(scan, out_dir, pipeline, overwrite=overwrite, progress=flag.check, warn=warnings.append,
-                               before_write=lambda: (setattr(flag, "last", 0.0), flag.check()), **job)
+        with _ONE_SCAN_AT_A_TIME:  # a worker with several threads shares one pipeline between them
+            flag.check()
+            pipeline, builds = worker_pipeline(factory, threads)
+            base["builds"] = builds
+            written = process_scan(scan, out_dir, pipeline, overwrite=overwrite, progress=flag.check,
+                                   warn=warnings.append, before_write=lambda: (setattr(flag, "last", 0.0), flag.check()),
+                                   **job)
     except Cancelled:
         return {**base, "status": "cancelled", "warnings": warnings}
     except Exception as exc:  # noqa: BLE001 - one scan's failure is reported, the others go on
@@ -302,16 +314,24 @@ class DaskExecutor:
             if self.warning:
                 log("warning", message=self.warning)
                 say(f"basalseg: warning: {self.warning}")
+            dashboard = _dashboard(client)
             log("executor", executor=self.name, scheduler=client.scheduler.address, workers=self.workers,
-                threads=self.threads, dashboard=getattr(client, "dashboard_link", None) if cluster is None else None)
+                threads=self.threads, dashboard=dashboard)
+            if dashboard and progress != "json":
+                say(f"batch: Dask dashboard at {dashboard}")
             try:
                 need_prompter = job.get("prompts") is None and any(
                     _find_prompts(Path(job["prompts_dir"]) if job.get("prompts_dir") else None, s.name) is None
                     for s, _ in todo)
                 if not client.scheduler_info().get("workers"):
                     say(f"batch: waiting for the first {self.name} worker")
-                warm = client.submit(_warm_up, self.factory, self.threads, need_prompter, pure=False,
-                                     key=f"basalseg-warm-up-{uuid.uuid4().hex[:8]}").result()
+                try:
+                    warm = client.submit(_warm_up, self.factory, self.threads, need_prompter, pure=False,
+                                         key=f"basalseg-warm-up-{uuid.uuid4().hex[:8]}").result()
+                except Exception as exc:  # noqa: BLE001 - e.g. the worker died loading the networks
+                    warm = {"status": "error", "kind": type(exc).__name__,
+                            "message": f"a {self.name} worker could not load the pipeline: {type(exc).__name__}: "
+                                       f"{' '.join(str(exc).split())}"}
                 if warm["status"] != "ok":
                     log("stopped", kind=warm["kind"], message=warm["message"])
                     raise BasalSegError(warm["message"])
@@ -344,13 +364,13 @@ class DaskExecutor:
         return outcome
 
     def _collect(self, client, queue, submit, futures, outcome, log, progress, say, bar, emit_json, distributed) -> None:
-        """Submit the scans as worker threads free up (never more in flight than the cluster has
-        threads, so a lost worker takes no queued scan with it), and record each outcome."""
+        """Submit the scans as workers free up (never more in flight than the cluster has workers,
+        so a lost worker takes no queued scan with it), and record each outcome."""
         total = len(queue)
         running = distributed.as_completed()
 
         def top_up() -> None:
-            slots = max(1, sum(client.nthreads().values()))
+            slots = max(1, len(client.nthreads()))
             while queue and running.count() < slots:
                 running.add(submit(*queue.pop(0)))
 

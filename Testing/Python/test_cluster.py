@@ -151,7 +151,7 @@ def test_worker_killed_mid_write_leaves_no_partial_folder(local_cluster, tmp_pat
     assert read_csv(out / "failures.csv") == []
 
 
-def test_ctrl_c_cancels_outstanding_scans(local_cluster, tmp_path):
+def test_ctrl_c_cancels_outstanding_scans(local_cluster, tmp_path, capsys):
     names = ("a", "b", "c", "d", "e", "f")
     inp, out = _plain(tmp_path / "in", names), tmp_path / "out"
     executor = bc.DaskExecutor(StubFactory(delay=1.5), scheduler=local_cluster.scheduler_address, threads=1)
@@ -169,10 +169,15 @@ def test_ctrl_c_cancels_outstanding_scans(local_cluster, tmp_path):
     interrupted = [e for e in events if e["event"] == "interrupted"]
     assert len(interrupted) == 1 and set(interrupted[0]["scans"]) | set(done) == set(names)
     assert events[-1]["event"] == "end" and events[-1]["interrupted"] is True
-    # the cluster is still usable (nothing left running on it) and the rerun completes
+    # the cluster is still usable (nothing left running on it) and the rerun completes (JSON progress)
+    capsys.readouterr()
     summary = run_batch(discover_scans(inp), out, None, executor=bc.DaskExecutor(
-        StubFactory(), scheduler=local_cluster.scheduler_address, threads=1), echo=lambda text: None, report=False)
+        StubFactory(), scheduler=local_cluster.scheduler_address, threads=1), progress="json", report=False)
     assert sorted(summary.skipped) == done and sorted(summary.done + summary.skipped) == list(names)
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert sorted(e["scan"] for e in events if e["event"] == "scan" and e["status"] == "done") == sorted(summary.done)
+    overall = [e["overall"] for e in events if e["event"] == "progress"]
+    assert overall == sorted(overall) and overall[-1] == 1.0
 
 
 def test_missing_weights_stop_before_any_scan(local_cluster, tmp_path):
@@ -209,20 +214,21 @@ def test_dask_command_matches_the_serial_run(small_t1, small_prompts_1slice_path
     variants = {"t1a": small_t1.data, "t1b": small_t1.data + rng.normal(0, 8, small_t1.shape).astype(np.float32)}
     for name, data in variants.items():
         write_nifti(inp / f"{name}.nii.gz", data.astype(np.float32), small_t1.affine)
-        shutil.copyfile(small_prompts_1slice_path, (prompts_dir / name).mkdir(parents=True) or
-                        prompts_dir / name / "prompts.json")
+        (prompts_dir / name).mkdir(parents=True)
+        shutil.copyfile(small_prompts_1slice_path, prompts_dir / name / "prompts.json")
     (inp / "broken.nii.gz").write_bytes(small_t1.path.read_bytes()[:300])
     common = ["batch", inp, "--weights", weights_dir, "--prompts-dir", prompts_dir, "--device", "cpu", "--threads", "1",
               "--progress", "none"]
     assert run_cli(common + ["--out", tmp_path / "serial"]) == BATCH_FAILED_EXIT
     capsys.readouterr()
     t0 = time.monotonic()
-    rc = run_cli(common + ["--out", tmp_path / "dask", "--executor", "dask", "--workers", "2"])
+    rc = run_cli(common + ["--out", tmp_path / "dask", "--executor", "dask", "--workers", "2", "--progress", "bar"])
     seconds = time.monotonic() - t0
     captured = capsys.readouterr()
     assert rc == BATCH_FAILED_EXIT, captured.err
     assert "batch: 3 scans: 2 done, 0 skipped (already complete), 1 failed" in captured.out
     assert "basalseg: failed: broken: " in captured.err and "unreadable" in captured.err
+    assert re.search(r"batch: 100%\|.*\| 3\.0/3 scans.*\[\d\d:\d\d<00:00\]", captured.err)  # the bar, with its ETA
     serial, dask_out = tmp_path / "serial", tmp_path / "dask"
     for name in variants:
         for file in ("segmentation.nii.gz", "segmentation.seg.nrrd", "volumes.csv", "prompts.json"):
