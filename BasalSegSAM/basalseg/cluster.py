@@ -365,60 +365,73 @@ class DaskExecutor:
 
     def _collect(self, client, queue, submit, futures, outcome, log, progress, say, bar, emit_json, distributed) -> None:
         """Submit the scans as workers free up (never more in flight than the cluster has workers,
-        so a lost worker takes no queued scan with it), and record each outcome."""
+        so a lost worker takes no queued scan with it; workers that join later, e.g. SLURM jobs
+        leaving the queue, get work within seconds), and record each outcome as it comes."""
         total = len(queue)
-        running = distributed.as_completed()
+        inflight: list = []
 
         def top_up() -> None:
             slots = max(1, len(client.nthreads()))
-            while queue and running.count() < slots:
-                running.add(submit(*queue.pop(0)))
+            while queue and len(inflight) < slots:
+                inflight.append(submit(*queue.pop(0)))
 
         top_up()
-        for count, future in enumerate(running, start=1):
-            scan = futures[future]
-            outcome.attempted.add(scan.name)
+        count = 0
+        while inflight:
             try:
-                res = future.result()
-            except Exception as exc:  # noqa: BLE001 - a lost worker (KilledWorker) or a task Dask could not run
-                kind = type(exc).__name__
-                lost = isinstance(exc, distributed.KilledWorker)
-                message = ("the Dask worker running this scan died, each time it was tried (out of memory? killed? "
-                           "a SLURM job past its --time?); the worker's log says why" if lost
-                           else f"internal error: {kind}: {' '.join(str(exc).split())}")
-                from .batch import _now
-
-                res = {"status": "failed", "failure": {"scan": scan.name, "input": str(scan.path), "kind": kind,
-                                                       "message": message, "time": _now()}}
-            for message in res.get("warnings", []):
-                log("warning", scan=scan.name, message=message)
-            where = {k: res[k] for k in ("worker", "pid", "builds") if k in res}
-            if res["status"] == "done":
-                outcome.done.append(scan.name)
-                log("done", scan=scan.name, input=str(scan.path), seconds=res["seconds"], missing=res["missing"], **where)
-                say(f"[{count}/{total}] {scan.name}: done in {res['seconds']:.1f} s"
-                    + (f" (not found: {', '.join(res['missing'])})" if res["missing"] else ""))
-                if progress == "json":
-                    emit_json(event="scan", scan=scan.name, index=count - 1, total=total, status="done",
-                              seconds=res["seconds"])
-            elif res["status"] == "failed":
-                failure = res["failure"]
-                outcome.failed.append(failure)
-                log("failed", scan=scan.name, input=failure["input"], kind=failure["kind"], message=failure["message"],
-                    **({"seconds": res["seconds"]} if "seconds" in res else {}), **where,
-                    **({"traceback": failure["traceback"]} if "traceback" in failure else {}))
-                say(f"[{count}/{total}] {scan.name}: FAILED: {failure['message']}")
-                if progress == "json":
-                    emit_json(event="scan", scan=scan.name, index=count - 1, total=total, status="failed",
-                              message=failure["message"], kind=failure["kind"])
-            else:  # cancelled by another client of the same run: cannot happen without Ctrl-C
-                log("interrupted", scan=scan.name, **where)
-            if bar is not None:
-                bar.set_postfix_str(scan.name, refresh=False)
-                bar.update(1)
-            elif progress == "json":
-                emit_json(event="progress", scan=scan.name, overall=round(count / total, 4))
+                distributed.wait(inflight, timeout=_POLL_S * 2, return_when="FIRST_COMPLETED")
+            except TimeoutError:
+                pass
+            for future in [f for f in inflight if f.done()]:
+                inflight.remove(future)
+                count += 1
+                self._record(future, futures[future], count, total, outcome, log, progress, say, bar, emit_json,
+                             distributed)
             top_up()
+
+    def _record(self, future, scan, count, total, outcome, log, progress, say, bar, emit_json, distributed) -> None:
+        """One finished future: log it, show it, count it."""
+        outcome.attempted.add(scan.name)
+        try:
+            res = future.result()
+        except Exception as exc:  # noqa: BLE001 - a lost worker (KilledWorker) or a task Dask could not run
+            kind = type(exc).__name__
+            lost = isinstance(exc, distributed.KilledWorker)
+            message = ("the Dask worker running this scan died, each time it was tried (out of memory? killed? "
+                       "a SLURM job past its --time?); the worker's log says why" if lost
+                       else f"internal error: {kind}: {' '.join(str(exc).split())}")
+            from .batch import _now
+
+            res = {"status": "failed", "failure": {"scan": scan.name, "input": str(scan.path), "kind": kind,
+                                                   "message": message, "time": _now()}}
+        for message in res.get("warnings", []):
+            log("warning", scan=scan.name, message=message)
+        where = {k: res[k] for k in ("worker", "pid", "builds") if k in res}
+        if res["status"] == "done":
+            outcome.done.append(scan.name)
+            log("done", scan=scan.name, input=str(scan.path), seconds=res["seconds"], missing=res["missing"], **where)
+            say(f"[{count}/{total}] {scan.name}: done in {res['seconds']:.1f} s"
+                + (f" (not found: {', '.join(res['missing'])})" if res["missing"] else ""))
+            if progress == "json":
+                emit_json(event="scan", scan=scan.name, index=count - 1, total=total, status="done",
+                          seconds=res["seconds"])
+        elif res["status"] == "failed":
+            failure = res["failure"]
+            outcome.failed.append(failure)
+            log("failed", scan=scan.name, input=failure["input"], kind=failure["kind"], message=failure["message"],
+                **({"seconds": res["seconds"]} if "seconds" in res else {}), **where,
+                **({"traceback": failure["traceback"]} if "traceback" in failure else {}))
+            say(f"[{count}/{total}] {scan.name}: FAILED: {failure['message']}")
+            if progress == "json":
+                emit_json(event="scan", scan=scan.name, index=count - 1, total=total, status="failed",
+                          message=failure["message"], kind=failure["kind"])
+        else:  # cancelled by another client of the same run: cannot happen without Ctrl-C
+            log("interrupted", scan=scan.name, **where)
+        if bar is not None:
+            bar.set_postfix_str(scan.name, refresh=False)
+            bar.update(1)
+        elif progress == "json":
+            emit_json(event="progress", scan=scan.name, overall=round(count / total, 4))
 
     def _cancel(self, client, flag, todo, futures, outcome, log, distributed) -> None:
         """Ctrl-C: stop the running scans (the Event), drop the queued ones, wait a little."""
@@ -548,7 +561,8 @@ def make_executor(args, config, out_dir: Path) -> DaskExecutor | None:
 
     def cluster(workers, threads_):
         c = make_slurm_cluster(options)
-        c.scale(jobs=workers)
+        # adapt with min = max: keeps `workers` jobs, resubmitting one that ends (its --time, preemption)
+        c.adapt(minimum_jobs=workers, maximum_jobs=workers)
         return c
 
     return DaskExecutor(factory, workers=args.workers or 4, threads=threads, cluster=cluster, name="slurm")

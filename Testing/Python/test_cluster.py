@@ -114,6 +114,7 @@ def _only_complete_or_absent(out: Path, names) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_worker_killed_mid_write_leaves_no_partial_folder(local_cluster, tmp_path):
     inp, out = _plain(tmp_path / "in", ("a", "kill", "c", "d", "crash")), tmp_path / "out"
     marker = tmp_path / "armed"
@@ -199,6 +200,7 @@ def test_missing_weights_stop_before_any_scan(local_cluster, tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_dask_command_matches_the_serial_run(small_t1, small_prompts_1slice_path, weights_dir, tmp_path, monkeypatch,
                                              capsys):
     """Two small real T1s (the basal-ganglia crop, and the crop with noise) and a broken file: the
