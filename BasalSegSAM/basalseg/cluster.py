@@ -206,6 +206,17 @@ def _scan_task(scan, out_dir: str, overwrite: bool, job: dict, factory, threads,
 
 
 @dataclass
+class _Show:
+    """Where a run's events go: the batch log, the terminal or JSON lines, the bar."""
+
+    log: object
+    progress: str
+    say: object
+    bar: object
+    emit_json: object
+
+
+@dataclass
 class ExecutorOutcome:
     """What :meth:`DaskExecutor.run` hands back to :func:`basalseg.batch.run_batch`."""
 
@@ -345,8 +356,8 @@ class DaskExecutor:
                     futures[future] = scan
                     return future
 
-                self._collect(client, list(todo), submit, futures, outcome, log, progress, say, bar, emit_json,
-                              distributed)
+                show = _Show(log, progress, say, bar, emit_json)
+                self._collect(client, list(todo), submit, futures, outcome, show, distributed)
             except (KeyboardInterrupt, Cancelled) as exc:
                 outcome.interrupted = exc
                 self._cancel(client, flag, todo, futures, outcome, log, distributed)
@@ -363,7 +374,7 @@ class DaskExecutor:
                 _clean_leftovers(out_dir, scan.name, log)
         return outcome
 
-    def _collect(self, client, queue, submit, futures, outcome, log, progress, say, bar, emit_json, distributed) -> None:
+    def _collect(self, client, queue, submit, futures, outcome, show, distributed) -> None:
         """Submit the scans as workers free up (never more in flight than the cluster has workers,
         so a lost worker takes no queued scan with it; workers that join later, e.g. SLURM jobs
         leaving the queue, get work within seconds), and record each outcome as it comes."""
@@ -385,12 +396,12 @@ class DaskExecutor:
             for future in [f for f in inflight if f.done()]:
                 inflight.remove(future)
                 count += 1
-                self._record(future, futures[future], count, total, outcome, log, progress, say, bar, emit_json,
-                             distributed)
+                self._record(future, futures[future], count, total, outcome, show, distributed)
             top_up()
 
-    def _record(self, future, scan, count, total, outcome, log, progress, say, bar, emit_json, distributed) -> None:
+    def _record(self, future, scan, count, total, outcome, show, distributed) -> None:
         """One finished future: log it, show it, count it."""
+        log, progress, say, bar, emit_json = show.log, show.progress, show.say, show.bar, show.emit_json
         outcome.attempted.add(scan.name)
         try:
             res = future.result()
