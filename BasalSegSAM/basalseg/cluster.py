@@ -15,8 +15,9 @@ what became of each. The engine is Dask's; there is no scheduler of our own.
     (use ``tmux``/``screen`` or submit the command itself as a small job); everything else
     (account, interface, module loads) comes from dask-jobqueue's own configuration
     (``~/.config/dask/jobqueue.yaml``, section ``jobqueue.slurm``). ``--print-job-script``
-    prints the job script and submits nothing. ``OUT_DIR`` and the inputs must be on a file
-    system the compute nodes share.
+    prints the job script and submits nothing (the jobs' logs go to ``OUT_DIR/.slurm-logs/``).
+    ``OUT_DIR`` and the inputs must be on a file system the compute nodes share. ``--scheduler``
+    workers get ``--threads`` torch threads (default: torch's own).
 
 Why SLURMCluster rather than an ``sbatch`` job array: one code path for both executors, so the
 SLURM run has exactly the guarantees of the Dask one (progress and ETA from the futures, failures
@@ -30,9 +31,10 @@ any scan, one warm-up task loads the networks on a worker: missing or broken wei
 batch (status 2) as in the serial run.
 
 **Guarantees** (as the serial run's): a result folder is written through a staging folder and
-renamed into place, so it is complete or absent even when a worker dies (Dask retries a scan once
-on another worker when its worker is lost; a second loss fails the scan as ``KilledWorker``);
-after the run, staging leftovers of every scan are removed. A failing scan is logged and the
+renamed into place, so it is complete or absent even when a worker dies (on the clusters started
+here Dask retries a scan once on another worker when its worker is lost, and a second loss fails
+the scan as ``KilledWorker``; a ``--scheduler`` cluster has its own setting); after the run,
+staging leftovers of every scan are removed. At most one scan per worker is in flight. A failing scan is logged and the
 others go on. Ctrl-C (or SIGTERM) sets a Dask ``Event`` that every running task polls between
 stages, cancels what is still queued, waits a moment for the running scans to stop, then shuts
 down the cluster it started and cleans up; finished results are kept and a rerun resumes.
