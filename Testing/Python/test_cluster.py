@@ -8,7 +8,9 @@ LocalCluster with 2 worker processes.
 * Ctrl-C cancels what is outstanding and leaves only complete result folders;
 * SLURM: every ``#SBATCH`` directive of the job script dask-jobqueue would submit is checked
   against sbatch's option syntax (``sbatch --test-only`` needs a running controller, which CI
-  does not have; it is used when ``sbatch`` is on PATH and answers).
+  does not have; it is used when ``sbatch`` is on PATH and answers), and the whole
+  ``--executor slurm`` path runs against a stand-in ``sbatch``/``scancel`` that start the job
+  scripts on this machine.
 
 The stand-in pipeline tests reuse one LocalCluster (``--scheduler`` path); the real one starts
 its own (``--workers`` path).
@@ -362,3 +364,69 @@ def test_slurm_job_script(tmp_path, monkeypatch, capsys):
         check = subprocess.run(["sbatch", "--test-only", str(path)], capture_output=True, text=True, timeout=30)
         if "Unable to contact slurm controller" not in check.stderr:
             assert check.returncode == 0, check.stderr
+
+
+_FAKE_SBATCH = """#!/usr/bin/env bash
+# stand-in sbatch: keep the job script, run it here in the background in its own session
+set -e
+job=$(mktemp "$FAKE_SLURM_DIR/job-XXXXXX")
+cp "$1" "$job.sh"
+setsid bash "$job.sh" > "$job.log" 2>&1 < /dev/null &
+echo "Submitted batch job $!"
+"""
+_FAKE_SCANCEL = """#!/usr/bin/env bash
+for id in "$@"; do echo "$id" >> "$FAKE_SLURM_DIR/cancelled"; kill -TERM -- "-$id" 2>/dev/null || true; done
+"""
+
+
+@pytest.mark.slow
+def test_slurm_executor_with_a_stand_in_sbatch(tmp_path, monkeypatch):
+    """``--executor slurm`` as far as a machine without SLURM allows: dask-jobqueue writes the job
+    scripts and hands them to ``sbatch``, here a stand-in that runs each on this machine (and a
+    ``scancel`` that stops it). The jobs' workers join, run the scans (stand-in pipeline), and are
+    cancelled at the end."""
+    pytest.importorskip("dask_jobqueue")
+    from basalseg.cli import _config, build_parser
+
+    bindir, jobs = tmp_path / "bin", tmp_path / "jobs"
+    bindir.mkdir()
+    jobs.mkdir()
+    for name, text in (("sbatch", _FAKE_SBATCH), ("scancel", _FAKE_SCANCEL)):
+        (bindir / name).write_text(text)
+        (bindir / name).chmod(0o755)
+    here = Path(__file__).resolve().parent
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SLURM_DIR", str(jobs))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(here), str(here.parents[1] / "BasalSegSAM"),
+                                                      os.environ.get("PYTHONPATH", "")]))
+    inp, out = _plain(tmp_path / "in", ("a", "b", "crash")), tmp_path / "out"
+    args = build_parser().parse_args(["batch", str(inp), "--out", str(out), "--executor", "slurm", "--workers", "2",
+                                      "--threads", "1", "--mem", "2G", "--time", "00:10:00", "--partition", "debug"])
+    executor = bc.make_executor(args, _config(args), out)
+    executor.factory = StubFactory()  # the stand-in pipeline instead of the networks
+    summary = run_batch(discover_scans(inp), out, None, executor=executor, echo=lambda text: None, report=False)
+    assert sorted(summary.done) == ["a", "b"] and [f["scan"] for f in summary.failed] == ["crash"]
+    scripts = sorted(jobs.glob("job-*.sh"))
+    assert len(scripts) == 2
+    assert all("#SBATCH -p debug" in p.read_text() and "#SBATCH -t 00:10:00" in p.read_text() for p in scripts)
+    events = _log(out)
+    assert next(e for e in events if e["event"] == "executor")["executor"] == "slurm"
+    assert os.getpid() not in {e["pid"] for e in events if e["event"] == "done"}
+    # closing the cluster cancelled every job it submitted
+    cancelled = set((jobs / "cancelled").read_text().split())
+    assert len(cancelled) == 2
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(_alive(int(pid)) for pid in cancelled):
+        time.sleep(0.5)
+    assert not any(_alive(int(pid)) for pid in cancelled)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped) is not running
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
