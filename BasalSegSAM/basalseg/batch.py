@@ -48,6 +48,10 @@ and the batch goes on; at the end the failures are listed and the exit status is
 would fail every scan (missing weights, no CUDA) stop the batch before the first scan (status 2).
 The networks and the foundation backend are loaded once for the whole batch.
 
+**Executors.** ``--executor dask|slurm`` runs :func:`process_scan` as one Dask task per scan on
+worker processes or SLURM jobs (:mod:`basalseg.cluster`), with the guarantees above; each worker
+loads the networks once.
+
 **Session dates** (for ``basalseg compare``'s interval), first found: the ``acq_time`` of the
 image in the BIDS ``*_scans.tsv``, the session's ``acq_time`` in ``sub-XX_sessions.tsv``, the
 ``AcquisitionDateTime``/``AcquisitionDate`` of the JSON sidecar, an ISO date (``YYYY-MM-DD``) in
@@ -504,9 +508,91 @@ def _preload(pipeline, need_prompter: bool) -> None:
             getattr(pipeline, name)
 
 
+def process_scan(scan: Scan, out_dir: str | os.PathLike, pipeline, *, prompts=None, prompts_dir=None,
+                 skull_stripped: str = "auto", overwrite: bool | str = False, qc: bool = True, progress=None,
+                 warn=None, before_write=None) -> dict:
+    """Segment one scan and write its result folder ``OUT_DIR/<scan>`` atomically (complete or absent),
+    with its QC montage. What the serial loop and every executor's worker run (:mod:`basalseg.cluster`).
+
+    Args:
+        overwrite: False (the folder must hold no result), True (replace BasalSegSAM's own, unchanged
+            result files) or ``"named"`` (a damaged result redone: replace files with result names);
+            other files in the folder are never touched (:class:`basalseg.staging.StagedOutputDir`).
+        progress: ``f(stage, fraction)`` (may raise :class:`Cancelled` to stop the scan).
+        warn: ``f(message)`` for problems that do not cost the result (default: ignored).
+        before_write: called once between segmenting and writing (may raise :class:`Cancelled`).
+
+    Returns:
+        ``{"missing": [...]}``: the structures not found.
+
+    Raises:
+        whatever loading, segmenting or writing raised (nothing is left in ``OUT_DIR/<scan>``).
+    """
+    from .icv import estimate_brain_volumes
+    from .imageio import load_volume
+    from .prompts import load_prompts
+    from .report import foundation_student_dice, montage_from_result, write_montage
+    from .results import write_result
+
+    warn = warn or (lambda message: None)
+    out_dir = Path(out_dir)
+    prompts_dir = Path(prompts_dir) if prompts_dir else None
+    volume = load_volume(scan.path)
+    scan_prompts = prompts
+    source = _find_prompts(prompts_dir, scan.name)
+    if source is not None:
+        scan_prompts = load_prompts(source)
+    result = pipeline.segment(volume, prompts=scan_prompts, progress=progress)
+    provenance = dict(result.provenance)
+    provenance["scan_info"] = {**scan.info(), "prompts_file": str(source) if source else None}
+    if "foundation_student_dice" not in provenance:  # unless the pipeline recorded it
+        try:
+            provenance["foundation_student_dice"] = foundation_student_dice(result.masks, result.classes,
+                                                                            result.prompts)
+        except Exception as exc:  # noqa: BLE001 - a QC figure must not cost the result
+            provenance["foundation_student_dice"] = {}
+            warn(f"foundation/student Dice not computed: {exc}")
+    try:
+        provenance["brain_volume"] = estimate_brain_volumes(volume.data, volume.voxel_volume_mm3, skull_stripped)
+    except Exception as exc:  # noqa: BLE001
+        provenance["brain_volume"] = {"status": "not_estimated", "reason": f"error: {type(exc).__name__}: {exc}"}
+    result.provenance = provenance
+    if before_write is not None:
+        before_write()
+    write_result(result, out_dir / scan.name, overwrite=bool(overwrite), qc=qc,
+                 replace="named" if overwrite == "named" else "verified")
+    try:
+        write_montage(out_dir, scan.name, montage_from_result(result, title=scan.name))
+    except Exception as exc:  # noqa: BLE001 - the report falls back to qc.png
+        warn(f"QC montage not written: {type(exc).__name__}: {exc}")
+    return {"missing": list(result.missing)}
+
+
+def scan_failure(scan: Scan, exc: BaseException) -> dict:
+    """The ``failures.csv`` row of a scan that raised ``exc`` (call inside its ``except``), plus
+    ``traceback`` for an unexpected error (not a :class:`BasalSegError`)."""
+    expected = isinstance(exc, BasalSegError)
+    kind = type(exc).__name__
+    message = " ".join(str(exc).split()) or kind
+    if not expected:
+        message = f"internal error: {kind}: {message}"
+    record = {"scan": scan.name, "input": str(scan.path), "kind": kind, "message": message, "time": _now()}
+    if not expected:
+        record["traceback"] = traceback.format_exc()
+    return record
+
+
+def batch_bar(total: int):
+    """The batch's tqdm bar on standard error (scans done, elapsed and ETA)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="batch", unit="scan", file=sys.stderr, dynamic_ncols=True, mininterval=0.5,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total} scans{postfix} [{elapsed}<{remaining}]")
+
+
 def run_batch(scans: list[Scan], out_dir: str | os.PathLike, pipeline, *, prompts=None, prompts_dir=None,
               skull_stripped: str = "auto", redo: str = "none", qc: bool = True, progress: str = "none",
-              report: bool = True, thresholds=None, embed: bool = False, echo=None) -> BatchSummary:
+              report: bool = True, thresholds=None, embed: bool = False, echo=None, executor=None) -> BatchSummary:
     """Segment every scan not yet done; write the cohort tables, failures and report.
 
     Args:
@@ -525,6 +611,9 @@ def run_batch(scans: list[Scan], out_dir: str | os.PathLike, pipeline, *, prompt
         thresholds: :class:`basalseg.report.Thresholds` for the report.
         embed: inline the report's pictures.
         echo: ``f(text)`` for per-scan lines in ``"none"`` mode (default: print to stdout).
+        executor: None to segment the scans here, one after the other with ``pipeline``; or an
+            executor of :mod:`basalseg.cluster` (Dask, SLURM), which runs :func:`process_scan` on its
+            workers (each building its own pipeline; ``pipeline`` is then not used).
 
     Raises:
         Cancelled: interrupted (tables and report are still written for the finished scans).
@@ -532,13 +621,8 @@ def run_batch(scans: list[Scan], out_dir: str | os.PathLike, pipeline, *, prompt
             cannot be loaded.
     """
     from . import __version__
-    from .icv import estimate_brain_volumes
-    from .imageio import load_volume
     from .progress import emit_json, overall_fraction
-    from .prompts import load_prompts
-    from .report import (build_report, cohort_warnings, find_results, foundation_student_dice, montage_from_result,
-                         read_failures, result_state, write_montage)
-    from .results import write_result
+    from .report import build_report, cohort_warnings, find_results, read_failures, result_state
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -554,8 +638,7 @@ def run_batch(scans: list[Scan], out_dir: str | os.PathLike, pipeline, *, prompt
 
     with _Lock(out_dir):
         log = _Log(out_dir / LOG_NAME)
-        todo: list[tuple[Scan, bool]] = []  # (scan, overwrite)
-        damaged: set[str] = set()  # incomplete results redone: files with result names are replaced
+        todo: list[tuple[Scan, bool | str]] = []  # (scan, overwrite: False, True or "named"; see process_scan)
         failures: dict[str, dict] = {}
         for scan in scans:
             _clean_leftovers(out_dir, scan.name, log)
@@ -568,16 +651,14 @@ def run_batch(scans: list[Scan], out_dir: str | os.PathLike, pipeline, *, prompt
                                                   "left untouched: move it away or pass --redo-incomplete",
                                        "time": _now()}
             else:
-                todo.append((scan, state != "absent"))
-                if state == "incomplete":
-                    damaged.add(scan.name)
+                todo.append((scan, "named" if state == "incomplete" else state != "absent"))
         log("start", basalseg=__version__, argv=sys.argv[1:], scans=len(scans), todo=len(todo),
             skipped=len(summary.skipped), refused=len(failures))
         for name in summary.skipped:
             log("skipped", scan=name, reason="complete result already there")
         for f in failures.values():
             log("failed", scan=f["scan"], input=f["input"], kind=f["kind"], message=f["message"])
-        if todo:
+        if todo and executor is None:
             need_prompter = prompts is None and any(_find_prompts(prompts_dir, s.name) is None for s, _ in todo)
             try:
                 _preload(pipeline, need_prompter)
@@ -586,11 +667,8 @@ def run_batch(scans: list[Scan], out_dir: str | os.PathLike, pipeline, *, prompt
                 raise
 
         bar = None
-        if progress == "bar" and todo:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(todo), desc="batch", unit="scan", file=sys.stderr, dynamic_ncols=True, mininterval=0.5,
-                       bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total} scans{postfix} [{elapsed}<{remaining}]")
+        if progress == "bar" and todo and executor is None:
+            bar = batch_bar(len(todo))
 
         def say(text: str) -> None:
             if progress == "bar" and bar is not None:
@@ -601,7 +679,16 @@ def run_batch(scans: list[Scan], out_dir: str | os.PathLike, pipeline, *, prompt
         interrupted: BaseException | None = None
         attempted: set[str] = set()
         last_json = [0.0]
-        for index, (scan, overwrite) in enumerate(todo):
+        if executor is not None and todo:
+            job = {"prompts": prompts, "prompts_dir": prompts_dir, "skull_stripped": skull_stripped, "qc": qc}
+            outcome = executor.run(todo, out_dir, job, log=log, progress=progress, echo=echo)
+            summary.done.extend(outcome.done)
+            failures.update({f["scan"]: {k: v for k, v in f.items() if k != "traceback"} for f in outcome.failed})
+            for name in outcome.done:
+                failures.pop(name, None)
+            attempted.update(outcome.attempted)
+            interrupted = outcome.interrupted
+        for index, (scan, overwrite) in enumerate(todo if executor is None else ()):
             t0 = time.perf_counter()
             attempted.add(scan.name)
             if bar is not None:
@@ -624,47 +711,20 @@ def run_batch(scans: list[Scan], out_dir: str | os.PathLike, pipeline, *, prompt
                               overall=round(position / len(todo), 4))
 
             try:
-                volume = load_volume(scan.path)
-                scan_prompts = prompts
-                source = _find_prompts(prompts_dir, scan.name)
-                if source is not None:
-                    scan_prompts = load_prompts(source)
-                result = pipeline.segment(volume, prompts=scan_prompts, progress=on_progress)
-                provenance = dict(result.provenance)
-                provenance["scan_info"] = {**scan.info(), "prompts_file": str(source) if source else None}
-                if "foundation_student_dice" not in provenance:  # unless the pipeline recorded it
-                    try:
-                        provenance["foundation_student_dice"] = foundation_student_dice(result.masks, result.classes,
-                                                                                        result.prompts)
-                    except Exception as exc:  # noqa: BLE001 - a QC figure must not cost the result
-                        provenance["foundation_student_dice"] = {}
-                        log("warning", scan=scan.name, message=f"foundation/student Dice not computed: {exc}")
-                try:
-                    provenance["brain_volume"] = estimate_brain_volumes(volume.data, volume.voxel_volume_mm3, skull_stripped)
-                except Exception as exc:  # noqa: BLE001
-                    provenance["brain_volume"] = {"status": "not_estimated", "reason": f"error: {type(exc).__name__}: {exc}"}
-                result.provenance = provenance
-                write_result(result, out_dir / scan.name, overwrite=overwrite, qc=qc,
-                             replace="named" if scan.name in damaged else "verified")
-                try:
-                    write_montage(out_dir, scan.name, montage_from_result(result, title=scan.name))
-                except Exception as exc:  # noqa: BLE001 - the report falls back to qc.png
-                    log("warning", scan=scan.name, message=f"QC montage not written: {type(exc).__name__}: {exc}")
+                written = process_scan(scan, out_dir, pipeline, prompts=prompts, prompts_dir=prompts_dir,
+                                       skull_stripped=skull_stripped, overwrite=overwrite, qc=qc, progress=on_progress,
+                                       warn=lambda message, scan=scan: log("warning", scan=scan.name, message=message))
             except (KeyboardInterrupt, Cancelled) as exc:
                 interrupted = exc
                 log("interrupted", scan=scan.name)
                 break
             except Exception as exc:  # noqa: BLE001 - one scan's failure must not stop the others
-                expected = isinstance(exc, BasalSegError)
-                kind = type(exc).__name__
-                message = " ".join(str(exc).split()) or kind
-                if not expected:
-                    message = f"internal error: {kind}: {message}"
-                failures[scan.name] = {"scan": scan.name, "input": str(scan.path), "kind": kind, "message": message,
-                                       "time": _now()}
+                failure = scan_failure(scan, exc)
+                kind, message = failure["kind"], failure["message"]
+                failures[scan.name] = {k: v for k, v in failure.items() if k != "traceback"}
                 log("failed", scan=scan.name, input=str(scan.path), kind=kind, message=message,
                     seconds=round(time.perf_counter() - t0, 2),
-                    **({} if expected else {"traceback": traceback.format_exc()}))
+                    **({"traceback": failure["traceback"]} if "traceback" in failure else {}))
                 say(f"[{index + 1}/{len(todo)}] {scan.name}: FAILED: {message}")
                 if progress == "json":
                     emit_json(event="scan", scan=scan.name, index=index, total=len(todo), status="failed", message=message,
@@ -673,9 +733,9 @@ def run_batch(scans: list[Scan], out_dir: str | os.PathLike, pipeline, *, prompt
             seconds = round(time.perf_counter() - t0, 2)
             summary.done.append(scan.name)
             failures.pop(scan.name, None)
-            log("done", scan=scan.name, input=str(scan.path), seconds=seconds, missing=result.missing)
+            log("done", scan=scan.name, input=str(scan.path), seconds=seconds, missing=written["missing"])
             say(f"[{index + 1}/{len(todo)}] {scan.name}: done in {seconds:.1f} s"
-                + (f" (not found: {', '.join(result.missing)})" if result.missing else ""))
+                + (f" (not found: {', '.join(written['missing'])})" if written["missing"] else ""))
             if progress == "json":
                 emit_json(event="scan", scan=scan.name, index=index, total=len(todo), status="done", seconds=seconds)
         if bar is not None:
@@ -710,6 +770,7 @@ def run_batch(scans: list[Scan], out_dir: str | os.PathLike, pipeline, *, prompt
 
 def register(sub) -> None:
     from .cli import _add_run_options
+    from .cluster import add_executor_options
     from .icv import SKULL_STRIPPED_CHOICES
     from .report import add_threshold_options
 
@@ -735,12 +796,13 @@ def register(sub) -> None:
                    help="for the brain-mask volume: auto-detect skull-stripped inputs (default), or say so")
     p.add_argument("--no-report", action="store_true", help="do not write report.html")
     add_threshold_options(p)
+    add_executor_options(p)
     p.set_defaults(handler=cmd_batch)
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
     from .cli import _config, _progress_mode
-    from .pipeline import Pipeline
+    from .cluster import check_executor_args, make_executor, slurm_job_script
     from .progress import emit_json
     from .prompts import load_prompts
     from .report import thresholds_from_args
@@ -752,14 +814,24 @@ def cmd_batch(args: argparse.Namespace) -> int:
     if args.prompts_dir and not args.prompts_dir.is_dir():
         raise BasalSegError(f"--prompts-dir {args.prompts_dir}: no such folder")
     thresholds = thresholds_from_args(args)
+    check_executor_args(args)
+    if args.print_job_script:
+        print(slurm_job_script(args, args.out), end="")
+        return 0
     scans = discover_scans(args.input_dir)
     prompts = load_prompts(args.prompts) if args.prompts else None
     mode = _progress_mode(args.progress)
     redo = "all" if args.overwrite else "incomplete" if args.redo_incomplete else "none"
-    pipeline = Pipeline(_config(args))
+    executor = make_executor(args, _config(args), args.out)  # None: --executor local
+    if executor is None:
+        from .pipeline import Pipeline
+
+        pipeline = Pipeline(_config(args))
+    else:
+        pipeline = None  # each worker builds its own
     summary = run_batch(scans, args.out, pipeline, prompts=prompts, prompts_dir=args.prompts_dir,
                         skull_stripped=args.skull_stripped, redo=redo, qc=not args.no_qc, progress=mode,
-                        report=not args.no_report, thresholds=thresholds, embed=args.embed)
+                        report=not args.no_report, thresholds=thresholds, embed=args.embed, executor=executor)
     if mode == "json":
         emit_json(event="done", out=str(args.out), done=len(summary.done), skipped=len(summary.skipped),
                   failed=len(summary.failed), report=str(summary.report) if summary.report else None)
