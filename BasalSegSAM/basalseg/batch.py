@@ -330,8 +330,8 @@ def _clean_leftovers(out_dir: Path, name: str, log) -> None:
     from .outputs import RESULT_FILES
     from .staging import clean_leftovers
 
-    for message in clean_leftovers(out_dir / name, RESULT_FILES, assume_dead=True):
-        log("cleanup", scan=name, message=message)
+    for record in clean_leftovers(out_dir / name, RESULT_FILES, assume_dead=True):
+        log("cleanup", scan=name, **{record["action"]: record["name"]}, message=record["message"])
 
 
 #: the files a batch writes at the top of OUT_DIR (besides one folder per scan)

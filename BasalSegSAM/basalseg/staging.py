@@ -129,8 +129,9 @@ def _owner_alive(folder: Path) -> tuple[bool | None, str]:
     return True, f"process {pid} is running"
 
 
-def clean_leftovers(final: str | os.PathLike, owned: Collection[str] = (), assume_dead: bool = False) -> list[str]:
-    """Remove what interrupted writes of ``final`` left; return one message per leftover.
+def clean_leftovers(final: str | os.PathLike, owned: Collection[str] = (), assume_dead: bool = False) -> list[dict]:
+    """Remove what interrupted writes of ``final`` left; return one record per leftover:
+    ``{"action": "removed" | "restored" | "kept", "name": <folder name>, "message": <one line>}``.
 
     Staging folders of a process that has ended are removed (a caller that holds a lock on the
     whole output tree may pass ``assume_dead``, which also removes records without an owner).
@@ -140,7 +141,7 @@ def clean_leftovers(final: str | os.PathLike, owned: Collection[str] = (), assum
     be running is reported and kept.
     """
     final = Path(final)
-    messages: list[str] = []
+    messages: list[dict] = []
     candidates: list[Path] = []
     if final.parent.is_dir():
         candidates += sorted(final.parent.glob(f".{final.name}.staging-*"))
@@ -153,8 +154,9 @@ def clean_leftovers(final: str | os.PathLike, owned: Collection[str] = (), assum
         alive, why = _owner_alive(leftover)
         is_old = leftover.name.startswith(_INNER_OLD) or ".old-" in leftover.name
         if alive or (alive is None and not assume_dead and not is_old):
-            messages.append(f"left {leftover} alone: it may belong to a run still writing there ({why}); "
-                            "remove it by hand if no other run is")
+            messages.append({"action": "kept", "name": leftover.name,
+                             "message": f"left {leftover} alone: it may belong to a run still writing there ({why}); "
+                                        "remove it by hand if no other run is"})
             continue
         if is_old:
             holds_ours = final.is_dir() and any((final / name).exists() for name in owned)
@@ -163,11 +165,14 @@ def clean_leftovers(final: str | os.PathLike, owned: Collection[str] = (), assum
                 for item in leftover.iterdir():
                     if item.name != OWNER_FILE and not (final / item.name).exists():
                         os.replace(item, final / item.name)
-                messages.append(f"put back the results an interrupted run had set aside in {leftover.name}")
+                messages.append({"action": "restored", "name": leftover.name,
+                                 "message": f"put back the results an interrupted run had set aside in {leftover.name}"})
             else:
-                messages.append(f"removed {leftover.name}, old results an interrupted run had set aside ({why})")
+                messages.append({"action": "removed", "name": leftover.name,
+                                 "message": f"removed {leftover.name}, old results an interrupted run had set aside ({why})"})
         else:
-            messages.append(f"removed {leftover.name}, left by an interrupted run ({why})")
+            messages.append({"action": "removed", "name": leftover.name,
+                             "message": f"removed {leftover.name}, left by an interrupted run ({why})"})
         shutil.rmtree(leftover, ignore_errors=True)
     return messages
 
@@ -243,8 +248,8 @@ class StagedOutputDir:
         self.path: Path | None = None
         if self.final.exists() and not self.final.is_dir():
             raise OutputExistsError(f"{self.final} exists and is a file, not a folder")
-        for message in clean_leftovers(self.final, self.owned or ()):
-            log.warning("%s", message)
+        for record in clean_leftovers(self.final, self.owned or ()):
+            log.warning("%s", record["message"])
         self.existing = self.final.is_dir()
         self.ours = self._present_results() if self.existing else []
         if self.ours and not overwrite:

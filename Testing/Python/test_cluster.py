@@ -194,7 +194,7 @@ def test_missing_weights_stop_before_any_scan(local_cluster, tmp_path):
             factory, scheduler=local_cluster.scheduler_address, threads=1))
     assert info.value.exit_code == 2
     assert [e["event"] for e in _log(out)] == ["start", "executor", "stopped"]
-    assert sorted(p.name for p in out.iterdir()) == [".basalseg-batch.lock", "batch_log.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["batch_log.jsonl"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -191,5 +191,5 @@ def test_interrupted_commit_puts_the_old_results_back(tmp_path):
     for name in ("volumes.csv", "segmentation.nii.gz", "provenance.json"):
         os.replace(out / name, old / name)
     messages = clean_leftovers(out, RESULT_FILES)
-    assert any("put back" in m for m in messages)
+    assert any(m["action"] == "restored" and "put back" in m["message"] for m in messages)
     assert (out / "volumes.csv").read_text().endswith("v1\n") and not old.exists()
