@@ -166,7 +166,7 @@ def test_optimised_backend_gives_the_reference_masks(fast_backend, roi_slice, ro
 def test_onnx_encoder_is_cached_and_matches(roi_slice, roi_reference, tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
-    from basalseg.foundation import fast
+    from basalseg.foundation import litemedsam_encoder as fast
 
     monkeypatch.setenv("BASALSEG_CACHE", str(tmp_path))
     image, boxes, _ = roi_slice
