@@ -38,8 +38,8 @@ from ..prompts import Prompt, PromptSet
 from ..structures import STRUCTURES
 from .litemedsam import LiteMedSAMBackend
 from .litemedsam_decoder import FastMaskDecoder, SliceEmbedding
-from .litemedsam_encoder import (BandedMBConv, OrtEncoder, fold_batchnorm, onnx_cache_path, optimise_encoder,
-                                 resize_encoder)
+from .litemedsam_encoder import (BandedMBConv, FusedTinyViT, OrtEncoder, fold_batchnorm, onnx_cache_path,
+                                 optimise_encoder, resize_encoder)
 from .runner import SliceMaskCache, _roi, plane_view, prompt_signature, slice_image
 from .stride import fill_between, interpolate_mask, plan_slices, stride_masks
 
@@ -48,6 +48,7 @@ __all__ = [
     "BandedMBConv",
     "FastLiteMedSAMBackend",
     "FastMaskDecoder",
+    "FusedTinyViT",
     "SliceEmbedding",
     "fold_batchnorm",
     "interpolate_mask",
@@ -78,20 +79,23 @@ class FastLiteMedSAMBackend(LiteMedSAMBackend):
 
     Args:
         checkpoint, device, use_points, threshold: as :class:`LiteMedSAMBackend`.
-        encoder: ``"fused"`` (BatchNorm folded and, on CPU, the first stage banded; default), ``"onnx"`` (ONNX Runtime, CPU only;
-            falls back to ``"fused"`` when onnxruntime is missing), ``"compile"``
-            (``torch.compile``), or ``"torch"`` (the plain module).
+        encoder: ``"fused"`` (default: BatchNorm folded; on CPU :class:`FusedTinyViT`),
+            ``"onnx"`` (ONNX Runtime, CPU only; falls back to ``"fused"`` when onnxruntime is
+            missing), ``"compile"`` (``torch.compile`` of the folded, banded module), or
+            ``"torch"`` (the plain module).
         fast_decoder: use :class:`FastMaskDecoder` (else SAM's own decoder).
         amp: bf16 autocast on CUDA (ignored on CPU).
         threads: threads for ONNX Runtime (default: torch's).
         band: rows per band of the first encoder stage on CPU (:class:`BandedMBConv`); None = unbanded.
+        nhwc: on CPU, run the ``"fused"`` encoder as :class:`FusedTinyViT` (else the folded
+            module with the banded first stage, the lever before it).
         input_size: encoder input side (default LiteMedSAM's 256); smaller is faster but changes the
             masks (:func:`resize_encoder`).
     """
 
     def __init__(self, checkpoint=None, device=None, use_points: bool = False, threshold: float = 0.0,
                  encoder: str = "fused", fast_decoder: bool = True, amp: bool = True, threads: int | None = None,
-                 band: int | None = 16, input_size: int | None = None):
+                 band: int | None = 16, input_size: int | None = None, nhwc: bool = True):
         super().__init__(checkpoint=checkpoint, device=device, use_points=use_points, threshold=threshold)
         if encoder not in ENCODERS:
             raise ValueError(f"encoder must be one of {', '.join(ENCODERS)}; got {encoder!r}")
@@ -112,7 +116,7 @@ class FastLiteMedSAMBackend(LiteMedSAMBackend):
         if encoder == "torch":
             self._encode = plain
         else:
-            fused = optimise_encoder(plain, self.device, band=band)
+            fused = optimise_encoder(plain, self.device, band=band, nhwc=nhwc and encoder == "fused")
             self._encode = fused
             if encoder == "onnx":
                 try:
