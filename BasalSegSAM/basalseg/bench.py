@@ -28,6 +28,11 @@ decoded box (labelled ``extrapolated``). ``--quality`` also runs the reference f
 (the plain module with crop and one encoder pass per slice, the pipeline before the speed-ups)
 and reports, per structure, the Dice between its stacked masks and the optimised ones.
 ``--levers`` times the speed levers one by one instead (see ``benchmarks/README.md``).
+
+Efficiency (printed before the last line): the encoder's FLOPs per pass counted with
+``FlopCounterMode``, the GFLOP/s its passes reached, and a float32 GEMM's GFLOP/s measured in the
+same run on the same threads (:mod:`basalseg.foundation.efficiency`); ``--profile`` adds the
+encoder's top operators from ``torch.profiler``.
 """
 
 from __future__ import annotations
