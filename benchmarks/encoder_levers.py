@@ -1,6 +1,6 @@
 """One encoder pass of each LiteMedSAM encoder implementation, interleaved in one process.
 
-    PYTHONPATH=BasalSegSAM .venv/bin/python benchmarks/encoder_levers.py [--threads 2] [--repeats 4]
+    PYTHONPATH=BasalSegSAM .venv/bin/python benchmarks/encoder_levers.py [--threads 2] [--repeats 4] [--bands 32,64,0]
 
 Prints, per implementation, the largest difference of its embedding from the plain module's on
 a random 256 x 256 image, and the median wall and CPU time of ``--repeats`` passes (the
@@ -20,6 +20,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--bands", default="", help="also FusedTinyViT with these first-stage band heights (0: unbanded)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -34,6 +35,8 @@ def main() -> None:
         "FusedTinyViT (default)": FusedTinyViT(folded),
         "FusedTinyViT, plain torch ops": FusedTinyViT(folded, fused_ops=False),
     }
+    for band in filter(None, args.bands.split(",")):
+        encoders[f"FusedTinyViT, band {int(band) or 'none'}"] = FusedTinyViT(folded, band=int(band) or None)
     x = torch.rand(1, 3, 256, 256).contiguous(memory_format=torch.channels_last)
     times: dict[str, list] = {k: [] for k in encoders}
     with torch.inference_mode():
