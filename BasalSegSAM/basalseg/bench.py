@@ -28,6 +28,11 @@ decoded box (labelled ``extrapolated``). ``--quality`` also runs the reference f
 (the plain module with crop and one encoder pass per slice, the pipeline before the speed-ups)
 and reports, per structure, the Dice between its stacked masks and the optimised ones.
 ``--levers`` times the speed levers one by one instead (see ``benchmarks/README.md``).
+
+Efficiency (printed before the last line): the encoder's FLOPs per pass counted with
+``FlopCounterMode``, the GFLOP/s its passes reached, and a float32 GEMM's GFLOP/s measured in the
+same run on the same threads (:mod:`basalseg.foundation.efficiency`); ``--profile`` adds the
+encoder's top operators from ``torch.profiler``.
 """
 
 from __future__ import annotations
@@ -334,7 +339,7 @@ def run_bench(image=None, *, prompts: str = "auto", weights_dir=None, device=Non
               encoder: str = "fused", fast_decoder: bool = True, stride: int = 1, batch: int | None = None,
               input_size: int | None = None,
               slices: int | None = None, naive_slices: int | None = None, naive: bool = True, quality: bool = False,
-              python_heap: bool = False, keep=None, warm_up: bool = True) -> dict:
+              python_heap: bool = False, keep=None, warm_up: bool = True, profile: bool = False) -> dict:
     """Run the benchmark; return every figure as a dictionary (see the module docstring)."""
     import torch
 
@@ -470,6 +475,15 @@ def run_bench(image=None, *, prompts: str = "auto", weights_dir=None, device=Non
     report["optimised_total"] = sum(stages[k] for k in shared) + stages["foundation"]
     report["optimised_total_cpu"] = sum(cpu[k] for k in shared) + cpu["foundation"]
 
+    # efficiency: the encoder's counted FLOPs against the machine's own GEMM, in this run
+    report["efficiency"] = _efficiency(backend, dev)
+    if profile:
+        from .foundation.efficiency import profile_encoder
+
+        x = torch.rand(1, 3, backend.native_size, backend.native_size, device=dev).contiguous(memory_format=torch.channels_last)
+        prof = profile_encoder(backend.inner._encode, x, passes=2)
+        report["profile"] = {"ops": prof["ops"], "self_ms_per_pass": prof["self_ms_per_pass"]}
+
     # the naive foundation stage
     if naive:
         naive_prompts = spread_subset(full, naive_slices if naive_slices is not None else slices)
@@ -499,6 +513,10 @@ def run_bench(image=None, *, prompts: str = "auto", weights_dir=None, device=Non
         report["speedup_total"] = nv["total"] / max(report["optimised_total"], 1e-9)
         report["speedup_foundation_cpu"] = nv["foundation_cpu"] / max(cpu["foundation"], 1e-9)
         report["speedup_total_cpu"] = nv["total_cpu"] / max(report["optimised_total_cpu"], 1e-9)
+        eff = report["efficiency"]
+        if plain.encoder_passes and plain.encoder_s > 0:
+            eff["naive_gflops"] = eff["flops_per_pass"] * plain.encoder_passes / plain.encoder_s / 1e9
+            eff["naive_fraction_of_gemm"] = eff["naive_gflops"] / eff["gemm_gflops"]
         del plain
 
     # quality: optimised vs reference foundation masks
@@ -527,6 +545,32 @@ def run_bench(image=None, *, prompts: str = "auto", weights_dir=None, device=Non
     report["memory"] = meter.peaks
     meter.close()
     return report
+
+
+def _efficiency(backend: TimedBackend, dev) -> dict:
+    """FLOPs of one encoder pass (counted on the plain module: every implementation does the same
+    arithmetic), the achieved GFLOP/s of the optimised run's encoder passes, and the float32 GEMM
+    GFLOP/s measured now, on the same threads."""
+    import torch
+
+    from .foundation.efficiency import encoder_flops, gemm_gflops
+    from .foundation.fast import resize_encoder
+    from .foundation.litemedsam import LiteMedSAMBackend
+
+    size = int(backend.native_size)
+    plain = LiteMedSAMBackend(device=str(dev)).net.image_encoder
+    if size != LiteMedSAMBackend.native_size:
+        plain = resize_encoder(plain, size)
+    flops = encoder_flops(plain, size=size, device=dev)
+    del plain
+    gemm = gemm_gflops(2048, repeats=5, device=dev)
+    out = {"flops_per_pass": flops["total"], "flops_per_op": flops["per_op"], "input_size": size,
+           "gemm_n": gemm["n"], "gemm_gflops": gemm["best_gflops"], "gemm_median_gflops": gemm["median_gflops"],
+           "threads": torch.get_num_threads(), "passes": backend.encoder_passes, "encoder_s": backend.encoder_s}
+    if backend.encoder_passes and backend.encoder_s > 0:
+        out["gflops"] = flops["total"] * backend.encoder_passes / backend.encoder_s / 1e9
+        out["fraction_of_gemm"] = out["gflops"] / out["gemm_gflops"]
+    return out
 
 
 def format_report(r: dict) -> list[str]:
@@ -595,6 +639,18 @@ def format_report(r: dict) -> list[str]:
         lines.append(f"  stride {k} (simulated from the reference masks; {n['encoder_passes']} encoder passes, "
                      f"{n['boxes']} boxes): Dice " + ", ".join(f"{s_} {v:.3f}" for s_, v in d.items())
                      + f"; mean {np.mean(list(d.values())):.3f}, min {min(d.values()):.3f}")
+    if "profile" in r:
+        pr = r["profile"]
+        lines.append(f"  encoder profile (torch.profiler, self CPU time per pass, {pr['self_ms_per_pass']:.0f} ms in all):")
+        lines += [f"    {name:<52}{ms:>9.1f} ms {100 * share:>5.1f} %  {calls:>4} calls" for name, ms, share, calls in pr["ops"]]
+    eff = r.get("efficiency")
+    if eff and "gflops" in eff:
+        naive_part = (f" (naive {100 * eff['naive_fraction_of_gemm']:.0f} %)" if "naive_fraction_of_gemm" in eff else "")
+        lines.append(f"  encoder efficiency: {eff['flops_per_pass'] / 1e9:.1f} GFLOP per pass (FlopCounterMode, "
+                     f"{eff['input_size']} px); {eff['passes']} passes in {eff['encoder_s']:.2f} s = "
+                     f"{eff['gflops']:.0f} GFLOP/s; float32 GEMM {eff['gemm_n']}^3 on {eff['threads']} thread(s) "
+                     f"in this run: {eff['gemm_gflops']:.0f} GFLOP/s (median {eff['gemm_median_gflops']:.0f}); "
+                     f"encoder at {100 * eff['fraction_of_gemm']:.0f} % of GEMM{naive_part}")
     if nv:
         label = "extrapolated; " if any("extrapolated" in n for n in r["notes"]) else ""
         lines.append(f"speed-up naive/optimised: {r['speedup_total']:.1f}x whole run ({label}foundation stage "
@@ -639,12 +695,21 @@ def run_levers(n_slices: int = 4, repeats: int = 2, device=None, threads: int | 
                      _prompt_arrays(on, 0, 0)[0]))
     n_boxes = sum(len(w[1]) for w in work)
     backends = {"plain": LiteMedSAMBackend(device=dev)}
-    variants = {"fused (BN folded)": dict(encoder="fused", band=None), "fused + banded stage 0": dict(encoder="fused")}
+    variants = {"fused (BN folded)": dict(encoder="fused", band=None, nhwc=False),
+                "fused + banded stage 0": dict(encoder="fused", nhwc=False),
+                "FusedTinyViT (NHWC, oneDNN post-ops, SDPA)": dict(encoder="fused")}
     if onnx:
         variants["onnx runtime"] = dict(encoder="onnx")
     if compile_encoder:
         variants["torch.compile"] = dict(encoder="compile")
     fast = {name: FastLiteMedSAMBackend(device=dev, **kw) for name, kw in variants.items()}
+    if dev == "cpu":  # the same encoder with plain torch ops in place of oneDNN's fused post-ops
+        from .foundation.litemedsam_encoder import FusedTinyViT, _Ops
+
+        unfused = FastLiteMedSAMBackend(device=dev)
+        if isinstance(unfused._encode, FusedTinyViT):
+            unfused._encode.ops = _Ops(False)
+            fast["FusedTinyViT, plain torch ops"] = unfused
     results: dict[str, dict] = {}
 
     def clock(fn):
@@ -673,10 +738,10 @@ def run_levers(n_slices: int = 4, repeats: int = 2, device=None, threads: int | 
         record("encoder: plain module", *clock(lambda: [plain.set_image(w[0]) for w in work]), "slice")
         for name, b in fast.items():
             record(f"encoder: {name}", *clock(lambda b=b: [b.set_image(w[0]) for w in work]), "slice")
-        main = fast["fused + banded stage 0"]
+        main = fast["FusedTinyViT (NHWC, oneDNN post-ops, SDPA)"]
         for bs in batches:
             if bs > 1:
-                record(f"encoder: fused + banded, batch {bs}",
+                record(f"encoder: FusedTinyViT, batch {bs}",
                        *clock(lambda m=main, n=bs: [m.encode([w[0] for w in work[i : i + n]])
                                                     for i in range(0, len(work), n)]),
                        "slice")
@@ -710,13 +775,13 @@ def run_levers(n_slices: int = 4, repeats: int = 2, device=None, threads: int | 
 def format_levers(r: dict) -> list[str]:
     lines = [f"levers on {r['slices']} DK-prompted MNI152 slices ({r['boxes']} boxes); {r['machine']}; "
              f"{r['threads']} thread(s); {r['device']}",
-             f"{'lever':<48}{'per':>6}{'wall ms':>10}{'cpu ms':>10}{'x plain':>9}"]
+             f"{'lever':<54}{'per':>6}{'wall ms':>10}{'cpu ms':>10}{'x plain':>9}"]
     levers = r["levers"]
     base = {"slice": levers.get("encoder: plain module"), "box": levers.get("decoder: SAM mask decoder")}
     for name, e in levers.items():
         ref = base.get(e["per"])
         ratio = ref["wall_s"] / e["wall_s"] if ref and not name.startswith("naive") else float("nan")
-        lines.append(f"{name:<48}{e['per']:>6}{1000 * e['wall_s']:>10.0f}{1000 * e['cpu_s']:>10.0f}{ratio:>9.2f}")
+        lines.append(f"{name:<54}{e['per']:>6}{1000 * e['wall_s']:>10.0f}{1000 * e['cpu_s']:>10.0f}{ratio:>9.2f}")
     return lines
 
 
@@ -750,6 +815,8 @@ def register(sub) -> None:
     p.add_argument("--no-naive", action="store_true", help="skip the naive run")
     p.add_argument("--quality", action="store_true",
                    help="also run the reference foundation path and report the Dice of the optimised masks")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one optimised encoder pass (torch.profiler) and print its top operators")
     p.add_argument("--tracemalloc", action="store_true", help="also report the Python/numpy heap peak per stage")
     p.add_argument("--no-warm-up", action="store_true",
                    help="skip the untimed first encoder/decoder call of each backend (quick checks only)")
@@ -778,7 +845,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                            stride=args.stride, batch=args.batch, input_size=args.input_size, slices=args.slices,
                            naive_slices=args.naive_slices,
                            naive=not args.no_naive, quality=args.quality, python_heap=args.tracemalloc, keep=args.keep,
-                           warm_up=not args.no_warm_up)
+                           warm_up=not args.no_warm_up, profile=args.profile)
         lines = format_report(report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=1, default=float), encoding="utf-8")

