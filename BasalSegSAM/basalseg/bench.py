@@ -263,14 +263,10 @@ def spread_subset(prompts, n: int | None):
 
 def dice_per_structure(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     """Dice of two ``(8, X, Y, Z)`` mask stacks per structure (1.0 when both are empty)."""
+    from .metrics import dice
     from .structures import STRUCTURES
 
-    out = {}
-    for s in STRUCTURES:
-        x, y = a[s.class_index - 1], b[s.class_index - 1]
-        total = int(x.sum()) + int(y.sum())
-        out[s.key] = 1.0 if total == 0 else float(2.0 * np.logical_and(x, y).sum() / total)
-    return out
+    return {s.key: float(dice(a[s.class_index - 1], b[s.class_index - 1])) for s in STRUCTURES}
 
 
 def _networks(weights_dir, foundation: str, device):
