@@ -152,7 +152,7 @@ def _repeatability(recs: list[dict], name: str) -> dict:
         subjects.setdefault((r["cohort"], r["subject"]), []).append(r)
     ss = ss_rel = ss_ref = 0.0
     dof = 0
-    means = []
+    means, bands = [], []
     for group in subjects.values():
         if len(group) < 2:
             continue
@@ -163,6 +163,7 @@ def _repeatability(recs: list[dict], name: str) -> dict:
         ss_ref += float((((ref - ref.mean()) / ref.mean()) ** 2).sum())
         dof += len(group) - 1
         means.append(v.mean())
+        bands += [g["measures"][name]["band_ml"] for g in group]
     if dof == 0:
         return {}
     sd = math.sqrt(ss / dof)
@@ -170,7 +171,8 @@ def _repeatability(recs: list[dict], name: str) -> dict:
     return {"n_subjects": sum(1 for g in subjects.values() if len(g) >= 2), "n_scans": sum(len(g) for g in subjects.values()),
             "dof": dof, "sd_within_ml": sd, "cv_within": cv, "sdc_ml": Z * math.sqrt(2) * sd,
             "sdc_percent": 100 * Z * math.sqrt(2) * cv, "mean_ml": float(np.mean(means)),
-            "reference_cv_within": math.sqrt(ss_ref / dof)}
+            "reference_cv_within": math.sqrt(ss_ref / dof),
+            "mean_band_ml": float(np.mean(bands)), "band_ratio": sd / max(float(np.mean(bands)), 1e-12)}
 
 
 def _spearman(x: np.ndarray, y: np.ndarray) -> float:

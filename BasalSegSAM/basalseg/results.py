@@ -14,6 +14,7 @@ from pathlib import Path
 from .outputs import StagedOutputDir, json_text, nifti_bytes, seg_nrrd_bytes, volume_rows, volumes_csv_text
 from .prompts import PromptSet
 from .qc import overlay_png
+from .uncertainty import UNCERTAINTY_COLUMNS, add_interval_columns
 from .weights import sha256_file
 
 __all__ = ["write_result", "write_prompts_only", "RESULT_FILES"]
@@ -40,9 +41,11 @@ def write_result(result, out_dir: str | os.PathLike, overwrite: bool = False, qc
     with stage:
         folder = stage.path
         rows = volume_rows(result.labels, result.volume.voxel_volume_mm3)
+        student_sha = ((result.provenance.get("weights") or {}).get("student") or {}).get("sha256")
+        uncertainty = add_interval_columns(rows, getattr(result, "uncertainty", None), student_sha256=student_sha)
         (folder / "segmentation.nii.gz").write_bytes(nifti_bytes(result.labels, result.volume.affine))
         (folder / "segmentation.seg.nrrd").write_bytes(seg_nrrd_bytes(result.labels, result.volume.affine))
-        (folder / "volumes.csv").write_text(volumes_csv_text(rows), encoding="utf-8")
+        (folder / "volumes.csv").write_text(volumes_csv_text(rows, trailing_columns=UNCERTAINTY_COLUMNS), encoding="utf-8")
         (folder / "prompts.json").write_text(json.dumps(result.prompts.to_dict(), indent=1), encoding="utf-8")
         if qc:
             title = f"BasalSegSAM {Path(result.volume.path).name if result.volume.path else ''}"
@@ -54,6 +57,7 @@ def write_result(result, out_dir: str | os.PathLike, overwrite: bool = False, qc
             "timings_s": {k: round(v, 3) for k, v in result.timings.items()},
             "structures_not_found": result.missing,
             "voxel_volume_mm3": result.volume.voxel_volume_mm3,
+            "volume_uncertainty": uncertainty,
             "files": {name: None for name in RESULT_FILES if (folder / name).exists() or name == "provenance.json"},
         })
         for name in list(provenance["files"]):

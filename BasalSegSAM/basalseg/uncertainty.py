@@ -42,7 +42,7 @@ import numpy as np
 from .structures import NUM_CLASSES, STRUCTURES
 
 __all__ = ["softmax_measures", "flip_probabilities", "volume_intervals", "load_table", "UNCERTAINTY_COLUMNS",
-           "UNCERTAINTY_MODES", "TABLE_NAME", "Z95", "sdc_ml", "change_test"]
+           "UNCERTAINTY_MODES", "TABLE_NAME", "Z95", "sdc_ml", "change_test", "add_interval_columns"]
 
 #: columns appended to ``volumes.csv`` (after the 5 original ones).
 UNCERTAINTY_COLUMNS = ["volume_ml_low", "volume_ml_high", "expected_ml", "band_ml"]
@@ -176,3 +176,58 @@ def change_test(change_ml: float | None, sdc: float | None) -> tuple[bool | None
     if change_ml is None or sdc is None or sdc <= 0:
         return None, None
     return abs(change_ml) > sdc, abs(change_ml) / sdc
+
+
+def _table_record(table: dict | None) -> dict:
+    if not table:
+        return {"file": None, "calibrated": False}
+    path = Path(__file__).resolve().parent / "weights" / TABLE_NAME
+    return {"file": f"weights/{TABLE_NAME}", "date": table.get("date"), "calibrated": True,
+            "fitted_on": (table.get("interval") or {}).get("fitted_on"), "student_sha256": table.get("student_sha256"),
+            "sha256": _sha256(path) if path.is_file() else None}
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def add_interval_columns(rows: list[dict], uncertainty: dict | None, table: dict | None = None,
+                         student_sha256: str | None = None) -> dict:
+    """Fill the :data:`UNCERTAINTY_COLUMNS` of ``volumes.csv`` rows (in place; blank when
+    ``uncertainty`` is None) and return the ``provenance.json`` record ``volume_uncertainty``.
+
+    Args:
+        rows: :func:`basalseg.outputs.volume_rows` of the labelmap (input grid).
+        uncertainty: ``SegmentResult.uncertainty``.
+        table: the shipped table (default: :func:`load_table`); its factors are used only when it
+            was made for the student that ran (``student_sha256``), else the interval is
+            uncalibrated (k = 1) and the record says so.
+    """
+    if uncertainty is None:
+        for row in rows:
+            row.update({c: "" for c in UNCERTAINTY_COLUMNS})
+        return {"mode": "none"}
+    table = load_table() if table is None else table
+    note = None
+    if table and student_sha256 and table.get("student_sha256") and table["student_sha256"] != student_sha256:
+        note = "the shipped interval factors were fitted for another student (sha256 differs): k = 1, uncalibrated"
+        table = None
+    measures = uncertainty["measures"]
+    intervals = volume_intervals({r["structure"]: r["volume_ml"] for r in rows}, measures, table)
+    per = {}
+    for row in rows:
+        name = row["structure"]
+        m, iv = measures[name], intervals[name]
+        row.update({"volume_ml_low": round(iv["low"], 6), "volume_ml_high": round(iv["high"], 6),
+                    "expected_ml": round(m["expected_ml"], 6), "band_ml": round(m["band_ml"], 6)})
+        per[name] = {"low_ml": row["volume_ml_low"], "high_ml": row["volume_ml_high"], "k": round(iv["k"], 4),
+                     **{key: round(float(v), 6) for key, v in m.items() if key != "voxels"}}
+    record = {"mode": uncertainty["mode"], "level": 0.95, "z": round(Z95, 4),
+              "interval": "volume_ml +- z * k * band_ml (clipped at 0); band_ml = half the volume change when the "
+                          "structure's logit moves by -1/+1; k per structure from the table (docs/UNCERTAINTY.md)",
+              "table": _table_record(table), "per_structure": per, "seconds": round(float(uncertainty.get("seconds", 0)), 3)}
+    if note:
+        record["note"] = note
+    return record

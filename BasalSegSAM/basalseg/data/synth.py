@@ -338,13 +338,14 @@ def synthesize(source: SynthSource, seed: int, config: SynthConfig | None = None
 
     Args:
         rescan: 0 = the subject itself. ``k >= 1``: a synthetic *rescan* of the same subject:
-            the anatomy (non-linear deformation, affine scale and shear, structure volume
-            factors) is drawn from ``seed`` exactly as for the subject, but the head pose
-            (rotation, translation) and every intensity draw (GMM contrast, bias field, blur,
-            thick slices, noise, gamma) come from a second stream, :func:`rescan_seed`. The true
-            volumes stay those of the subject, up to the nearest-neighbour resampling of the
-            labels onto the 1 mm grid in the new pose (``params["volumes_mm3"]`` records the
-            rescan's own label volumes).
+            every spatial draw of ``seed`` is kept (the subject's whole deformation), and the
+            subject is seen through an extra rigid head pose ``P`` about the box centre
+            (rotations U(+-``rotation_deg``/2), translations U(+-``translation_mm``/2)): output
+            point ``x`` takes the subject's value at ``P(x)``. Every intensity draw (GMM
+            contrast, bias field, blur, thick slices, noise, gamma) and the pose come from a
+            second stream, :func:`rescan_seed`. The true volumes stay the subject's, up to the
+            nearest-neighbour resampling of the labels in the new pose and anatomy pushed out
+            of the box (``params["volumes_mm3"]`` records the rescan's own label volumes).
 
     Raises:
         ValueError: ``config`` differs from the one given to :func:`prepare_source` in a setting
@@ -368,10 +369,12 @@ def synthesize(source: SynthSource, seed: int, config: SynthConfig | None = None
     r = config.structure_volume_range
     vol_factor = rng.uniform(1 - r, 1 + r, len(STRUCTURES))
     scan_rng = rng
-    if int(rescan) > 0:  # same anatomy, new pose and new intensity draws
+    pose_rot, pose_trans = np.zeros(3), np.zeros(3)
+    if int(rescan) > 0:  # same anatomy, a new head pose in the scanner and new intensity draws
         scan_rng = np.random.default_rng(rescan_seed(seed, rescan))
-        rot = scan_rng.uniform(-config.rotation_deg, config.rotation_deg, 3)
-        trans = scan_rng.uniform(-config.translation_mm, config.translation_mm, 3)
+        pose_rot = scan_rng.uniform(-0.5 * config.rotation_deg, 0.5 * config.rotation_deg, 3)
+        pose_trans = scan_rng.uniform(-0.5 * config.translation_mm, 0.5 * config.translation_mm, 3)
+    pose = _rotation(pose_rot)
     shear_m = np.array([[1, shear[0], shear[1]], [0, 1, shear[2]], [0, 0, 1.0]])
     m = _rotation(rot) @ shear_m @ np.diag(scale)
     m_inv = np.linalg.inv(m)
@@ -383,6 +386,14 @@ def synthesize(source: SynthSource, seed: int, config: SynthConfig | None = None
     xc = cidx @ out.affine[:3, :3].T + out.affine[:3, 3]
     u_nl = np.stack([np.clip(_smooth_random(rng, cshape, config.nonlinear_spacing_mm, step, nl_std),
                              -config.nonlinear_max_mm, config.nonlinear_max_mm) for _ in range(3)], -1).reshape(-1, 3)
+    if int(rescan) > 0:
+        # A rescan sees the subject through a rigid pose P (output space -> the subject's output
+        # space): every output point x is replaced by P(x), and the subject's deformation is
+        # evaluated there (interpolated on its coarse grid), so the anatomy is the subject's.
+        xc = (xc - centre) @ pose.T + centre + pose_trans
+        cvox = (np.linalg.inv(out.affine[:3, :3]) @ (xc - out.affine[:3, 3]).T) / step
+        u_grid = u_nl.reshape(cshape + (3,))
+        u_nl = np.stack([ndimage.map_coordinates(u_grid[..., c], cvox, order=1, mode="nearest") for c in range(3)], -1)
     y0 = (xc + u_nl - centre - trans) @ m_inv.T + centre
     a_k = vol_factor ** (-1.0 / 3.0) - 1.0
     a_field = np.tensordot(a_k, source.weights, axes=(0, 0))
@@ -397,8 +408,8 @@ def synthesize(source: SynthSource, seed: int, config: SynthConfig | None = None
     resid_vox = ((y - y_aff) @ tinv[:3, :3].T).reshape(cshape + (3,))
     mats = [_interp_matrix(int(n), c, step) for n, c in zip(shape, cshape)]
     # --- full-resolution sampling coordinates: exact affine + upsampled residual ---
-    lin = tinv[:3, :3] @ m_inv @ out.affine[:3, :3]
-    off = tinv[:3, :3] @ (m_inv @ (out.affine[:3, 3] - centre - trans) + centre) + tinv[:3, 3]
+    lin = tinv[:3, :3] @ m_inv @ pose @ out.affine[:3, :3]
+    off = tinv[:3, :3] @ (m_inv @ (pose @ (out.affine[:3, 3] - centre) + pose_trans - trans) + centre) + tinv[:3, 3]
     axes = [np.arange(n, dtype=np.float32) for n in shape]
     coords = np.empty((3,) + tuple(shape), dtype=np.float32)
     for c in range(3):
@@ -464,7 +475,8 @@ def synthesize(source: SynthSource, seed: int, config: SynthConfig | None = None
         "seconds": round(time.perf_counter() - t0, 2),
     }
     if int(rescan) > 0:
-        params["rescan"] = {"index": int(rescan), "scan_seed": rescan_seed(seed, rescan)}
+        params["rescan"] = {"index": int(rescan), "scan_seed": rescan_seed(seed, rescan),
+                            "pose_rotation_deg": pose_rot.round(3).tolist(), "pose_translation_mm": pose_trans.round(3).tolist()}
     volume = Volume(image, out.affine.copy(), meta={"synthetic": True, "template": source.name, "seed": int(seed)})
     full = labels_full.astype(np.int16) if config.keep_full_labels else None
     return SyntheticSubject(volume, labels, full, params)
