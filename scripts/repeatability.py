@@ -45,7 +45,8 @@ def _cases(cohort: Path) -> list[dict]:
 
 
 def _order(cohorts: list[list[dict]]) -> list[dict]:
-    """Subject by subject, alternating cohorts."""
+    """Subject by subject, alternating cohorts, first the subject scan and its first rescan of
+    every subject, then the further rescans (a partial run has as many subjects as it can)."""
     per = []
     for cases in cohorts:
         subjects: dict[str, list[dict]] = {}
@@ -57,7 +58,7 @@ def _order(cohorts: list[list[dict]]) -> list[dict]:
         for p in per:
             if i < len(p):
                 out.extend(sorted(p[i], key=lambda c: c["rescan"]))
-    return out
+    return sorted(out, key=lambda c: c["rescan"] > 1)  # stable: the order above within each part
 
 
 def cmd_run(args) -> int:

@@ -190,7 +190,8 @@ class SegmentationLogic:
         segmentationNode = mrmlbridge.labelsToSegmentation(result.labels, volumeNode, segmentationNode, onConflict)
         voxelVolume = float(abs(np.linalg.det(mrmlbridge.worldAffine(volumeNode)[:3, :3])))
         tableNode = mrmlbridge.volumesToTable(result.labels, voxelVolume, tableNode, scene=self.scene,
-                                              name=f"{volumeNode.GetName()} BasalSegSAM volumes")
+                                              name=f"{volumeNode.GetName()} BasalSegSAM volumes",
+                                              intervals=mrmlbridge.intervalsFromRows(result.volumeRows))
         return segmentationNode, tableNode
 
     # -- blocking front -------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from test_report import write_synthetic
+from test_slicer_helpers import mrml_scene  # noqa: F401
 
 from basalseg.structures import NUM_CLASSES, STRUCTURES
 from basalseg.uncertainty import (UNCERTAINTY_COLUMNS, Z95, add_interval_columns, flip_probabilities, load_table,
@@ -366,3 +367,22 @@ def test_report_longitudinal_view(tmp_path, monkeypatch):
     assert re.search(r'<tr data-structure="Left-Putamen">.*?data-real="yes"', page)
     assert re.search(r'<tr data-structure="Left-Caudate">.*?data-real="no"', page)
     assert 'class="ci"' in page
+
+
+def test_slicer_volumes_table_gets_the_interval_columns(mrml_scene):
+    """The Slicer volumes table (BasalSegSAMLib): interval columns when the result has them."""
+    pytest.importorskip("slicer")
+    from BasalSegSAMLib import mrmlbridge
+
+    labels = np.zeros((6, 6, 6), np.int16)
+    labels[1:3, 1:3, 1:3] = 12
+    rows = [{"structure": s.name, "volume_ml_low": 0.001 * s.label, "volume_ml_high": 0.002 * s.label} for s in STRUCTURES]
+    intervals = mrmlbridge.intervalsFromRows(rows)
+    table = mrmlbridge.volumesToTable(labels, 1.0, None, scene=mrml_scene, intervals=intervals)
+    got = mrmlbridge.tableRows(table)
+    assert list(got[0]) == ["structure", "label", "voxels", "volume_mm3", "volume_ml", "volume_ml_low", "volume_ml_high"]
+    put = next(r for r in got if r["structure"] == "Left-Putamen")
+    assert (put["voxels"], put["volume_ml_low"], put["volume_ml_high"]) == (8, pytest.approx(0.012), pytest.approx(0.024))
+    assert mrmlbridge.intervalsFromRows([{"structure": "x", "volume_ml_low": None, "volume_ml_high": None}]) is None
+    plain = mrmlbridge.volumesToTable(labels, 1.0, table, scene=mrml_scene)  # e.g. after manual edits: no interval
+    assert "volume_ml_low" not in mrmlbridge.tableRows(plain)[0]
