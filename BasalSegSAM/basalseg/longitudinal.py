@@ -320,14 +320,19 @@ def format_table(comparison: Comparison) -> str:
     if c.interval_days is not None:
         head.append(f"interval: {c.interval_days} days ({c.interval_days / 365.25:.2f} years)")
     sdc = any(r.get("sdc_ml") is not None for r in c.rows)
-    cols = (["structure", "A mL", "B mL", "change mL", "change %", "sym %"] + (["%/year"] if c.interval_days else [])
+    ci = any(r.get("volume_ml_low_a") is not None or r.get("volume_ml_low_b") is not None for r in c.rows)
+    cols = (["structure", "A mL"] + (["A 95 %"] if ci else []) + ["B mL"] + (["B 95 %"] if ci else [])
+            + ["change mL", "change %", "sym %"] + (["%/year"] if c.interval_days else [])
             + (["SDC mL", "real change?"] if sdc else []))
     lines = []
     for r in c.rows:
         def f(v, d=3):
             return "" if v is None else f"{v:.{d}f}"
-        cells = [r["structure"], f(r["volume_ml_a"]), f(r["volume_ml_b"]), f(r["change_ml"]),
-                 f(r["percent_change"], 1), f(r["percent_change_symmetric"], 1)]
+        def span(lo, hi):
+            return "" if lo is None or hi is None else f"{lo:.2f}-{hi:.2f}"
+        cells = [r["structure"], f(r["volume_ml_a"])] + ([span(r.get("volume_ml_low_a"), r.get("volume_ml_high_a"))] if ci else []) \
+            + [f(r["volume_ml_b"])] + ([span(r.get("volume_ml_low_b"), r.get("volume_ml_high_b"))] if ci else []) \
+            + [f(r["change_ml"]), f(r["percent_change"], 1), f(r["percent_change_symmetric"], 1)]
         if c.interval_days:
             cells.append(f(r["annualised_percent_change"], 2))
         if sdc:

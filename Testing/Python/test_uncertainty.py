@@ -319,7 +319,7 @@ def test_compare_flags_a_10_percent_shrinkage_and_not_a_rescan(tmp_path):
     assert put["sdc_ml"] == pytest.approx(Z95 * np.hypot(0.02 * put["volume_ml_a"], 0.02 * put["volume_ml_b"]))
     assert not any(r["exceeds_sdc"] for n, r in rows.items() if n != "Left-Putamen" and r["exceeds_sdc"] is not None)
     text = format_table(c)
-    assert "real change?" in text and "yes (" in text
+    assert "real change?" in text and "yes (" in text and "A 95 %" in text
     csv_rows = list(csv.DictReader(c.csv_text().splitlines()))
     assert next(r for r in csv_rows if r["structure"] == "Left-Putamen")["exceeds_sdc"] == "yes"
     assert next(r for r in csv_rows if r["structure"] == "Left-Caudate")["exceeds_sdc"] == "no"
