@@ -179,7 +179,7 @@ def _repeatability(recs: list[dict], name: str) -> dict:
         return {}
     sd = math.sqrt(ss / dof)
     cv = math.sqrt(ss_rel / dof)
-    return {"n_subjects": sum(1 for g in subjects.values() if len(g) >= 2), "n_scans": sum(len(g) for g in subjects.values()),
+    return {"n_subjects": sum(1 for g in subjects.values() if len(g) >= 2), "n_scans": sum(len(g) for g in subjects.values() if len(g) >= 2),
             "dof": dof, "sd_within_ml": sd, "cv_within": cv, "sdc_ml": Z * math.sqrt(2) * sd,
             "sdc_percent": 100 * Z * math.sqrt(2) * cv, "mean_ml": float(np.mean(means)),
             "reference_cv_within": math.sqrt(ss_ref / dof),
