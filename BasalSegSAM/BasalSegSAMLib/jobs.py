@@ -116,8 +116,13 @@ def _readRows(path: Path) -> list[dict]:
     with open(path, newline="", encoding="utf-8") as handle:
         rows = []
         for row in csv.DictReader(handle):
-            rows.append({"structure": row["structure"], "label": int(row["label"]), "voxels": int(row["voxels"]),
-                         "volume_mm3": float(row["volume_mm3"]), "volume_ml": float(row["volume_ml"])})
+            parsed = {"structure": row["structure"], "label": int(row["label"]), "voxels": int(row["voxels"]),
+                      "volume_mm3": float(row["volume_mm3"]), "volume_ml": float(row["volume_ml"])}
+            for column in ("volume_ml_low", "volume_ml_high"):  # the 95 % interval, when the table has it
+                if column in row:
+                    value = (row.get(column) or "").strip()
+                    parsed[column] = float(value) if value else None
+            rows.append(parsed)
         return rows
 
 

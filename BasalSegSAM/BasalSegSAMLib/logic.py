@@ -219,7 +219,8 @@ class SegmentationLogic:
         if result is None or result.kind != "segment" or result.labels is None:
             raise ValueError("not a segmentation result")
         segmentationNode = mrmlbridge.labelsToSegmentation(result.labels, volumeNode, segmentationNode, onConflict)
-        tableNode = self.updateVolumesTable(segmentationNode, volumeNode, tableNode, labels=result.labels)
+        tableNode = self.updateVolumesTable(segmentationNode, volumeNode, tableNode, labels=result.labels,
+                                            intervals=mrmlbridge.intervalsFromRows(result.volumeRows))
         segmentationNode.CreateClosedSurfaceRepresentation()
         return segmentationNode, tableNode
 
@@ -270,7 +271,7 @@ class SegmentationLogic:
         """The segmentation's own volumes table, or None when it has none yet."""
         return mrmlbridge.volumesTableOf(segmentationNode)
 
-    def updateVolumesTable(self, segmentationNode, volumeNode, tableNode=None, labels=None):
+    def updateVolumesTable(self, segmentationNode, volumeNode, tableNode=None, labels=None, intervals=None):
         """Recompute the volumes table from the segmentation as it is now (e.g. after manual edits).
 
         Args:
@@ -278,13 +279,15 @@ class SegmentationLogic:
             tableNode: the table to fill; None: the segmentation's own table, made (named
                 ``"<segmentation> volumes"``) and referenced from the segmentation when missing.
             labels: the labelmap when already at hand (else read from the segmentation).
+            intervals: the run's volume intervals (:func:`.mrmlbridge.intervalsFromRows`), only for
+                the labels the run produced; after manual edits there are none (None).
         """
         if labels is None:
             labels = mrmlbridge.labelsFromSegmentation(segmentationNode, volumeNode)
         tableNode = tableNode or self.volumesTableFor(segmentationNode)
         voxelVolume = float(abs(np.linalg.det(mrmlbridge.worldAffine(volumeNode)[:3, :3])))
         tableNode = mrmlbridge.volumesToTable(labels, voxelVolume, tableNode, scene=self.scene,
-                                              name=f"{segmentationNode.GetName()} volumes")
+                                              name=f"{segmentationNode.GetName()} volumes", intervals=intervals)
         segmentationNode.SetNodeReferenceID(mrmlbridge.TABLE_REFERENCE, tableNode.GetID())
         return tableNode
 

@@ -408,22 +408,42 @@ def labelsFromSegmentation(segmentationNode, volumeNode) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 _COLUMN_TYPES = {"structure": vtk.vtkStringArray, "label": vtk.vtkIntArray, "voxels": vtk.vtkIntArray,
-                 "volume_mm3": vtk.vtkDoubleArray, "volume_ml": vtk.vtkDoubleArray}
-_COLUMN_UNITS = {"volume_mm3": "mm3", "volume_ml": "mL"}
+                 "volume_mm3": vtk.vtkDoubleArray, "volume_ml": vtk.vtkDoubleArray,
+                 "volume_ml_low": vtk.vtkDoubleArray, "volume_ml_high": vtk.vtkDoubleArray}
+_COLUMN_UNITS = {"volume_mm3": "mm3", "volume_ml": "mL", "volume_ml_low": "mL", "volume_ml_high": "mL"}
+#: the interval columns a volumes table gets when the result has them (``volumes.csv``'s).
+INTERVAL_COLUMNS = ["volume_ml_low", "volume_ml_high"]
 _COLUMN_DESCRIPTIONS = {
     "structure": "FreeSurfer structure name",
     "label": "FreeSurfer aseg label value",
     "voxels": "number of voxels of the structure on the input volume's grid",
     "volume_mm3": "voxels times the volume of one voxel",
     "volume_ml": "volume in millilitres (mm3 / 1000)",
+    "volume_ml_low": "lower end of the 95 % volume interval (docs/UNCERTAINTY.md)",
+    "volume_ml_high": "upper end of the 95 % volume interval (docs/UNCERTAINTY.md)",
 }
 
 
-def volumesToTable(labels: np.ndarray, voxelVolumeMm3: float, tableNode=None, scene=None, name: str = "BasalSegSAM volumes"):
+def intervalsFromRows(rows) -> dict | None:
+    """``{structure: (low, high)}`` from ``volumes.csv`` rows (:func:`BasalSegSAMLib.jobs._readRows`),
+    or None when the rows carry no interval (``--no-uncertainty``, older results)."""
+    out = {}
+    for row in rows or []:
+        low, high = row.get("volume_ml_low"), row.get("volume_ml_high")
+        if low is None or high is None:
+            return None
+        out[row["structure"]] = (float(low), float(high))
+    return out or None
+
+
+def volumesToTable(labels: np.ndarray, voxelVolumeMm3: float, tableNode=None, scene=None, name: str = "BasalSegSAM volumes",
+                   intervals: dict | None = None):
     """Fill a table node with one row per structure (``basalseg.outputs.volume_rows``).
 
     Columns: ``structure, label, voxels, volume_mm3, volume_ml``: the same numbers as the
-    command line's ``volumes.csv``.
+    command line's ``volumes.csv``; with ``intervals`` (``{structure: (low, high)}`` in mL,
+    :func:`intervalsFromRows`) also ``volume_ml_low, volume_ml_high``. A table recomputed from an
+    edited segmentation has no interval (it belonged to the network's labels).
 
     Args:
         labels: FreeSurfer-valued labelmap.
@@ -436,6 +456,11 @@ def volumesToTable(labels: np.ndarray, voxelVolumeMm3: float, tableNode=None, sc
         The table node.
     """
     rows = volume_rows(labels, voxelVolumeMm3)
+    columns = list(VOLUME_COLUMNS)
+    if intervals:
+        columns += INTERVAL_COLUMNS
+        for row in rows:
+            row["volume_ml_low"], row["volume_ml_high"] = intervals.get(row["structure"], (float("nan"), float("nan")))
     if tableNode is None:
         scene = scene or slicer.mrmlScene
         tableNode = scene.AddNewNodeByClass("vtkMRMLTableNode", scene.GenerateUniqueName(name))
@@ -443,7 +468,7 @@ def volumesToTable(labels: np.ndarray, voxelVolumeMm3: float, tableNode=None, sc
     wasModifying = tableNode.StartModify()
     try:
         tableNode.RemoveAllColumns()
-        for column in VOLUME_COLUMNS:
+        for column in columns:
             array = _COLUMN_TYPES[column]()
             array.SetName(column)
             for row in rows:
@@ -458,12 +483,14 @@ def volumesToTable(labels: np.ndarray, voxelVolumeMm3: float, tableNode=None, sc
 
 
 def tableRows(tableNode) -> list[dict]:
-    """A volumes table's rows as dicts with the ``volumes.csv`` columns and Python types."""
+    """A volumes table's rows as dicts with the ``volumes.csv`` columns (and the interval columns
+    when the table has them) and Python types."""
     table = tableNode.GetTable()
+    columns = list(VOLUME_COLUMNS) + [c for c in INTERVAL_COLUMNS if table.GetColumnByName(c) is not None]
     rows = []
     for r in range(table.GetNumberOfRows()):
         row = {}
-        for column in VOLUME_COLUMNS:
+        for column in columns:
             value = table.GetValueByName(r, column)
             if column == "structure":
                 row[column] = value.ToString()

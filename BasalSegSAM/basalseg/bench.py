@@ -439,6 +439,10 @@ def run_bench(image=None, *, prompts: str = "auto", weights_dir=None, device=Non
     stages["segment_other"] = max(seg_total - sum(result.timings[k] for k in
                                                   ("prepare", "foundation", "sdm", "student", "resample")), 0.0)
     report["segment_total"] = seg_total
+    if "uncertainty" in result.timings:  # the volume intervals (basalseg.uncertainty), inside "segment() other"
+        report["uncertainty_s"] = result.timings["uncertainty"]
+        report["notes"].append(f"volume uncertainty ({config.uncertainty}): {result.timings['uncertainty']:.2f} s, "
+                               "counted in 'segment() other'")
     report["counts"] = {"encoder_passes": backend.encoder_passes, "boxes": backend.boxes}
 
     # I/O: write every output

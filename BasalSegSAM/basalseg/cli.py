@@ -96,6 +96,9 @@ def _add_run_options(p: argparse.ArgumentParser, with_student: bool = True) -> N
         p.add_argument("--no-calibration", action="store_true",
                        help="ignore the student's volume calibration (per-structure logit offsets fitted on "
                             "validation cases; README 'Results')")
+        p.add_argument("--no-uncertainty", action="store_true",
+                       help="skip the per-structure 95 %% volume intervals (volumes.csv's volume_ml_low/high columns "
+                            "stay blank; docs/UNCERTAINTY.md)")
         p.add_argument("--no-qc", action="store_true", help="skip the QC picture")
 
 
@@ -167,6 +170,7 @@ def _config(args: argparse.Namespace):
         context=bool(getattr(args, "context", True)),
         planes=tuple(getattr(args, "planes", None) or ("axial",)),
         calibrate=not getattr(args, "no_calibration", False),
+        uncertainty="none" if getattr(args, "no_uncertainty", False) else "softmax",
     )
 
 

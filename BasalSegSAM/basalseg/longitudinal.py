@@ -13,6 +13,19 @@ For each structure (and the brain-mask / brain volumes when both results have th
 ``annualised_percent_change``
     ``percent_change / (interval_days / 365.25)`` (linear, not compounded), when both dates are
     known and differ.
+``volume_ml_low_a`` ... ``volume_ml_high_b``
+    each scan's 95 % volume interval (``volumes.csv``; blank for results without one).
+``sdc_ml``
+    the smallest detectable change of this pair (docs/UNCERTAINTY.md):
+    ``1.96 sqrt(sd_A^2 + sd_B^2)`` with ``sd_X = max(cv_within * V_X, band_ratio * band_X)``:
+    ``cv_within`` the structure's scan-rescan coefficient of variation and ``band_ratio`` the
+    ratio of its within-subject SD to the mean ``band_ml`` in the repeatability study shipped
+    with the weights (``weights/repeatability.json``), ``band_X`` the scan's own ``band_ml``; so
+    a scan less certain than the study's gets a larger SDC, never a smaller one. Blank when the
+    results were not made with the student (sha256) and options the table was measured for.
+``exceeds_sdc``, ``change_over_sdc``
+    ``yes`` when ``|change_ml| > sdc_ml`` (a change larger than 95 % of scan-rescan differences),
+    and ``|change_ml| / sdc_ml``.
 
 **Dates**, for each scan, first found: ``--date-a`` / ``--date-b``; the session date that
 ``basalseg batch`` recorded in ``provenance.json`` (``scan_info``); the BIDS ``*_scans.tsv`` /
@@ -41,11 +54,13 @@ from pathlib import Path
 
 from .errors import BasalSegError
 
-__all__ = ["Comparison", "compare_results", "resolve_date", "COMPARE_COLUMNS", "register", "format_table"]
+__all__ = ["Comparison", "compare_results", "compare_records", "resolve_date", "COMPARE_COLUMNS", "register", "format_table",
+           "add_sdc", "table_applies"]
 
 COMPARE_COLUMNS = ["structure", "label", "volume_ml_a", "volume_ml_b", "change_ml", "percent_change",
                    "percent_change_symmetric", "annualised_percent_change", "interval_days", "date_a", "date_b",
-                   "scan_a", "scan_b"]
+                   "scan_a", "scan_b", "volume_ml_low_a", "volume_ml_high_a", "volume_ml_low_b", "volume_ml_high_b",
+                   "sdc_ml", "exceeds_sdc", "change_over_sdc"]
 
 
 @dataclass
@@ -58,6 +73,7 @@ class Comparison:
         date_a, date_b: ``datetime.date`` or None; ``date_source_a`` / ``date_source_b`` say where from.
         interval_days: ``date_b - date_a`` in days, or None.
         warnings: differences that make the change less trustworthy.
+        sdc_note: why there is no smallest detectable change (None when there is one).
     """
 
     a: object
@@ -69,6 +85,7 @@ class Comparison:
     date_source_b: str | None = None
     interval_days: int | None = None
     warnings: list[str] = field(default_factory=list)
+    sdc_note: str | None = None
 
     def csv_text(self) -> str:
         buffer = io.StringIO()
@@ -82,6 +99,8 @@ class Comparison:
 def _cell(value) -> str:
     if value is None:
         return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if isinstance(value, float):
         value = round(value, 6) + 0.0  # + 0.0: no "-0"
         return f"{value:.12g}"
@@ -202,28 +221,50 @@ def _row(structure: str, label, va: float | None, vb: float | None, days: int | 
     return row
 
 
-def compare_results(a_dir: str | os.PathLike, b_dir: str | os.PathLike, date_a: str | None = None,
-                    date_b: str | None = None) -> Comparison:
-    """The per-structure change from result ``A`` to result ``B`` (see the module docstring).
+def table_applies(table: dict | None, *records) -> tuple[bool, str]:
+    """Whether the repeatability table was measured for the student and options of these results:
+    ``(applies, why not)``."""
+    if not table or not table.get("repeatability"):
+        return False, "no repeatability table is shipped"
+    want = table.get("student_sha256")
+    for r in records:
+        got = ((r.provenance.get("weights") or {}).get("student") or {}).get("sha256")
+        if want and got != want:
+            return False, "the results were not made with the student the repeatability table was measured for"
+        opts, ref = r.provenance.get("options") or {}, table.get("options") or {}
+        differ = sorted(k for k in ref if k in opts and opts[k] != ref[k])
+        if differ:
+            return False, f"the results were made with other options ({', '.join(differ)}) than the repeatability study"
+    return True, ""
 
-    Raises:
-        BasalSegError: a folder is not a complete BasalSegSAM result, or a date is malformed.
-    """
-    from .report import read_result
+
+def add_sdc(row: dict, table: dict | None, structure: str, band_a: float | None = None,
+            band_b: float | None = None) -> None:
+    """Fill ``sdc_ml``, ``exceeds_sdc`` and ``change_over_sdc`` of a change row (module docstring)."""
+    import math
+
+    from .uncertainty import Z95, change_test
+
+    row.update({"sdc_ml": None, "exceeds_sdc": None, "change_over_sdc": None})
+    entry = ((table or {}).get("repeatability") or {}).get(structure)
+    va, vb = row.get("volume_ml_a"), row.get("volume_ml_b")
+    if not entry or entry.get("cv_within") is None or va is None or vb is None:
+        return
+    cv, ratio = float(entry["cv_within"]), float(entry.get("band_ratio") or 0.0)
+    sd_a = max(cv * va, ratio * (band_a or 0.0))
+    sd_b = max(cv * vb, ratio * (band_b or 0.0))
+    sdc = Z95 * math.sqrt(sd_a ** 2 + sd_b ** 2)
+    exceeds, over = change_test(row.get("change_ml"), sdc)
+    row.update({"sdc_ml": sdc, "exceeds_sdc": exceeds, "change_over_sdc": over})
+
+
+def compare_records(a, b, date_a: str | None = None, date_b: str | None = None, table: dict | None = None,
+                    use_table: bool = True) -> Comparison:
+    """:func:`compare_results` on two :class:`~basalseg.report.ResultRecord` (the report's
+    longitudinal view uses it). ``table``: the repeatability table (default: the shipped one)."""
     from .structures import STRUCTURES
+    from .uncertainty import load_table
 
-    records = []
-    for folder, tag in ((a_dir, "A"), (b_dir, "B")):
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise BasalSegError(f"{tag}: {folder} is not a folder" if folder.exists() else f"{tag}: {folder}: no such folder")
-        try:
-            records.append(read_result(folder))
-        except BasalSegError as exc:
-            raise BasalSegError(f"{tag}: {exc}") from exc
-    a, b = records
-    if a.folder.resolve() == b.folder.resolve():
-        raise BasalSegError(f"A and B are the same folder ({a.folder})")
     da, src_a = resolve_date(a, date_a)
     db, src_b = resolve_date(b, date_b)
     days = (db - da).days if da and db else None
@@ -235,9 +276,21 @@ def compare_results(a_dir: str | os.PathLike, b_dir: str | os.PathLike, date_a: 
         missing = [t for t, d in (("A", da), ("B", db)) if d is None]
         warnings.append(f"no acquisition date for {' and '.join(missing)}: no interval or annualised change "
                         "(give --date-a/--date-b YYYY-MM-DD)")
+    if use_table:
+        table = load_table() if table is None else table
+        applies, why = table_applies(table, a, b)
+        if not applies:
+            table = None
+    else:
+        table, why = None, "not asked for"
     rows = []
     for s in STRUCTURES:
-        rows.append(_row(s.name, s.label, a.volume_ml(s.key), b.volume_ml(s.key), days or None))
+        row = _row(s.name, s.label, a.volume_ml(s.key), b.volume_ml(s.key), days or None)
+        ia, ib = a.interval(s.key), b.interval(s.key)
+        row.update({"volume_ml_low_a": ia[0] if ia else None, "volume_ml_high_a": ia[1] if ia else None,
+                    "volume_ml_low_b": ib[0] if ib else None, "volume_ml_high_b": ib[1] if ib else None})
+        add_sdc(row, table, s.name, a.band_ml(s.key), b.band_ml(s.key))
+        rows.append(row)
     for key, name in (("brain_mask_ml", "BrainMask"), ("brain_volume_ml", "Brain")):
         va, vb = a.brain.get(key), b.brain.get(key)
         if va is not None and vb is not None:
@@ -251,8 +304,38 @@ def compare_results(a_dir: str | os.PathLike, b_dir: str | os.PathLike, date_a: 
     if changes and sum(changes) / len(changes) > LARGE_CHANGE_PERCENT:
         warnings.append(f"the structures changed by {sum(changes) / len(changes):.0f}% on average, far more than atrophy "
                         "explains (about 0.5-2% a year): are A and B scans of the same person, and both results correct?")
-    return Comparison(a=a, b=b, rows=rows, date_a=da, date_b=db, date_source_a=src_a, date_source_b=src_b,
-                      interval_days=days, warnings=warnings)
+    comparison = Comparison(a=a, b=b, rows=rows, date_a=da, date_b=db, date_source_a=src_a, date_source_b=src_b,
+                            interval_days=days, warnings=warnings)
+    comparison.sdc_note = None if table else f"no smallest detectable change: {why}"
+    return comparison
+
+
+def compare_results(a_dir: str | os.PathLike, b_dir: str | os.PathLike, date_a: str | None = None,
+                    date_b: str | None = None, table: dict | None = None) -> Comparison:
+    """The per-structure change from result ``A`` to result ``B`` (see the module docstring).
+
+    Args:
+        table: the repeatability table for ``sdc_ml`` (default: the shipped one,
+            :func:`basalseg.uncertainty.load_table`).
+
+    Raises:
+        BasalSegError: a folder is not a complete BasalSegSAM result, or a date is malformed.
+    """
+    from .report import read_result
+
+    records = []
+    for folder, tag in ((a_dir, "A"), (b_dir, "B")):
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise BasalSegError(f"{tag}: {folder} is not a folder" if folder.exists() else f"{tag}: {folder}: no such folder")
+        try:
+            records.append(read_result(folder))
+        except BasalSegError as exc:
+            raise BasalSegError(f"{tag}: {exc}") from exc
+    a, b = records
+    if a.folder.resolve() == b.folder.resolve():
+        raise BasalSegError(f"A and B are the same folder ({a.folder})")
+    return compare_records(a, b, date_a, date_b, table)
 
 
 def format_table(comparison: Comparison) -> str:
@@ -262,20 +345,38 @@ def format_table(comparison: Comparison) -> str:
             f"B: {c.b.folder}" + (f"  ({c.date_b}, {c.date_source_b})" if c.date_b else "")]
     if c.interval_days is not None:
         head.append(f"interval: {c.interval_days} days ({c.interval_days / 365.25:.2f} years)")
-    cols = ["structure", "A mL", "B mL", "change mL", "change %", "sym %"] + (["%/year"] if c.interval_days else [])
+    sdc = any(r.get("sdc_ml") is not None for r in c.rows)
+    ci = any(r.get("volume_ml_low_a") is not None or r.get("volume_ml_low_b") is not None for r in c.rows)
+    cols = (["structure", "A mL"] + (["A 95 %"] if ci else []) + ["B mL"] + (["B 95 %"] if ci else [])
+            + ["change mL", "change %", "sym %"] + (["%/year"] if c.interval_days else [])
+            + (["SDC mL", "real change?"] if sdc else []))
     lines = []
     for r in c.rows:
         def f(v, d=3):
             return "" if v is None else f"{v:.{d}f}"
-        cells = [r["structure"], f(r["volume_ml_a"]), f(r["volume_ml_b"]), f(r["change_ml"]),
-                 f(r["percent_change"], 1), f(r["percent_change_symmetric"], 1)]
+        def span(lo, hi):
+            return "" if lo is None or hi is None else f"{lo:.2f}-{hi:.2f}"
+        cells = [r["structure"], f(r["volume_ml_a"])] + ([span(r.get("volume_ml_low_a"), r.get("volume_ml_high_a"))] if ci else []) \
+            + [f(r["volume_ml_b"])] + ([span(r.get("volume_ml_low_b"), r.get("volume_ml_high_b"))] if ci else []) \
+            + [f(r["change_ml"]), f(r["percent_change"], 1), f(r["percent_change_symmetric"], 1)]
         if c.interval_days:
             cells.append(f(r["annualised_percent_change"], 2))
+        if sdc:
+            verdict = ""
+            if r.get("exceeds_sdc") is not None:
+                verdict = (f"yes ({r['change_over_sdc']:.1f}x SDC)" if r["exceeds_sdc"]
+                           else f"no ({r['change_over_sdc']:.1f}x SDC)")
+            cells += [f(r.get("sdc_ml")), verdict]
         lines.append(cells)
     widths = [max(len(str(x)) for x in col) for col in zip(cols, *lines)]
     fmt = lambda cells: "  ".join(str(x).ljust(w) if i == 0 else str(x).rjust(w)  # noqa: E731
                                   for i, (x, w) in enumerate(zip(cells, widths)))
-    return "\n".join(head + [fmt(cols), fmt(["-" * w for w in widths])] + [fmt(cells) for cells in lines]) + "\n"
+    tail = []
+    if sdc:
+        tail.append("SDC: smallest detectable change (95 % of scan-rescan differences are smaller; docs/UNCERTAINTY.md)")
+    elif getattr(c, "sdc_note", None):
+        tail.append(c.sdc_note)
+    return "\n".join(head + [fmt(cols), fmt(["-" * w for w in widths])] + [fmt(cells) for cells in lines] + tail) + "\n"
 
 
 def register(sub) -> None:

@@ -10,7 +10,9 @@ only files BasalSegSAM ever replaces in an existing folder:
     the same as a 3D Slicer segmentation: 8 named, coloured segments (label value = FreeSurfer value).
 ``volumes.csv``
     ``structure,label,voxels,volume_mm3,volume_ml``: voxel counts of the labelmap times the
-    input voxel volume (|det| of the affine), so the table always matches the labelmap exactly.
+    input voxel volume (|det| of the affine), so the table always matches the labelmap exactly;
+    then ``volume_ml_low,volume_ml_high,expected_ml,band_ml``: the 95 % volume interval and its
+    ingredients (:mod:`basalseg.uncertainty`; blank with ``--no-uncertainty``).
 ``prompts.json``
     the prompts used (see :mod:`basalseg.prompts`).
 ``qc.png``
@@ -72,8 +74,11 @@ def volume_rows(labels: np.ndarray, voxel_volume_mm3: float) -> list[dict]:
     return rows
 
 
-def volumes_csv_text(rows: list[dict], extra_columns: list[str] | None = None) -> str:
-    columns = (extra_columns or []) + VOLUME_COLUMNS
+def volumes_csv_text(rows: list[dict], extra_columns: list[str] | None = None,
+                     trailing_columns: list[str] | None = None) -> str:
+    """CSV of volume rows: ``extra_columns`` first, then :data:`VOLUME_COLUMNS`, then
+    ``trailing_columns`` (the interval columns of :mod:`basalseg.uncertainty`)."""
+    columns = (extra_columns or []) + VOLUME_COLUMNS + (trailing_columns or [])
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()

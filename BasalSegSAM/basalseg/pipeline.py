@@ -52,6 +52,7 @@ from .sdm import DEFAULT_BAND, majority_vote
 from .spatial import Grid, resample_to_grid, to_canonical
 from .structures import STRUCTURES, classes_to_labels
 from .student import build_student_input, predict_student, student_roi
+from .uncertainty import UNCERTAINTY_MODES, flip_probabilities, softmax_measures
 
 __all__ = ["PipelineConfig", "Pipeline", "SegmentResult", "NothingFoundError", "ProgressFn"]
 
@@ -91,6 +92,10 @@ class PipelineConfig:
             order; run in that fixed order). More than one: multi-plane fusion (module docstring).
         calibrate: apply the student's volume calibration (per-structure logit offsets recorded in
             its checkpoint, :mod:`basalseg.calibration`) when it has one.
+        uncertainty: per-structure volume uncertainty (:mod:`basalseg.uncertainty`): ``"softmax"``
+            (default; from the student's softmax of the same pass, no extra network run),
+            ``"flip"`` (also one left-right mirrored student pass, a diagnostic) or ``"none"``
+            (``--no-uncertainty``).
     """
 
     foundation: str = "litemedsam"
@@ -109,6 +114,7 @@ class PipelineConfig:
     context: bool = True
     planes: tuple = ("axial",)
     calibrate: bool = True
+    uncertainty: str = "softmax"
 
 
 @dataclass
@@ -130,6 +136,9 @@ class SegmentResult:
         plane_masks: with several planes, ``(P, 8, X, Y, Z)`` masks per plane (in
             ``PipelineConfig.planes`` order; ``masks`` is then their majority vote); else None.
         plane_prompts: the prompts of each plane run (``{"axial": prompts, "coronal": ...}``).
+        uncertainty: raw per-structure volume-uncertainty measures on the canonical grid
+            (``{"mode", "measures": {structure name: {...}}, "seconds"}``,
+            :func:`basalseg.uncertainty.softmax_measures`), or None when switched off.
     """
 
     volume: Volume
@@ -145,6 +154,7 @@ class SegmentResult:
     missing: list[str]
     plane_masks: np.ndarray | None = None
     plane_prompts: dict | None = None
+    uncertainty: dict | None = None
 
 
 class Pipeline:
@@ -344,12 +354,41 @@ class Pipeline:
         checkpoint("student")
         t = time.perf_counter()
         report("student", 0.0)
-        crop_classes = predict_student(student, inputs, self.device, logit_offsets=self.student_offsets())
-        for key in missing:  # never invent a structure the prompter did not find
-            crop_classes[crop_classes == next(s.class_index for s in STRUCTURES if s.key == key)] = 0
+        mode_u = self.config.uncertainty or "none"
+        if mode_u not in UNCERTAINTY_MODES:
+            raise BasalSegError(f"uncertainty must be one of {', '.join(UNCERTAINTY_MODES)}; got {mode_u!r}")
+        offsets = self.student_offsets()
+        crop_classes = predict_student(student, inputs, self.device, logit_offsets=offsets,
+                                       return_probabilities=mode_u != "none")
+        probs = None
+        if mode_u != "none":
+            crop_classes, probs = crop_classes
+        missing_idx = [s.class_index for s in STRUCTURES if s.key in missing]
+        for c in missing_idx:  # never invent a structure the prompter did not find
+            crop_classes[crop_classes == c] = 0
         classes = np.zeros(grid.shape, dtype=np.uint8)
         classes[roi] = crop_classes
         timings["student"] = time.perf_counter() - t
+        uncertainty = None
+        if probs is not None:
+            t = time.perf_counter()
+            voxel_ml = float(abs(np.linalg.det(grid.affine[:3, :3]))) / 1000.0
+            raw = softmax_measures(probs, crop_classes, missing_idx, voxel_ml=voxel_ml)
+            del probs
+            if mode_u == "flip":
+                flip = flip_probabilities(student, inputs, self.device, logit_offsets=offsets)
+                flip_classes = flip.argmax(0)
+                del flip
+                for c in missing_idx:
+                    flip_classes[flip_classes == c] = 0
+                for c, entry in raw.items():
+                    v_flip = int(np.count_nonzero(flip_classes == c)) * voxel_ml
+                    entry["flip_ml"] = v_flip
+                    entry["flip_half_diff_ml"] = 0.5 * abs(v_flip - entry["voxels"] * voxel_ml)
+            names = {s.class_index: s.name for s in STRUCTURES}
+            timings["uncertainty"] = time.perf_counter() - t
+            uncertainty = {"mode": mode_u, "measures": {names[c]: v for c, v in raw.items()},
+                           "seconds": timings["uncertainty"]}
         report("student", 1.0)
 
         checkpoint("resample")
@@ -379,7 +418,7 @@ class Pipeline:
         return SegmentResult(volume=volume, labels=labels.astype(np.int16), grid=grid, image01=image01,
                              classes=classes, coarse=coarse, masks=masks, prompts=prompts, timings=timings,
                              provenance=provenance, missing=missing, plane_masks=stacked if multi else None,
-                             plane_prompts=plane_prompts)
+                             plane_prompts=plane_prompts, uncertainty=uncertainty)
 
     def _plane_prompts(self, prompts: PromptSet, coarse: np.ndarray | None, image01: np.ndarray, grid: Grid,
                        found: list[str]) -> tuple[dict[str, PromptSet], str]:

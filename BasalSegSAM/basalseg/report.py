@@ -77,6 +77,8 @@ __all__ = [
 #: the files of a result folder, as :data:`basalseg.results.RESULT_FILES` (copied so that reading
 #: results does not import torch; a test keeps the two equal).
 _RESULT_FILES = ("segmentation.nii.gz", "segmentation.seg.nrrd", "volumes.csv", "prompts.json", "qc.png", "provenance.json")
+#: the optional interval columns of ``volumes.csv`` (:data:`basalseg.uncertainty.UNCERTAINTY_COLUMNS`).
+_INTERVAL_COLUMNS = ("volume_ml_low", "volume_ml_high", "expected_ml", "band_ml")
 REPORT_NAME = "report.html"
 MONTAGE_DIR = "report"
 FAILURES_NAME = "failures.csv"
@@ -138,7 +140,9 @@ class ResultRecord:
     Attributes:
         folder: the folder; ``name`` is its name (the scan id in cohort tables).
         provenance: ``provenance.json``.
-        volumes: ``volumes.csv`` rows (``structure, label, voxels, volume_mm3, volume_ml``, numbers parsed).
+        volumes: ``volumes.csv`` rows (``structure, label, voxels, volume_mm3, volume_ml``, numbers parsed,
+            and the interval columns ``volume_ml_low, volume_ml_high, expected_ml, band_ml``: None when
+            absent or blank).
     """
 
     folder: Path
@@ -186,13 +190,26 @@ class ResultRecord:
         spacing = self.input.get("spacing_mm")
         return tuple(float(s) for s in spacing) if spacing else None
 
-    def volume_ml(self, structure: str) -> float:
-        """Volume of a structure (key or FreeSurfer name) in mL."""
+    def _row(self, structure: str) -> dict:
         name = _BY_KEY[structure].name if structure in _BY_KEY else structure
         for row in self.volumes:
             if row["structure"] == name:
-                return row["volume_ml"]
+                return row
         raise KeyError(structure)
+
+    def volume_ml(self, structure: str) -> float:
+        """Volume of a structure (key or FreeSurfer name) in mL."""
+        return self._row(structure)["volume_ml"]
+
+    def interval(self, structure: str) -> tuple[float, float] | None:
+        """The 95 % volume interval ``(low, high)`` in mL (``volumes.csv``), None when the result has none."""
+        row = self._row(structure)
+        low, high = row.get("volume_ml_low"), row.get("volume_ml_high")
+        return None if low is None or high is None else (low, high)
+
+    def band_ml(self, structure: str) -> float | None:
+        """The ``band_ml`` uncertainty measure of a structure (:mod:`basalseg.uncertainty`), or None."""
+        return self._row(structure).get("band_ml")
 
 
 def _read_volumes(path: Path) -> list[dict]:
@@ -201,8 +218,12 @@ def _read_volumes(path: Path) -> list[dict]:
     out = []
     for row in rows:
         try:
-            out.append({"structure": row["structure"], "label": int(row["label"]), "voxels": int(row["voxels"]),
-                        "volume_mm3": float(row["volume_mm3"]), "volume_ml": float(row["volume_ml"])})
+            parsed = {"structure": row["structure"], "label": int(row["label"]), "voxels": int(row["voxels"]),
+                      "volume_mm3": float(row["volume_mm3"]), "volume_ml": float(row["volume_ml"])}
+            for column in _INTERVAL_COLUMNS:  # optional (results before 2026-12-02, --no-uncertainty: absent/blank)
+                value = (row.get(column) or "").strip()
+                parsed[column] = float(value) if value else None
+            out.append(parsed)
         except (KeyError, TypeError, ValueError) as exc:
             raise BasalSegError(f"{path}: not a BasalSegSAM volumes table ({type(exc).__name__}: {exc})") from exc
     if sorted(r["structure"] for r in out) != sorted(s.name for s in STRUCTURES):
@@ -694,6 +715,7 @@ def build_report(out_dir: str | os.PathLike, thresholds: Thresholds | None = Non
         "view, so their volumes may be too small.</li>"
         "<li><b>failed</b>: no result (see the table at the end).</li>"
         "<li>Brain mask / brain volumes: see <code>basalseg.icv</code>; blank where the T1 is not skull-stripped.</li>"
+        "<li>Under each volume: its 95 % interval (mL; docs/UNCERTAINTY.md), when the result has one.</li>"
         "</ul></details>")
     # cohort statistics
     parts.append('<h2>Cohort volumes (mL)</h2><table id="stats"><thead><tr><th>structure</th><th>n</th><th>median</th>'
@@ -726,7 +748,9 @@ def build_report(out_dir: str | os.PathLike, thresholds: Thresholds | None = Non
         for s in STRUCTURES:
             v = r.volume_ml(s.key)
             cls = "out" if ("outlier", s.key) in flagged_structures or ("missing", s.key) in flagged_structures else "num"
-            parts.append(f'<td class="num{" out" if cls == "out" else ""}" data-structure="{s.key}">{v:.3f}</td>')
+            iv = r.interval(s.key)
+            ci = f'<br><small class="ci" title="95 % interval, mL">{iv[0]:.2f}&ndash;{iv[1]:.2f}</small>' if iv else ""
+            parts.append(f'<td class="num{" out" if cls == "out" else ""}" data-structure="{s.key}">{v:.3f}{ci}</td>')
         brain = r.brain
         if brain.get("brain_mask_ml") is not None:
             title = e(brain.get("reason") or brain.get("method", ""))
@@ -745,6 +769,7 @@ def build_report(out_dir: str | os.PathLike, thresholds: Thresholds | None = Non
         dice = [d for d in r.dice.values() if d is not None]
         parts.append((f'<td class="num">{min(dice):.2f}</td>' if dice else '<td class="na">&ndash;</td>') + "</tr>")
     parts.append("</tbody></table>")
+    parts.extend(_longitudinal_section(records))
     # failures
     parts.append(f'<h2>Failed scans ({len(failures)})</h2>')
     if failures:
@@ -762,6 +787,65 @@ def build_report(out_dir: str | os.PathLike, thresholds: Thresholds | None = Non
     path = out_dir / REPORT_NAME
     atomic_write_text(path, "\n".join(parts) + "\n")
     return path
+
+
+def longitudinal_groups(records: list[ResultRecord]) -> dict[str, list[ResultRecord]]:
+    """Subjects with at least two results, each list in session order (date, then session name,
+    then folder name; undated sessions last)."""
+    groups: dict[str, list[ResultRecord]] = {}
+    for r in records:
+        if r.subject and r.subject != r.name:  # batch recorded a subject (outside BIDS it is the file name)
+            groups.setdefault(r.subject, []).append(r)
+    return {k: sorted(v, key=lambda r: (r.session_date == "", r.session_date, r.session, r.name))
+            for k, v in sorted(groups.items()) if len(v) >= 2}
+
+
+def _longitudinal_section(records: list[ResultRecord]) -> list[str]:
+    """The longitudinal view: per subject with several sessions, the change between consecutive
+    sessions as ``basalseg compare`` gives it (:func:`basalseg.longitudinal.compare_records`)."""
+    from .longitudinal import compare_records
+
+    groups = longitudinal_groups(records)
+    if not groups:
+        return []
+    e = html.escape
+    parts = [f'<h2>Longitudinal ({len(groups)} subject{"s" if len(groups) > 1 else ""} with several sessions)</h2>',
+             "<p>Change between consecutive sessions, as <code>basalseg compare</code> gives it. "
+             "<b>real?</b>: yes when |change| exceeds the smallest detectable change (SDC: 95 % of scan-rescan "
+             "differences of the repeatability study are smaller; docs/UNCERTAINTY.md).</p>"]
+    for subject, recs in groups.items():
+        for a, b in zip(recs, recs[1:]):
+            try:
+                c = compare_records(a, b)
+            except BasalSegError as exc:
+                parts.append(f'<div class="warn">{e(subject)}: {e(a.name)} &rarr; {e(b.name)}: {e(str(exc))}</div>')
+                continue
+            span = f", {c.interval_days} days" if c.interval_days is not None else ""
+            parts.append(f'<h3 class="pair">{e(subject)}: {e(a.name)} &rarr; {e(b.name)}{e(span)}</h3>')
+            for w in c.warnings:
+                parts.append(f'<div class="warn">{e(w)}</div>')
+            if c.sdc_note:
+                parts.append(f'<p class="meta">{e(c.sdc_note)}</p>')
+            parts.append(f'<table class="longitudinal" data-subject="{e(subject)}" data-a="{e(a.name)}" data-b="{e(b.name)}">'
+                         "<thead><tr><th>structure</th><th>A mL (95 %)</th><th>B mL (95 %)</th><th>change mL</th>"
+                         "<th>change %</th><th>%/year</th><th>SDC mL</th><th>real?</th></tr></thead><tbody>")
+            for row in c.rows:
+                def cell(v, lo=None, hi=None, d=3):
+                    if v is None:
+                        return '<td class="na">&ndash;</td>'
+                    ci = f" <small>({lo:.2f}&ndash;{hi:.2f})</small>" if lo is not None and hi is not None else ""
+                    return f"<td class=num>{v:.{d}f}{ci}</td>"
+                verdict = row.get("exceeds_sdc")
+                real = ('<td class="na">&ndash;</td>' if verdict is None else
+                        f'<td class="num{" out" if verdict else ""}" data-real="{"yes" if verdict else "no"}">'
+                        f'{"yes" if verdict else "no"} ({row["change_over_sdc"]:.1f}&times;)</td>')
+                parts.append(f'<tr data-structure="{e(row["structure"])}"><td>{e(row["structure"])}</td>'
+                             + cell(row["volume_ml_a"], row.get("volume_ml_low_a"), row.get("volume_ml_high_a"))
+                             + cell(row["volume_ml_b"], row.get("volume_ml_low_b"), row.get("volume_ml_high_b"))
+                             + cell(row["change_ml"]) + cell(row["percent_change"], d=1)
+                             + cell(row["annualised_percent_change"], d=2) + cell(row.get("sdc_ml")) + real + "</tr>")
+            parts.append("</tbody></table>")
+    return parts
 
 
 def _url_quote(name: str) -> str:

@@ -16,6 +16,7 @@ from .outputs import (RESULT_FILES, StagedOutputDir, affine_is_orthogonal, json_
                       volume_rows, volumes_csv_text)
 from .prompts import PromptSet
 from .qc import overlay_png
+from .uncertainty import UNCERTAINTY_COLUMNS, add_interval_columns
 from .weights import sha256_file
 
 __all__ = ["write_result", "write_prompts_only", "RESULT_FILES"]
@@ -58,9 +59,11 @@ def write_result(result, out_dir: str | os.PathLike, overwrite: bool = False, qc
     with stage:
         folder = stage.path
         rows = volume_rows(result.labels, result.volume.voxel_volume_mm3)
+        student_sha = ((result.provenance.get("weights") or {}).get("student") or {}).get("sha256")
+        uncertainty = add_interval_columns(rows, getattr(result, "uncertainty", None), student_sha256=student_sha)
         (folder / "segmentation.nii.gz").write_bytes(nifti_bytes(result.labels, result.volume.affine))
         (folder / "segmentation.seg.nrrd").write_bytes(seg_nrrd_bytes(result.labels, result.volume.affine))
-        (folder / "volumes.csv").write_text(volumes_csv_text(rows), encoding="utf-8")
+        (folder / "volumes.csv").write_text(volumes_csv_text(rows, trailing_columns=UNCERTAINTY_COLUMNS), encoding="utf-8")
         (folder / "prompts.json").write_text(json.dumps(result.prompts.to_dict(), indent=1), encoding="utf-8")
         if qc:
             title = f"BasalSegSAM {Path(result.volume.path).name if result.volume.path else ''}"
@@ -72,6 +75,7 @@ def write_result(result, out_dir: str | os.PathLike, overwrite: bool = False, qc
             "timings_s": {k: round(v, 3) for k, v in result.timings.items()},
             "structures_not_found": result.missing,
             "voxel_volume_mm3": result.volume.voxel_volume_mm3,
+            "volume_uncertainty": uncertainty,
         })
         provenance["qc_flags"] = list(provenance.get("qc_flags") or []) + coverage_flags(result.labels)
         _record_files(folder, provenance)

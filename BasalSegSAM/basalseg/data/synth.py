@@ -77,7 +77,7 @@ from ..spatial import Grid, bounding_box, resample_to_grid, to_canonical
 from ..structures import STRUCTURES
 
 __all__ = ["SynthConfig", "SynthSource", "SyntheticSubject", "TemplateSpec", "prepare_source", "synthesize",
-           "generate_subject", "generate_cohort", "subject_seed", "GENERATOR_VERSION"]
+           "generate_subject", "generate_cohort", "subject_seed", "rescan_seed", "GENERATOR_VERSION"]
 
 #: Bumped whenever the same (template, labels, seed, config) would give a different subject.
 GENERATOR_VERSION = 1
@@ -328,8 +328,24 @@ def _lerp(array: np.ndarray, position: float, axis: int) -> np.ndarray:
     return np.take(array, i0, axis=axis) * (1 - f) + np.take(array, i1, axis=axis) * f
 
 
-def synthesize(source: SynthSource, seed: int, config: SynthConfig | None = None) -> SyntheticSubject:
+def rescan_seed(seed: int, rescan: int) -> int:
+    """The seed of the scan draws of rescan ``rescan`` (>= 1) of the subject of ``seed``."""
+    return int(np.random.SeedSequence([int(seed), 7919, int(rescan)]).generate_state(1, np.uint32)[0])
+
+
+def synthesize(source: SynthSource, seed: int, config: SynthConfig | None = None, rescan: int = 0) -> SyntheticSubject:
     """Generate one subject from a prepared template (module docstring).
+
+    Args:
+        rescan: 0 = the subject itself. ``k >= 1``: a synthetic *rescan* of the same subject:
+            every spatial draw of ``seed`` is kept (the subject's whole deformation), and the
+            subject is seen through an extra rigid head pose ``P`` about the box centre
+            (rotations U(+-``rotation_deg``/2), translations U(+-``translation_mm``/2)): output
+            point ``x`` takes the subject's value at ``P(x)``. Every intensity draw (GMM
+            contrast, bias field, blur, thick slices, noise, gamma) and the pose come from a
+            second stream, :func:`rescan_seed`. The true volumes stay the subject's, up to the
+            nearest-neighbour resampling of the labels in the new pose and anatomy pushed out
+            of the box (``params["volumes_mm3"]`` records the rescan's own label volumes).
 
     Raises:
         ValueError: ``config`` differs from the one given to :func:`prepare_source` in a setting
@@ -352,6 +368,13 @@ def synthesize(source: SynthSource, seed: int, config: SynthConfig | None = None
     nl_std = rng.uniform(0, config.nonlinear_std_mm)
     r = config.structure_volume_range
     vol_factor = rng.uniform(1 - r, 1 + r, len(STRUCTURES))
+    scan_rng = rng
+    pose_rot, pose_trans = np.zeros(3), np.zeros(3)
+    if int(rescan) > 0:  # same anatomy, a new head pose in the scanner and new intensity draws
+        scan_rng = np.random.default_rng(rescan_seed(seed, rescan))
+        pose_rot = scan_rng.uniform(-0.5 * config.rotation_deg, 0.5 * config.rotation_deg, 3)
+        pose_trans = scan_rng.uniform(-0.5 * config.translation_mm, 0.5 * config.translation_mm, 3)
+    pose = _rotation(pose_rot)
     shear_m = np.array([[1, shear[0], shear[1]], [0, 1, shear[2]], [0, 0, 1.0]])
     m = _rotation(rot) @ shear_m @ np.diag(scale)
     m_inv = np.linalg.inv(m)
@@ -363,6 +386,14 @@ def synthesize(source: SynthSource, seed: int, config: SynthConfig | None = None
     xc = cidx @ out.affine[:3, :3].T + out.affine[:3, 3]
     u_nl = np.stack([np.clip(_smooth_random(rng, cshape, config.nonlinear_spacing_mm, step, nl_std),
                              -config.nonlinear_max_mm, config.nonlinear_max_mm) for _ in range(3)], -1).reshape(-1, 3)
+    if int(rescan) > 0:
+        # A rescan sees the subject through a rigid pose P (output space -> the subject's output
+        # space): every output point x is replaced by P(x), and the subject's deformation is
+        # evaluated there (interpolated on its coarse grid), so the anatomy is the subject's.
+        xc = (xc - centre) @ pose.T + centre + pose_trans
+        cvox = (np.linalg.inv(out.affine[:3, :3]) @ (xc - out.affine[:3, 3]).T) / step
+        u_grid = u_nl.reshape(cshape + (3,))
+        u_nl = np.stack([ndimage.map_coordinates(u_grid[..., c], cvox, order=1, mode="nearest") for c in range(3)], -1)
     y0 = (xc + u_nl - centre - trans) @ m_inv.T + centre
     a_k = vol_factor ** (-1.0 / 3.0) - 1.0
     a_field = np.tensordot(a_k, source.weights, axes=(0, 0))
@@ -377,8 +408,8 @@ def synthesize(source: SynthSource, seed: int, config: SynthConfig | None = None
     resid_vox = ((y - y_aff) @ tinv[:3, :3].T).reshape(cshape + (3,))
     mats = [_interp_matrix(int(n), c, step) for n, c in zip(shape, cshape)]
     # --- full-resolution sampling coordinates: exact affine + upsampled residual ---
-    lin = tinv[:3, :3] @ m_inv @ out.affine[:3, :3]
-    off = tinv[:3, :3] @ (m_inv @ (out.affine[:3, 3] - centre - trans) + centre) + tinv[:3, 3]
+    lin = tinv[:3, :3] @ m_inv @ pose @ out.affine[:3, :3]
+    off = tinv[:3, :3] @ (m_inv @ (pose @ (out.affine[:3, 3] - centre) + pose_trans - trans) + centre) + tinv[:3, 3]
     axes = [np.arange(n, dtype=np.float32) for n in shape]
     coords = np.empty((3,) + tuple(shape), dtype=np.float32)
     for c in range(3):
@@ -387,7 +418,8 @@ def synthesize(source: SynthSource, seed: int, config: SynthConfig | None = None
             + (lin[c, 2] * axes[2] + off[c])[None, None, :]
     labels_full = ndimage.map_coordinates(source.labels, coords, order=0, mode="constant", cval=0)
     labels = np.where(np.isin(labels_full, _FS), labels_full, 0).astype(np.int16)
-    # --- intensities ---
+    # --- intensities (a rescan draws them from its own stream) ---
+    rng = scan_rng
     if config.contrast == "template":
         image = ndimage.map_coordinates(source.image, coords, order=1, mode="constant", cval=0.0, prefilter=False)
         gmm = None
@@ -442,6 +474,9 @@ def synthesize(source: SynthSource, seed: int, config: SynthConfig | None = None
         "thick_slices": thick, "noise_std": round(noise, 4), "gamma": round(gamma, 4),
         "seconds": round(time.perf_counter() - t0, 2),
     }
+    if int(rescan) > 0:
+        params["rescan"] = {"index": int(rescan), "scan_seed": rescan_seed(seed, rescan),
+                            "pose_rotation_deg": pose_rot.round(3).tolist(), "pose_translation_mm": pose_trans.round(3).tolist()}
     volume = Volume(image, out.affine.copy(), meta={"synthetic": True, "template": source.name, "seed": int(seed)})
     full = labels_full.astype(np.int16) if config.keep_full_labels else None
     return SyntheticSubject(volume, labels, full, params)
@@ -482,7 +517,7 @@ def _load_sources(templates: Sequence[TemplateSpec], atlas: str, config: SynthCo
 
 def generate_cohort(out_dir: str | os.PathLike, n: int, seed: int = 0, templates: Sequence[TemplateSpec] = ("mni152",),
                     config: SynthConfig | None = None, *, atlas: str = "dk", prefix: str = "synth",
-                    image_dtype: str = "float32", overwrite: bool = False, progress=None) -> list:
+                    image_dtype: str = "float32", overwrite: bool = False, progress=None, rescans: int = 0) -> list:
     """Write ``n`` synthetic subjects in nnU-Net layout with a ``dataset.json``.
 
     Subject ``i`` uses ``templates[i % len(templates)]`` and seed ``subject_seed(seed, i)``;
@@ -503,6 +538,10 @@ def generate_cohort(out_dir: str | os.PathLike, n: int, seed: int = 0, templates
         image_dtype: ``"float32"`` (exact) or ``"int16"`` (image x 1000, rounded; ~3x smaller files).
         overwrite: replace an existing ``dataset.json`` (else ValueError).
         progress: optional callable ``(done, total)``.
+        rescans: ``K >= 1`` also writes K synthetic rescans of every subject (``synthesize(...,
+            rescan=k)``: same anatomy, new pose and intensities); cases are then named
+            ``{prefix}_{i:04d}_r{k}``, ``k = 0`` being the subject itself (the same image as case
+            ``i`` of a cohort without rescans), and each record has ``subject`` and ``rescan``.
 
     Returns:
         The written cases as :class:`basalseg.data.cohort.CohortCase` (name, image, label path).
@@ -521,11 +560,16 @@ def generate_cohort(out_dir: str | os.PathLike, n: int, seed: int = 0, templates
         raise ValueError(f"out_dir {root} already holds a dataset.json; pass overwrite=True to replace it")
     sources = _load_sources(templates, atlas, config)
     cases, records = [], []
-    for i in range(int(n)):
+    if int(rescans) < 0:
+        raise ValueError(f"rescans must be >= 0; got {rescans}")
+    jobs = [(i, k) for i in range(int(n)) for k in range(int(rescans) + 1)]
+    for done, (i, k) in enumerate(jobs):
         source, info = sources[i % len(sources)]
-        name = f"{prefix}_{i:04d}"
+        name = f"{prefix}_{i:04d}" + (f"_r{k}" if rescans else "")
         s = subject_seed(seed, i)
-        subject = synthesize(source, s, config)
+        subject = synthesize(source, s, config, rescan=k)
+        if rescans:
+            info = {**info, "subject": f"{prefix}_{i:04d}", "rescan": k}
         image_path, label_path = case_paths(root, name)
         data = subject.image.data if image_dtype == "float32" else np.round(np.clip(subject.image.data * 1000, 0, 32767))
         write_nifti_atomic(image_path, data, subject.image.affine, dtype=np.dtype(image_dtype))
@@ -535,17 +579,17 @@ def generate_cohort(out_dir: str | os.PathLike, n: int, seed: int = 0, templates
         cases.append(CohortCase(name, image_path, label_path))
         records.append({"name": name, **info, "seed": s, "params": subject.params})
         if progress is not None:
-            progress(i + 1, int(n))
+            progress(done + 1, len(jobs))
     meta = {
         "name": root.name,
         "description": "BasalSegSAM synthetic cohort (SynthSeg-style deformation and intensity augmentation of labelled templates)",
         "channel_names": {"0": "T1"},
         "labels": {"background": 0, **{s.name: s.label for s in STRUCTURES}},
         "label_values": "freesurfer (not consecutive; map with basalseg.structures.labels_to_classes)",
-        "numTraining": int(n),
+        "numTraining": len(jobs),
         "file_ending": ".nii.gz",
         "basalseg_synth": {"generator_version": GENERATOR_VERSION, "cohort_seed": int(seed), "image_dtype": image_dtype,
-                           "config": config.to_dict(), "cases": records},
+                           "config": config.to_dict(), "rescans": int(rescans), "cases": records},
     }
     write_json_atomic(root / "dataset.json", meta)
     return cases

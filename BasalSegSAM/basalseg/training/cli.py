@@ -68,6 +68,10 @@ def register(sub) -> None:
     p.add_argument("--prefix", default="synth", help="case names are PREFIX_0000, PREFIX_0001, ...")
     p.add_argument("--image-dtype", default="int16", choices=["int16", "float32"],
                    help="int16 stores intensity x 1000 (3x smaller files)")
+    p.add_argument("--rescans", type=int, default=0,
+                   help="also write K synthetic rescans of each subject (same anatomy and true volumes, new pose, "
+                        "bias, noise, blur, slice thickness and gamma draws); cases PREFIX_0000_r0 (the subject "
+                        "itself) ... PREFIX_0000_rK (docs/UNCERTAINTY.md)")
     p.set_defaults(handler=cmd_synth)
 
 
@@ -193,11 +197,14 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..data.synth import SynthConfig, generate_cohort
+    from ..errors import BasalSegError
 
-    bar = tqdm(total=args.n, desc=f"synth {args.out.name}", unit="subject")
+    if args.rescans < 0:
+        raise BasalSegError(f"--rescans must be >= 0, got {args.rescans}")
+    bar = tqdm(total=args.n * (args.rescans + 1), desc=f"synth {args.out.name}", unit="scan")
     paths = generate_cohort(args.out, n=args.n, seed=args.seed, templates=args.template or ["mni152"],
                             config=SynthConfig(contrast=args.contrast), prefix=args.prefix, image_dtype=args.image_dtype,
-                            progress=lambda done, total: bar.update(done - bar.n))
+                            progress=lambda done, total: bar.update(done - bar.n), rescans=args.rescans)
     bar.close()
     print(f"wrote {len(paths)} synthetic subjects to {args.out}")
     return 0
