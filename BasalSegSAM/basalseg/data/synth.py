@@ -482,7 +482,7 @@ def _load_sources(templates: Sequence[TemplateSpec], atlas: str, config: SynthCo
 
 def generate_cohort(out_dir: str | os.PathLike, n: int, seed: int = 0, templates: Sequence[TemplateSpec] = ("mni152",),
                     config: SynthConfig | None = None, *, atlas: str = "dk", prefix: str = "synth",
-                    image_dtype: str = "float32", overwrite: bool = False, progress=None) -> list:
+                    image_dtype: str = "float32", overwrite: bool = False, progress=None, head=None) -> list:
     """Write ``n`` synthetic subjects in nnU-Net layout with a ``dataset.json``.
 
     Subject ``i`` uses ``templates[i % len(templates)]`` and seed ``subject_seed(seed, i)``;
@@ -503,6 +503,8 @@ def generate_cohort(out_dir: str | os.PathLike, n: int, seed: int = 0, templates
         image_dtype: ``"float32"`` (exact) or ``"int16"`` (image x 1000, rounded; ~3x smaller files).
         overwrite: replace an existing ``dataset.json`` (else ValueError).
         progress: optional callable ``(done, total)``.
+        head: a :class:`basalseg.data.head.HeadConfig`: head-like subjects (a head around the brain,
+            a random pose and scanner grid; :mod:`basalseg.data.head`) instead of skull-stripped ones.
 
     Returns:
         The written cases as :class:`basalseg.data.cohort.CohortCase` (name, image, label path).
@@ -519,13 +521,18 @@ def generate_cohort(out_dir: str | os.PathLike, n: int, seed: int = 0, templates
     root = Path(out_dir)
     if (root / "dataset.json").exists() and not overwrite:
         raise ValueError(f"out_dir {root} already holds a dataset.json; pass overwrite=True to replace it")
-    sources = _load_sources(templates, atlas, config)
+    if head is not None:
+        from .head import HEAD_GENERATOR_VERSION, brain_config_for_heads, synthesize_head
+
+        sources = _load_sources(templates, atlas, brain_config_for_heads(config))
+    else:
+        sources = _load_sources(templates, atlas, config)
     cases, records = [], []
     for i in range(int(n)):
         source, info = sources[i % len(sources)]
         name = f"{prefix}_{i:04d}"
         s = subject_seed(seed, i)
-        subject = synthesize(source, s, config)
+        subject = synthesize(source, s, config) if head is None else synthesize_head(source, s, config, head)
         image_path, label_path = case_paths(root, name)
         data = subject.image.data if image_dtype == "float32" else np.round(np.clip(subject.image.data * 1000, 0, 32767))
         write_nifti_atomic(image_path, data, subject.image.affine, dtype=np.dtype(image_dtype))
@@ -545,7 +552,9 @@ def generate_cohort(out_dir: str | os.PathLike, n: int, seed: int = 0, templates
         "numTraining": int(n),
         "file_ending": ".nii.gz",
         "basalseg_synth": {"generator_version": GENERATOR_VERSION, "cohort_seed": int(seed), "image_dtype": image_dtype,
-                           "config": config.to_dict(), "cases": records},
+                           "config": config.to_dict(), "cases": records,
+                           **({"head": head.to_dict(), "head_generator_version": HEAD_GENERATOR_VERSION}
+                              if head is not None else {})},
     }
     write_json_atomic(root / "dataset.json", meta)
     return cases
