@@ -87,6 +87,10 @@ def _add_run_options(p: argparse.ArgumentParser, with_student: bool = True) -> N
                        help="ignore the student's volume calibration (per-structure logit offsets fitted on "
                             "validation cases; README 'Results')")
         p.add_argument("--no-qc", action="store_true", help="skip the QC picture")
+        p.add_argument("--localise", default="auto", choices=["auto", "on", "off"],
+                       help="brain localisation for whole-head T1s in any pose: rigid registration to the MNI152 "
+                            "brain, skull-stripped resampling, results mapped back (auto: only for inputs that do "
+                            "not look skull-stripped; basalseg.localise)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,6 +161,7 @@ def _config(args: argparse.Namespace):
         context=bool(getattr(args, "context", True)),
         planes=tuple(getattr(args, "planes", None) or ("axial",)),
         calibrate=not getattr(args, "no_calibration", False),
+        localise=getattr(args, "localise", "auto") or "auto",
     )
 
 

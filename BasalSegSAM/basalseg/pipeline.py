@@ -90,6 +90,9 @@ class PipelineConfig:
             order; run in that fixed order). More than one: multi-plane fusion (module docstring).
         calibrate: apply the student's volume calibration (per-structure logit offsets recorded in
             its checkpoint, :mod:`basalseg.calibration`) when it has one.
+        localise: ``"auto"``, ``"on"`` or ``"off"`` (this class's default; the command line's is
+            ``auto``): brain localisation for whole-head inputs in any pose and its QC checks
+            (:mod:`basalseg.localise`).
     """
 
     foundation: str = "litemedsam"
@@ -108,6 +111,7 @@ class PipelineConfig:
     context: bool = True
     planes: tuple = ("axial",)
     calibrate: bool = True
+    localise: str = "off"
 
 
 @dataclass
@@ -144,6 +148,8 @@ class SegmentResult:
     missing: list[str]
     plane_masks: np.ndarray | None = None
     plane_prompts: dict | None = None
+    probabilities: np.ndarray | None = None
+    roi: tuple | None = None
 
 
 class Pipeline:
@@ -249,7 +255,36 @@ class Pipeline:
 
     def segment(self, volume: Volume, prompts: PromptSet | None = None, progress: ProgressFn | None = None,
                 should_stop: Callable[[], bool] | None = None, cache: SliceMaskCache | None = None) -> SegmentResult:
-        """Run every stage on a checked input volume.
+        """Run every stage on a checked input volume, localised first when ``config.localise`` says so
+        (:mod:`basalseg.localise`: the stages then run on the brain resampled into template space,
+        and the labelmap is mapped back onto the input grid from the student's probabilities).
+        Arguments and errors as :meth:`segment_as_given`, plus ``NoBrainFoundError`` and
+        ``NotT1Error`` from the localisation checks."""
+        from .localise import localise, map_back
+
+        mode = self.config.localise or "off"
+        if mode == "off":
+            return self.segment_as_given(volume, prompts, progress, should_stop, cache)
+        t0 = time.perf_counter()
+        work, loc = localise(volume, mode, threads=self.config.threads or 1)
+        if not loc.applied:
+            result = self.segment_as_given(volume, prompts, progress, should_stop, cache)
+        else:
+            result = self.segment_as_given(work, prompts, progress, should_stop, cache, keep_probabilities=True)
+            t = time.perf_counter()
+            classes_in = map_back(result.probabilities, result.roi, loc, volume)
+            result.labels = classes_to_labels(classes_in).astype(np.int16)
+            result.volume = volume
+            result.timings["map_back"] = time.perf_counter() - t
+        result.timings["localise"] = loc.seconds
+        result.timings["total"] = time.perf_counter() - t0
+        result.provenance["localisation"] = loc.to_dict()
+        return result
+
+    def segment_as_given(self, volume: Volume, prompts: PromptSet | None = None, progress: ProgressFn | None = None,
+                         should_stop: Callable[[], bool] | None = None, cache: SliceMaskCache | None = None,
+                         keep_probabilities: bool = False) -> SegmentResult:
+        """Run every stage on a checked input volume, without localisation.
 
         Args:
             volume: input (see :func:`basalseg.imageio.load_volume`).
@@ -258,6 +293,8 @@ class Pipeline:
             progress: stage progress callback.
             should_stop: polled between steps; True cancels (raises :class:`Cancelled`).
             cache: foundation masks of unchanged slices are reused from it (and it is updated).
+            keep_probabilities: keep the student's ``(9, *roi)`` probabilities (``result.probabilities``,
+                ``result.roi``; structures without prompts set to 0).
 
         Raises:
             NothingFoundError: no structure found. PromptsError: prompts for another grid.
@@ -333,9 +370,18 @@ class Pipeline:
         checkpoint("student")
         t = time.perf_counter()
         report("student", 0.0)
-        crop_classes = predict_student(student, inputs, self.device, logit_offsets=self.student_offsets())
+        crop_probs = None
+        if keep_probabilities:
+            crop_classes, crop_probs = predict_student(student, inputs, self.device, logit_offsets=self.student_offsets(),
+                                                       return_probabilities=True)
+        else:
+            crop_classes = predict_student(student, inputs, self.device, logit_offsets=self.student_offsets())
         for key in missing:  # never invent a structure the prompter did not find
-            crop_classes[crop_classes == next(s.class_index for s in STRUCTURES if s.key == key)] = 0
+            index = next(s.class_index for s in STRUCTURES if s.key == key)
+            crop_classes[crop_classes == index] = 0
+            if crop_probs is not None:
+                crop_probs[0] += crop_probs[index]
+                crop_probs[index] = 0.0
         classes = np.zeros(grid.shape, dtype=np.uint8)
         classes[roi] = crop_classes
         timings["student"] = time.perf_counter() - t
@@ -368,7 +414,7 @@ class Pipeline:
         return SegmentResult(volume=volume, labels=labels.astype(np.int16), grid=grid, image01=image01,
                              classes=classes, coarse=coarse, masks=masks, prompts=prompts, timings=timings,
                              provenance=provenance, missing=missing, plane_masks=stacked if multi else None,
-                             plane_prompts=plane_prompts)
+                             plane_prompts=plane_prompts, probabilities=crop_probs, roi=roi)
 
     def _plane_prompts(self, prompts: PromptSet, coarse: np.ndarray | None, image01: np.ndarray, grid: Grid,
                        found: list[str]) -> tuple[dict[str, PromptSet], str]:
@@ -415,7 +461,8 @@ class Pipeline:
             "options": {"band": self.student_mode()[1], "student_input": self.student_mode()[0], "crop": self.config.crop,
                         "min_prompt_pixels": self.config.min_prompt_pixels, "stride": self.config.stride,
                         "context": bool(self.config.context), "planes": list(self.planes),
-                        "calibration": _list_or_none(self.student_offsets() if self._student is not None else None)},
+                        "calibration": _list_or_none(self.student_offsets() if self._student is not None else None),
+                        "localise": self.config.localise},
         }
 
 
