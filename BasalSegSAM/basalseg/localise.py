@@ -30,10 +30,12 @@ input is segmented exactly as with ``off`` (the same labelmap).
 **QC from the registration** (on the aligned input, inside the template's brain mask eroded by
 2 mm, the template's DK labels on its grid):
 
-* ``ncc``: normalised cross-correlation with the template. Below :data:`MIN_NCC` (or a foreground
-  under 150 mL): :class:`NoBrainFoundError` ("no brain found"; the CLI exits 2, no output);
+* ``ncc``: normalised cross-correlation with the template. At or below ``-MIN_NCC``: the image is
+  the template's contrast inverted (T2-like), :class:`NotT1Error`. Otherwise below :data:`MIN_NCC`
+  (0.3): :class:`NoBrainFoundError` ("no brain found"; the CLI exits 2, no output);
   noise, a phantom or a knee do not correlate with a brain.
-* contrast: median intensity of white matter (DK 2/41), cortex (3/42 and the 1000-2999 parcels) and lateral ventricles
+* contrast (checked first when the correlation is at least ``MIN_NCC / 2``, so a FLAIR whose
+  correlation with a T1 is low is named as such): median intensity of white matter (DK 2/41), cortex (3/42 and the 1000-2999 parcels) and lateral ventricles
   (4/43; FSL's MNI152 brain has them masked out, so the DK ventricle labels are used on the input only).
   T1 has WM > cortex > ventricles. Ventricles brighter than white matter (T2-like) or
   cortex brighter than white matter (FLAIR/T2/PD-like) raise :class:`NotT1Error`.
@@ -271,6 +273,10 @@ def _rotation_angles(m: np.ndarray) -> list[float]:
     return [round(float(np.degrees(np.arccos(np.clip((np.trace(r) - 1) / 2, -1, 1)))), 2)]
 
 
+def _g(value) -> str:
+    return "n/a" if value is None else f"{value:.3g}"
+
+
 def _contrast(aligned: np.ndarray, labels: np.ndarray, inner: np.ndarray) -> dict:
     out = {}
     cortex = (labels == 3) | (labels == 42) | ((labels >= 1000) & (labels < 3000))
@@ -317,15 +323,20 @@ def localise(volume: Volume, mode: str = "auto", strip_margin_mm: float = 3.0, t
     ncc = float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else 0.0
     contrast = _contrast(aligned, t_labels, inner)
     loc = Localisation(mode, False, "", matrix, ncc, contrast, None, 0.0, _rotation_angles(matrix))
+    if ncc <= -MIN_NCC:
+        raise NotT1Error(
+            f"the image does not have T1 contrast: aligned to the T1 brain template it is anti-correlated with it "
+            f"(correlation {ncc:.2f}: dark where T1 is bright); a T2 or FLAIR image given as T1?")
+    wm, cx, ven = contrast.get("white_matter"), contrast.get("cortex"), contrast.get("ventricles")
+    t1_order = wm is None or not ((ven is not None and ven >= wm) or (cx is not None and cx >= wm))
+    if not t1_order and ncc >= MIN_NCC / 2:  # some brain-like structure, but not T1's tissue order
+        raise NotT1Error(
+            f"the image does not have T1 contrast: median white matter {_g(wm)}, cortex {_g(cx)}, ventricles {_g(ven)} "
+            "(T1: white matter brightest, ventricles darkest); a T2, FLAIR or PD image given as T1?")
     if not ncc >= MIN_NCC:
         raise NoBrainFoundError(
             f"no brain found: after aligning the image to the brain template its correlation with it is {ncc:.2f} "
             f"(a brain T1 gives > {MIN_NCC}); is this a brain MRI covering the whole brain?")
-    wm, cx, ven = contrast.get("white_matter"), contrast.get("cortex"), contrast.get("ventricles")
-    if wm is not None and ((ven is not None and ven >= wm) or (cx is not None and cx >= wm)):
-        raise NotT1Error(
-            f"the image does not have T1 contrast: median white matter {wm:.3g}, cortex {cx:.3g}, ventricles {ven:.3g} "
-            "(T1: white matter brightest, ventricles darkest); a T2, FLAIR or PD image given as T1?")
     if mode == "auto" and stripped:
         loc.reason = "auto: the input looks skull-stripped (constant background, brain-sized foreground); segmented as it is"
         loc.seconds = time.perf_counter() - t0
