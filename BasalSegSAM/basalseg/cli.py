@@ -207,6 +207,12 @@ def _print_summary(result, out: Path) -> None:
         print(f"  {row['structure']:<16} {row['volume_ml']:8.3f} mL")
     if result.missing:
         print(f"  not found (left empty): {', '.join(result.missing)}")
+    loc = result.provenance.get("localisation") or {}
+    if loc.get("applied"):
+        print(f"  localised: {loc.get('reason')}")
+    for flag in result.provenance.get("qc_flags") or []:
+        if flag["kind"] != "missing":  # listed above
+            print(f"  QC {flag['kind']}: {flag['message']}")
     print(f"  time {result.timings['total']:.1f} s")
 
 

@@ -262,9 +262,14 @@ class Pipeline:
         ``NotT1Error`` from the localisation checks."""
         from .localise import localise, map_back
 
+        from .scan_qc import scan_flags
+
         mode = self.config.localise or "off"
         if mode == "off":
-            return self.segment_as_given(volume, prompts, progress, should_stop, cache)
+            result = self.segment_as_given(volume, prompts, progress, should_stop, cache)
+            result.provenance["qc_flags"] = scan_flags(result.labels, volume.voxel_volume_mm3, result.missing,
+                                                       result.provenance.get("foundation_student_dice"))
+            return result
         t0 = time.perf_counter()
         work, loc = localise(volume, mode, threads=self.config.threads or 1)
         if not loc.applied:
@@ -279,6 +284,8 @@ class Pipeline:
         result.timings["localise"] = loc.seconds
         result.timings["total"] = time.perf_counter() - t0
         result.provenance["localisation"] = loc.to_dict()
+        result.provenance["qc_flags"] = scan_flags(result.labels, volume.voxel_volume_mm3, result.missing,
+                                                   result.provenance.get("foundation_student_dice"))
         return result
 
     def segment_as_given(self, volume: Volume, prompts: PromptSet | None = None, progress: ProgressFn | None = None,

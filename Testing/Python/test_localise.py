@@ -163,7 +163,7 @@ def test_whole_head_and_skull_stripped_brain_agree():
     subject = synthesize_head(src, 424242, cfg, HeadConfig(spacing_mm=(1.4, 1.5), thick_slice_prob=0.0, rotation_deg=15.0))
     head = subject.image
     stripped = Volume(np.where(subject.brain_mask, head.data, 0.0).astype(np.float32), head.affine)
-    pipe = Pipeline(PipelineConfig(threads=2, localise="auto"))
+    pipe = Pipeline(PipelineConfig(threads=1, localise="auto"))
     a = pipe.segment(head)
     b = pipe.segment(stripped)
     assert a.provenance["localisation"]["applied"]
@@ -173,3 +173,27 @@ def test_whole_head_and_skull_stripped_brain_agree():
         dices.append(2 * (pa & pb).sum() / max(pa.sum() + pb.sum(), 1))
     print("head vs skull-stripped Dice per structure:", np.round(dices, 3), "mean", round(float(np.mean(dices)), 4))
     assert float(np.mean(dices)) >= 0.95, dices
+
+
+def test_scan_flags_name_implausible_asymmetric_and_disagreeing_results():
+    from basalseg.scan_qc import scan_flags
+    from basalseg.structures import STRUCTURES
+
+    labels = np.zeros((60, 60, 60), np.int16)
+    sizes = {"thalamus": 8000, "caudate": 4000, "putamen": 5000, "pallidum": 1500}
+    flat = labels.reshape(-1)
+    start = 0
+    for s in STRUCTURES:
+        n = sizes[s.key.split("_", 1)[1]]
+        if s.key == "right_putamen":
+            n = 2500  # 67 % asymmetry
+        flat[start:start + n] = s.label
+        start += n
+    flags = scan_flags(labels, 1.0, [], {"left_thalamus": 0.9, "left_caudate": 0.5})
+    kinds = {(f["kind"], f["structure"]) for f in flags}
+    assert ("asymmetry", "putamen") in kinds and ("disagreement", "left_caudate") in kinds
+    assert not any(k == "implausible" for k, _ in kinds)
+    assert not any(s == "left_thalamus" for _, s in kinds)
+    # the same labels read with a 10x too large voxel volume (a wrong header): implausible
+    assert any(f["kind"] == "implausible" for f in scan_flags(labels, 10.0, [], {}))
+    assert any(f["kind"] == "missing" for f in scan_flags(labels, 1.0, ["left_pallidum"], {}))
