@@ -22,7 +22,8 @@ a neck, a pose and a scanner grid of its own. Before the pipeline's stages, :fun
 **When** (``--localise auto|on|off``, :data:`LOCALISE_CHOICES`): ``off`` never registers (the
 pipeline as before). ``on`` always registers and resamples. ``auto`` (default) leaves an input
 alone whose field of view is under :data:`MIN_EXTENT_MM` (100 mm) along some world axis (a crop
-of the deep grey matter, not a brain or a head); it registers every other input (for the QC
+of the deep grey matter, not a brain or a head) and, in :meth:`basalseg.pipeline.Pipeline.segment`,
+an input segmented with given prompts (they are on the input's own grid); it registers every other input (for the QC
 checks below) but resamples only when the input does **not** look skull-stripped (:func:`looks_skull_stripped`: at least 10 % of the voxels equal the image
 minimum and the foreground is 150-2600 mL, the rule of :mod:`basalseg.icv`); a skull-stripped
 input is segmented exactly as with ``off`` (the same labelmap).

@@ -271,7 +271,14 @@ class Pipeline:
                                                        result.provenance.get("foundation_student_dice"))
             return result
         t0 = time.perf_counter()
-        work, loc = localise(volume, mode, threads=self.config.threads or 1)
+        if mode == "auto" and prompts is not None:
+            # given prompts are on the grid of the image as it is: no localisation (with "on" they
+            # must be on the template grid, i.e. a localised run's prompts.json)
+            from .localise import Localisation
+
+            work, loc = volume, Localisation(mode, False, "auto: prompts were given (on the input's own grid); not localised")
+        else:
+            work, loc = localise(volume, mode, threads=self.config.threads or 1)
         if not loc.applied:
             result = self.segment_as_given(volume, prompts, progress, should_stop, cache)
         else:
