@@ -34,6 +34,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--weights", default=None)
     p.add_argument("--limit", type=int, default=None, help="first N cases only")
+    p.add_argument("--tables-only", action="store_true",
+                   help="run nothing: tables from the stored cases that every --localise variant has")
     args = p.parse_args(argv)
 
     from basalseg.data.cohort import read_cohort
@@ -46,8 +48,16 @@ def main(argv=None) -> int:
     variants = args.localise or ["off", "on"]
     cases = read_cohort(args.cohort)[: args.limit]
     (args.out / "cases").mkdir(parents=True, exist_ok=True)
-    pipelines = {v: Pipeline(PipelineConfig(weights_dir=args.weights, threads=args.threads, localise=v)) for v in variants}
+    pipelines = {} if args.tables_only else {v: Pipeline(PipelineConfig(weights_dir=args.weights, threads=args.threads, localise=v)) for v in variants}
     rows = []
+    if args.tables_only:
+        for case in cases:
+            paths = [args.out / "cases" / f"{case.name}__{v}.json" for v in variants]
+            if all(p.is_file() for p in paths):
+                for path in paths:
+                    rows += json.loads(path.read_text())["rows"]
+        write_tables(rows, args.out, [s.name for s in STRUCTURES])
+        return 0
     for case in cases:
         for v in variants:
             path = args.out / "cases" / f"{case.name}__{v}.json"
