@@ -366,7 +366,8 @@ def localise(volume: Volume, mode: str = "auto", strip_margin_mm: float = 3.0, t
     data = np.where(mask, np.clip(aligned, 0, None), 0.0).astype(np.float32)
     loc.applied = True
     loc.reason = ("on: always localised" if mode == "on"
-                  else "auto: the input does not look skull-stripped; localised to the brain template")
+                  else f"auto: head tissue around the brain ({100 * head_fraction:.0f} % of the 8-16 mm shell); "
+                       "localised to the brain template")
     loc.grid = t_grid
     loc.seconds = time.perf_counter() - t0
     out = Volume(data, t_grid.affine.copy(), path=volume.path, meta={"localised": True})
