@@ -124,8 +124,8 @@ class ResultPanel:
         if missing:
             message += " " + _("Empty: {names}.").format(names=", ".join(missing))
         for flag in (result.provenance or {}).get("qc_flags") or []:  # e.g. partial_coverage
-            if isinstance(flag, dict) and flag.get("message"):
-                message += " " + _("QC {flag}: {message}").format(flag=flag.get("flag", ""), message=flag["message"])
+            if isinstance(flag, dict) and flag.get("message") and flag.get("kind") != "missing":  # listed above
+                message += " " + _("QC {flag}: {message}").format(flag=flag.get("kind", ""), message=flag["message"])
         self._showStatus(message)
         return True
 

@@ -100,6 +100,10 @@ def _add_run_options(p: argparse.ArgumentParser, with_student: bool = True) -> N
                        help="skip the per-structure 95 %% volume intervals (volumes.csv's volume_ml_low/high columns "
                             "stay blank; docs/UNCERTAINTY.md)")
         p.add_argument("--no-qc", action="store_true", help="skip the QC picture")
+        p.add_argument("--localise", default="auto", choices=["auto", "on", "off"],
+                       help="brain localisation for whole-head T1s in any pose: rigid registration to the MNI152 "
+                            "brain, skull-stripped resampling, results mapped back (auto: only for inputs that do "
+                            "not look skull-stripped; basalseg.localise)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,6 +175,7 @@ def _config(args: argparse.Namespace):
         planes=tuple(getattr(args, "planes", None) or ("axial",)),
         calibrate=not getattr(args, "no_calibration", False),
         uncertainty="none" if getattr(args, "no_uncertainty", False) else "softmax",
+        localise=getattr(args, "localise", "auto") or "auto",
     )
 
 
@@ -232,8 +237,12 @@ def _print_summary(result, out: Path) -> None:
         print(f"  {row['structure']:<16} {row['volume_ml']:8.3f} mL")
     if result.missing:
         print(f"  not found (left empty): {', '.join(result.missing)}")
+    loc = result.provenance.get("localisation") or {}
+    if loc.get("applied"):
+        print(f"  localised: {loc.get('reason')}")
     for flag in qc_flags(out):
-        print(f"  QC {flag.get('flag')}: {flag.get('message')}")
+        if flag.get("kind") != "missing":  # listed above
+            print(f"  QC {flag.get('kind')}: {flag.get('message')}")
     print(f"  time {result.timings['total']:.1f} s")
 
 

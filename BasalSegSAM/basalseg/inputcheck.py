@@ -77,7 +77,7 @@ def coverage_flags(labels: np.ndarray) -> list[dict]:
     """QC flags of a result labelmap on the input grid (FreeSurfer values).
 
     Returns:
-        ``[]`` or one ``{"flag": "partial_coverage", "structures": [...], "message": ...}`` naming the
+        ``[]`` or one ``{"kind": "partial_coverage", "structures": [...], "message": ...}`` naming the
         structures whose labels reach the first or last slice along some axis: they may continue
         beyond the field of view, so their volumes may be too small.
     """
@@ -95,6 +95,6 @@ def coverage_flags(labels: np.ndarray) -> list[dict]:
                 break
     if not touching:
         return []
-    return [{"flag": "partial_coverage", "structures": touching,
+    return [{"kind": "partial_coverage", "structure": None, "structures": touching,
              "message": f"{', '.join(touching)} reach the edge of the image: they may continue beyond the field of "
                         "view, so their volumes may be too small"}]

@@ -187,7 +187,7 @@ def _check_pair(a, b) -> list[str]:
         if rec.missing:
             warnings.append(f"{tag} has structures the prompt generator did not find: {', '.join(rec.missing)}")
         for flag in rec.provenance.get("qc_flags") or []:
-            if isinstance(flag, dict) and flag.get("message"):
+            if isinstance(flag, dict) and flag.get("message") and flag.get("kind") != "missing":  # missing: above
                 warnings.append(f"{tag}: {flag['message']}")
     return warnings
 

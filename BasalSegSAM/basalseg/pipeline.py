@@ -96,6 +96,9 @@ class PipelineConfig:
             (default; from the student's softmax of the same pass, no extra network run),
             ``"flip"`` (also one left-right mirrored student pass, a diagnostic) or ``"none"``
             (``--no-uncertainty``).
+        localise: ``"auto"``, ``"on"`` or ``"off"`` (this class's default; the command line's is
+            ``auto``): brain localisation for whole-head inputs in any pose and its QC checks
+            (:mod:`basalseg.localise`).
     """
 
     foundation: str = "litemedsam"
@@ -115,6 +118,7 @@ class PipelineConfig:
     planes: tuple = ("axial",)
     calibrate: bool = True
     uncertainty: str = "softmax"
+    localise: str = "off"
 
 
 @dataclass
@@ -155,6 +159,8 @@ class SegmentResult:
     plane_masks: np.ndarray | None = None
     plane_prompts: dict | None = None
     uncertainty: dict | None = None
+    probabilities: np.ndarray | None = None
+    roi: tuple | None = None
 
 
 class Pipeline:
@@ -266,7 +272,50 @@ class Pipeline:
 
     def segment(self, volume: Volume, prompts: PromptSet | None = None, progress: ProgressFn | None = None,
                 should_stop: Callable[[], bool] | None = None, cache: SliceMaskCache | None = None) -> SegmentResult:
-        """Run every stage on a checked input volume.
+        """Run every stage on a checked input volume, localised first when ``config.localise`` says so
+        (:mod:`basalseg.localise`: the stages then run on the brain resampled into template space,
+        and the labelmap is mapped back onto the input grid from the student's probabilities).
+        Arguments and errors as :meth:`segment_as_given`, plus ``NoBrainFoundError`` and
+        ``NotT1Error`` from the localisation checks."""
+        from .localise import localise, map_back
+
+        from .scan_qc import scan_flags
+
+        mode = self.config.localise or "off"
+        if mode == "off":
+            result = self.segment_as_given(volume, prompts, progress, should_stop, cache)
+            result.provenance["qc_flags"] = scan_flags(result.labels, volume.voxel_volume_mm3, result.missing,
+                                                       result.provenance.get("foundation_student_dice"))
+            return result
+        t0 = time.perf_counter()
+        if mode == "auto" and prompts is not None:
+            # given prompts are on the grid of the image as it is: no localisation (with "on" they
+            # must be on the template grid, i.e. a localised run's prompts.json)
+            from .localise import Localisation
+
+            work, loc = volume, Localisation(mode, False, "auto: prompts were given (on the input's own grid); not localised")
+        else:
+            work, loc = localise(volume, mode, threads=self.config.threads or 1)
+        if not loc.applied:
+            result = self.segment_as_given(volume, prompts, progress, should_stop, cache)
+        else:
+            result = self.segment_as_given(work, prompts, progress, should_stop, cache, keep_probabilities=True)
+            t = time.perf_counter()
+            classes_in = map_back(result.probabilities, result.roi, loc, volume)
+            result.labels = classes_to_labels(classes_in).astype(np.int16)
+            result.volume = volume
+            result.timings["map_back"] = time.perf_counter() - t
+        result.timings["localise"] = loc.seconds
+        result.timings["total"] = time.perf_counter() - t0
+        result.provenance["localisation"] = loc.to_dict()
+        result.provenance["qc_flags"] = scan_flags(result.labels, volume.voxel_volume_mm3, result.missing,
+                                                   result.provenance.get("foundation_student_dice"))
+        return result
+
+    def segment_as_given(self, volume: Volume, prompts: PromptSet | None = None, progress: ProgressFn | None = None,
+                         should_stop: Callable[[], bool] | None = None, cache: SliceMaskCache | None = None,
+                         keep_probabilities: bool = False) -> SegmentResult:
+        """Run every stage on a checked input volume, without localisation.
 
         Args:
             volume: input (see :func:`basalseg.imageio.load_volume`).
@@ -275,6 +324,8 @@ class Pipeline:
             progress: stage progress callback.
             should_stop: polled between steps; True cancels (raises :class:`Cancelled`).
             cache: foundation masks of unchanged slices are reused from it (and it is updated).
+            keep_probabilities: keep the student's ``(9, *roi)`` probabilities (``result.probabilities``,
+                ``result.roi``; structures without prompts set to 0).
 
         Raises:
             NothingFoundError: no structure found. PromptsError: prompts for another grid.
@@ -358,14 +409,19 @@ class Pipeline:
         if mode_u not in UNCERTAINTY_MODES:
             raise BasalSegError(f"uncertainty must be one of {', '.join(UNCERTAINTY_MODES)}; got {mode_u!r}")
         offsets = self.student_offsets()
-        crop_classes = predict_student(student, inputs, self.device, logit_offsets=offsets,
-                                       return_probabilities=mode_u != "none")
-        probs = None
-        if mode_u != "none":
-            crop_classes, probs = crop_classes
+        crop_probs = None
+        if keep_probabilities or mode_u != "none":
+            crop_classes, crop_probs = predict_student(student, inputs, self.device, logit_offsets=offsets,
+                                                       return_probabilities=True)
+        else:
+            crop_classes = predict_student(student, inputs, self.device, logit_offsets=offsets)
         missing_idx = [s.class_index for s in STRUCTURES if s.key in missing]
         for c in missing_idx:  # never invent a structure the prompter did not find
             crop_classes[crop_classes == c] = 0
+            if crop_probs is not None:
+                crop_probs[0] += crop_probs[c]
+                crop_probs[c] = 0.0
+        probs = crop_probs if mode_u != "none" else None
         classes = np.zeros(grid.shape, dtype=np.uint8)
         classes[roi] = crop_classes
         timings["student"] = time.perf_counter() - t
@@ -418,7 +474,8 @@ class Pipeline:
         return SegmentResult(volume=volume, labels=labels.astype(np.int16), grid=grid, image01=image01,
                              classes=classes, coarse=coarse, masks=masks, prompts=prompts, timings=timings,
                              provenance=provenance, missing=missing, plane_masks=stacked if multi else None,
-                             plane_prompts=plane_prompts, uncertainty=uncertainty)
+                             plane_prompts=plane_prompts, uncertainty=uncertainty,
+                             probabilities=crop_probs if keep_probabilities else None, roi=roi)
 
     def _plane_prompts(self, prompts: PromptSet, coarse: np.ndarray | None, image01: np.ndarray, grid: Grid,
                        found: list[str]) -> tuple[dict[str, PromptSet], str]:
@@ -465,7 +522,8 @@ class Pipeline:
             "options": {"band": self.student_mode()[1], "student_input": self.student_mode()[0], "crop": self.config.crop,
                         "min_prompt_pixels": self.config.min_prompt_pixels, "stride": self.config.stride,
                         "context": bool(self.config.context), "planes": list(self.planes),
-                        "calibration": _list_or_none(self.student_offsets() if self._student is not None else None)},
+                        "calibration": _list_or_none(self.student_offsets() if self._student is not None else None),
+                        "localise": self.config.localise},
         }
 
 

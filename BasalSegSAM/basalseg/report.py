@@ -37,8 +37,10 @@ report makes them from the input image (path and sha256 in ``provenance.json``) 
 ``disagreement``
     Dice between the stacked foundation-model masks and the student's labels on the slices that
     carried prompts for that structure (``foundation_student_dice`` in provenance) below 0.70.
-``partial_coverage`` (and any other ``qc_flags`` the pipeline recorded in ``provenance.json``)
-    structures reaching the edge of the field of view: their volumes may be too small.
+``partial_coverage``, ``implausible`` (and any other ``qc_flags`` kind the pipeline recorded in
+    ``provenance.json`` that the report does not compute itself)
+    structures reaching the edge of the field of view (their volumes may be too small), volumes
+    outside the plausible range, as the flag's message says.
 ``failed``
     the scan has no result: reading failed, the prompt generator found nothing
     (``NothingFoundError``), ...; message from ``failures.csv``.
@@ -529,6 +531,12 @@ def cohort_stats(records: list[ResultRecord], thresholds: Thresholds) -> dict[st
     return stats
 
 
+#: flag kinds the report computes itself from the volumes and provenance (with this report's
+#: thresholds); the pipeline's ``qc_flags`` of other kinds (``partial_coverage``, ``implausible``,
+#: ...) are shown as recorded
+_COMPUTED_HERE = ("outlier", "asymmetry", "missing", "disagreement", "failed")
+
+
 def cohort_flags(records: list[ResultRecord], thresholds: Thresholds | None = None
                  ) -> tuple[dict[str, list[Flag]], dict[str, dict]]:
     """``({scan name: [flags]}, per-structure stats)`` for complete results."""
@@ -557,9 +565,10 @@ def cohort_flags(records: list[ResultRecord], thresholds: Thresholds | None = No
             if d is not None and d < thresholds.dice and key in _BY_KEY:
                 out.append(Flag("disagreement", f"{_BY_KEY[key].name}: foundation vs student Dice {d:.2f} "
                                                 f"(< {thresholds.dice:.2f})", key))
-        for qc in r.provenance.get("qc_flags") or []:  # recorded by the pipeline (basalseg.inputcheck, ...)
-            if isinstance(qc, dict) and qc.get("flag"):
-                out.append(Flag(str(qc["flag"]), str(qc.get("message", qc["flag"]))))
+        for qc in r.provenance.get("qc_flags") or []:  # recorded by the pipeline (scan_qc, inputcheck)
+            kind = qc.get("kind") if isinstance(qc, dict) else None
+            if kind and kind not in _COMPUTED_HERE:
+                out.append(Flag(str(kind), str(qc.get("message", kind)), qc.get("structure")))
         flags[r.name] = out
     return flags, stats
 
@@ -615,7 +624,8 @@ li.flag-missing{color:#700070} li.flag-disagreement{color:#005fa3} li.flag-faile
 span.badge{display:inline-block;border-radius:3px;padding:0 4px;margin-right:3px;color:#fff;font-size:.8em}
 .b-outlier{background:#c00}.b-asymmetry{background:#c70}.b-missing{background:#808}
 .b-disagreement{background:#06c}.b-failed{background:#555}.b-partial_coverage{background:#960}
-li.flag-partial_coverage{color:#960}
+.b-implausible{background:#a0a}
+li.flag-partial_coverage{color:#960} li.flag-implausible{color:#a0a}
 small.note{color:#777;display:block;max-width:420px}
 """.strip()
 
@@ -713,6 +723,8 @@ def build_report(out_dir: str | os.PathLike, thresholds: Thresholds | None = Non
         f"slices that carried prompts, below {thresholds.dice:.2f}.</li>"
         "<li><b>partial_coverage</b>: structures reach the edge of the image and may continue beyond the field of "
         "view, so their volumes may be too small.</li>"
+        "<li><b>implausible</b> and other flags recorded by the pipeline (<code>qc_flags</code> in "
+        "<code>provenance.json</code>): as their message says.</li>"
         "<li><b>failed</b>: no result (see the table at the end).</li>"
         "<li>Brain mask / brain volumes: see <code>basalseg.icv</code>; blank where the T1 is not skull-stripped.</li>"
         "<li>Under each volume: its 95 % interval (mL; docs/UNCERTAINTY.md), when the result has one.</li>"

@@ -159,10 +159,10 @@ def test_row_partial_coverage_is_flagged(stand_ins, small_t1, prompts_path, weig
     assert status == 0, err
     labels = np.asarray(nib.load(str(out / "segmentation.nii.gz")).dataobj)
     edge = any(np.take(labels, i, axis=a).any() for a in range(3) for i in (0, labels.shape[a] - 1))
-    flags = json.loads((out / "provenance.json").read_text())["qc_flags"]
+    flags = [f for f in json.loads((out / "provenance.json").read_text())["qc_flags"] if f["kind"] == "partial_coverage"]
     assert bool(flags) == edge
     if edge:
-        assert flags[0]["flag"] == "partial_coverage" and "QC partial_coverage" in stdout
+        assert "QC partial_coverage" in stdout
 
 
 def test_row_sheared_nrrd_gets_a_labelmap_without_a_squared_up_qform(stand_ins, small_t1, prompts_path, weights_dir,

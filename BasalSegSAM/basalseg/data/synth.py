@@ -517,7 +517,8 @@ def _load_sources(templates: Sequence[TemplateSpec], atlas: str, config: SynthCo
 
 def generate_cohort(out_dir: str | os.PathLike, n: int, seed: int = 0, templates: Sequence[TemplateSpec] = ("mni152",),
                     config: SynthConfig | None = None, *, atlas: str = "dk", prefix: str = "synth",
-                    image_dtype: str = "float32", overwrite: bool = False, progress=None, rescans: int = 0) -> list:
+                    image_dtype: str = "float32", overwrite: bool = False, progress=None, rescans: int = 0,
+                    head=None) -> list:
     """Write ``n`` synthetic subjects in nnU-Net layout with a ``dataset.json``.
 
     Subject ``i`` uses ``templates[i % len(templates)]`` and seed ``subject_seed(seed, i)``;
@@ -542,6 +543,8 @@ def generate_cohort(out_dir: str | os.PathLike, n: int, seed: int = 0, templates
             rescan=k)``: same anatomy, new pose and intensities); cases are then named
             ``{prefix}_{i:04d}_r{k}``, ``k = 0`` being the subject itself (the same image as case
             ``i`` of a cohort without rescans), and each record has ``subject`` and ``rescan``.
+        head: a :class:`basalseg.data.head.HeadConfig`: head-like subjects (a head around the brain,
+            a random pose and scanner grid; :mod:`basalseg.data.head`) instead of skull-stripped ones.
 
     Returns:
         The written cases as :class:`basalseg.data.cohort.CohortCase` (name, image, label path).
@@ -558,16 +561,23 @@ def generate_cohort(out_dir: str | os.PathLike, n: int, seed: int = 0, templates
     root = Path(out_dir)
     if (root / "dataset.json").exists() and not overwrite:
         raise ValueError(f"out_dir {root} already holds a dataset.json; pass overwrite=True to replace it")
-    sources = _load_sources(templates, atlas, config)
+    if head is not None:
+        from .head import HEAD_GENERATOR_VERSION, brain_config_for_heads, synthesize_head
+
+        sources = _load_sources(templates, atlas, brain_config_for_heads(config))
+    else:
+        sources = _load_sources(templates, atlas, config)
     cases, records = [], []
     if int(rescans) < 0:
         raise ValueError(f"rescans must be >= 0; got {rescans}")
+    if rescans and head is not None:
+        raise ValueError("rescans of head-like subjects are not available yet; use rescans or head, not both")
     jobs = [(i, k) for i in range(int(n)) for k in range(int(rescans) + 1)]
     for done, (i, k) in enumerate(jobs):
         source, info = sources[i % len(sources)]
         name = f"{prefix}_{i:04d}" + (f"_r{k}" if rescans else "")
         s = subject_seed(seed, i)
-        subject = synthesize(source, s, config, rescan=k)
+        subject = synthesize(source, s, config, rescan=k) if head is None else synthesize_head(source, s, config, head)
         if rescans:
             info = {**info, "subject": f"{prefix}_{i:04d}", "rescan": k}
         image_path, label_path = case_paths(root, name)
@@ -589,7 +599,9 @@ def generate_cohort(out_dir: str | os.PathLike, n: int, seed: int = 0, templates
         "numTraining": len(jobs),
         "file_ending": ".nii.gz",
         "basalseg_synth": {"generator_version": GENERATOR_VERSION, "cohort_seed": int(seed), "image_dtype": image_dtype,
-                           "config": config.to_dict(), "rescans": int(rescans), "cases": records},
+                           "config": config.to_dict(), "rescans": int(rescans), "cases": records,
+                           **({"head": head.to_dict(), "head_generator_version": HEAD_GENERATOR_VERSION}
+                              if head is not None else {})},
     }
     write_json_atomic(root / "dataset.json", meta)
     return cases

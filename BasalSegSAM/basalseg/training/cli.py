@@ -65,6 +65,9 @@ def register(sub) -> None:
     p.add_argument("--template", action="append", default=None, help="mni152 and/or icbm2009c (default: mni152)")
     p.add_argument("--contrast", default="template", choices=["template", "t1_gmm", "random_gmm"],
                    help="template intensities, or intensities drawn per label (see basalseg.data.synth)")
+    p.add_argument("--head", action="store_true",
+                   help="head-like subjects: skull, fat, muscle, neck around the brain, any pose, any axis code, "
+                        "0.8-1.5 mm voxels, thick slices (basalseg.data.head)")
     p.add_argument("--prefix", default="synth", help="case names are PREFIX_0000, PREFIX_0001, ...")
     p.add_argument("--image-dtype", default="int16", choices=["int16", "float32"],
                    help="int16 stores intensity x 1000 (3x smaller files)")
@@ -196,6 +199,7 @@ def export_weights(prompter: Path, student: Path, folder: Path, foundation: str,
 def cmd_synth(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from ..data.head import HeadConfig
     from ..data.synth import SynthConfig, generate_cohort
     from ..errors import BasalSegError
 
@@ -204,7 +208,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
     bar = tqdm(total=args.n * (args.rescans + 1), desc=f"synth {args.out.name}", unit="scan")
     paths = generate_cohort(args.out, n=args.n, seed=args.seed, templates=args.template or ["mni152"],
                             config=SynthConfig(contrast=args.contrast), prefix=args.prefix, image_dtype=args.image_dtype,
-                            progress=lambda done, total: bar.update(done - bar.n), rescans=args.rescans)
+                            progress=lambda done, total: bar.update(done - bar.n), rescans=args.rescans,
+                            head=HeadConfig() if args.head else None)
     bar.close()
     print(f"wrote {len(paths)} synthetic subjects to {args.out}")
     return 0

