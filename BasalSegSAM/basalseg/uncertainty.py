@@ -227,7 +227,7 @@ def add_interval_columns(rows: list[dict], uncertainty: dict | None, table: dict
     record = {"mode": uncertainty["mode"], "level": 0.95, "z": round(Z95, 4),
               "interval": "volume_ml +- z * k * band_ml (clipped at 0); band_ml = half the volume change when the "
                           "structure's logit moves by -1/+1; k per structure from the table (docs/UNCERTAINTY.md)",
-              "table": _table_record(table), "per_structure": per, "seconds": round(float(uncertainty.get("seconds", 0)), 3)}
+              "table": _table_record(table), "per_structure": per}  # its time: timings_s["uncertainty"]
     if note:
         record["note"] = note
     return record
