@@ -53,6 +53,7 @@ from functools import lru_cache
 import numpy as np
 from scipy import ndimage
 
+from .data.atlas import _FLIP, _to_sitk  # the atlas warp's canonical-array <-> SimpleITK conversion
 from .errors import BasalSegError
 from .imageio import Volume
 from .spatial import Grid, canonical_grid, resample_to_grid, to_canonical
@@ -65,7 +66,6 @@ log = logging.getLogger("basalseg")
 LOCALISE_CHOICES = ("auto", "on", "off")
 #: below this normalised cross-correlation with the template (aligned, in its brain) there is no brain
 MIN_NCC = 0.3
-_FLIP = np.diag([-1.0, -1.0, 1.0])  # RAS <-> LPS
 #: ``auto`` leaves inputs alone whose field of view is shorter than this along some world axis
 #: (a crop around the deep grey matter, not a whole brain or head)
 MIN_EXTENT_MM = 100.0
@@ -175,14 +175,6 @@ def _sitk():
     except ImportError:  # pragma: no cover - a declared dependency
         raise BasalSegError("brain localisation needs SimpleITK: pip install simpleitk (or --localise off)") from None
     return sitk
-
-
-def _to_sitk(sitk, data: np.ndarray, grid: Grid):
-    img = sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(data, dtype=np.float32).transpose(2, 1, 0)))
-    img.SetSpacing([float(s) for s in grid.spacing])
-    img.SetOrigin([float(v) for v in _FLIP @ grid.affine[:3, 3]])
-    img.SetDirection([float(v) for v in _FLIP.ravel()])
-    return img
 
 
 def _robust01(data: np.ndarray) -> np.ndarray:
