@@ -263,14 +263,14 @@ class PromptMarkupsEditor:
     # -- slices -------------------------------------------------------------------------------
     def sliceFromRas(self, ras) -> Optional[int]:
         """Canonical slice index of a world position; None when it lies outside the grid."""
-        _, _, kFloat = pixelFromRas(ras, self.promptSet.grid.affine)
+        _, _, kFloat = pixelFromRas(ras, self.promptSet.world_grid().affine)
         k = int(np.floor(kFloat + 0.5))
-        return k if 0 <= k < self.promptSet.grid.shape[2] else None
+        return k if 0 <= k < self.promptSet.world_grid().shape[2] else None
 
     def sliceRas(self, k: int) -> np.ndarray:
         """World RAS of the centre of slice ``k`` (to move a slice view there)."""
-        nx, ny, _ = self.promptSet.grid.shape
-        return rasFromPixel((nx - 1) / 2.0, (ny - 1) / 2.0, k, self.promptSet.grid.affine)
+        nx, ny, _ = self.promptSet.world_grid().shape
+        return rasFromPixel((nx - 1) / 2.0, (ny - 1) / 2.0, k, self.promptSet.world_grid().affine)
 
     def sliceOffsetMm(self, k: int) -> float:
         """The axial slice's S coordinate in mm: what Slicer's Red slice offset shows there."""
@@ -295,7 +295,7 @@ class PromptMarkupsEditor:
         self.updating = True
         try:
             self.currentSlice = None if k is None else int(k)
-            grid = self.promptSet.grid
+            grid = self.promptSet.world_grid()
             for s in STRUCTURES:
                 prompt = None if k is None else self._prompt(s.key, int(k))
                 roi = self.boxNode(s.key, create=prompt is not None)
@@ -338,7 +338,7 @@ class PromptMarkupsEditor:
         k = self.currentSlice
         if k is None:
             return report
-        grid = self.promptSet.grid
+        grid = self.promptSet.world_grid()
         elsewhere: dict[tuple[str, int], list] = {}
         for s in STRUCTURES:
             old = self._prompt(s.key, k)
@@ -389,7 +389,7 @@ class PromptMarkupsEditor:
         self.updating = True
         try:
             roi = self.boxNode(prompt.structure)
-            setRoiFromBox(roi, prompt.box, prompt.slice, self.promptSet.grid)
+            setRoiFromBox(roi, prompt.box, prompt.slice, self.promptSet.world_grid())
             roi.SetAttribute(PRESENT_ATTRIBUTE, "1")
             self._setVisible(roi, True)
         finally:
@@ -408,7 +408,7 @@ class PromptMarkupsEditor:
         k = self.currentSlice if k is None else int(k)
         if k is None:
             raise ValueError("no current slice: show a slice first or pass k")
-        grid = self.promptSet.grid
+        grid = self.promptSet.world_grid()
         if box is None:
             others = self.promptSet.for_structure(key)
             if others:

@@ -120,6 +120,23 @@ def rasFromPixel(x: float, y: float, k: float, affine: np.ndarray) -> np.ndarray
     return (np.asarray(affine, dtype=np.float64) @ np.array([x, y, k, 1.0], dtype=np.float64))[:3]
 
 
+def slicePlaneOfGrid(affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(normal, transverse)`` unit vectors (world RAS) of the grid's slices ``k``: the ``k`` axis
+    and the ``x`` (= ``i``) axis. For a canonical grid they are S and R (an axial view); for a
+    localised image's prompts (``PromptSet.world_grid``) the template's axes in the head's pose."""
+    linear = np.asarray(affine, dtype=np.float64)[:3, :3]
+    normal, transverse = linear[:, 2], linear[:, 0]
+    return normal / np.linalg.norm(normal), transverse / np.linalg.norm(transverse)
+
+
+def viewShowsGridSlices(sliceToRas: np.ndarray, affine: np.ndarray, tolerance: float = 1e-3) -> bool:
+    """Whether a slice view (its 4x4 SliceToRAS) lies in the plane of the grid's slices ``k``."""
+    normal, _ = slicePlaneOfGrid(affine)
+    viewNormal = np.asarray(sliceToRas, dtype=np.float64)[:3, 2]
+    viewNormal = viewNormal / np.linalg.norm(viewNormal)
+    return abs(float(viewNormal @ normal)) > 1.0 - tolerance
+
+
 def pixelFromRas(ras, affine: np.ndarray) -> tuple[float, float, float]:
     """``(x, y, k_float)`` of a world RAS position on the grid ``affine``."""
     voxel = np.linalg.inv(np.asarray(affine, dtype=np.float64)) @ np.array([*map(float, ras), 1.0])

@@ -30,7 +30,7 @@ from slicer.i18n import tr as _
 from slicer.util import VTKObservationMixin
 
 from .prompteditor import PromptHistory, PromptMarkupsEditor
-from .promptmarkups import promptSetFromJson, promptSetToJson
+from .promptmarkups import promptSetFromJson, promptSetToJson, slicePlaneOfGrid, viewShowsGridSlices
 
 __all__ = ["PromptPanel", "RED_SLICE_NODE_ID"]
 
@@ -291,9 +291,32 @@ class PromptPanel(VTKObservationMixin):
             self.addObserver(sliceNode, vtk.vtkCommand.ModifiedEvent, self.onRedSliceModified)
             self._sliceNode = sliceNode
 
+    def _localisedGrid(self):
+        """The world grid of a localised image's prompts (template grid in the head's pose), else None."""
+        if self.editor is None or self.editor.promptSet.template_to_input() is None:
+            return None
+        return self.editor.promptSet.world_grid()
+
+    def _viewOnPromptSlices(self) -> bool:
+        grid = self._localisedGrid()
+        if grid is None:
+            return self._sliceNode.GetOrientation() == "Axial"
+        m = self._sliceNode.GetSliceToRAS()
+        return viewShowsGridSlices([[m.GetElement(r, c) for c in range(4)] for r in range(4)], grid.affine)
+
     def ensureAxial(self) -> None:
-        """Set the Red view to axial when it is not (prompts are axial slices)."""
-        if self._sliceNode is None or self._sliceNode.GetOrientation() == "Axial":
+        """Set the Red view to axial when it is not (prompts are axial slices). For a localised
+        image's prompts (a whole head registered to the brain template) the Red view is set to the
+        template's axial plane in the head's pose, the plane those prompts' slices lie in."""
+        if self._sliceNode is None or self._viewOnPromptSlices():
+            return
+        grid = self._localisedGrid()
+        if grid is not None:
+            normal, transverse = slicePlaneOfGrid(grid.affine)
+            centre = self._sliceNode.GetSliceToRAS()
+            self._sliceNode.SetSliceToRASByNTP(*normal, *transverse, *[centre.GetElement(r, 3) for r in range(3)], 0)
+            self._showStatus(_("The Red view now shows the prompts' slices: the brain-aligned axial plane of this "
+                               "whole-head image (it was localised to the brain template)."))
             return
         previous = self._sliceNode.GetOrientation()
         self._sliceNode.SetOrientation("Axial")
@@ -302,7 +325,7 @@ class PromptPanel(VTKObservationMixin):
     def onRedSliceModified(self, caller=None, event=None) -> None:
         if self.editor is None or self._sliceNode is None:
             return
-        if self._sliceNode.GetOrientation() != "Axial":
+        if not self._viewOnPromptSlices():
             k = None  # an oblique or other view shows no prompt slice
         else:
             sliceToRas = self._sliceNode.GetSliceToRAS()

@@ -69,6 +69,10 @@ def _add_run_options(p: argparse.ArgumentParser, with_student: bool = True) -> N
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--progress", default="auto", choices=["auto", "bar", "json", "none"],
                    help="progress display: a bar on a terminal, JSON lines for a parent process")
+    p.add_argument("--localise", default="auto", choices=["auto", "on", "off"],
+                   help="brain localisation for whole-head T1s in any pose: rigid registration to the MNI152 "
+                        "brain, skull-stripped resampling, results mapped back (auto: only for inputs that do "
+                        "not look skull-stripped; basalseg.localise)")
     if with_student:
         p.add_argument("--foundation", default="litemedsam", choices=["litemedsam", "sam2"],
                        help="frozen 2D foundation model (litemedsam works offline)")
@@ -100,10 +104,7 @@ def _add_run_options(p: argparse.ArgumentParser, with_student: bool = True) -> N
                        help="skip the per-structure 95 %% volume intervals (volumes.csv's volume_ml_low/high columns "
                             "stay blank; docs/UNCERTAINTY.md)")
         p.add_argument("--no-qc", action="store_true", help="skip the QC picture")
-        p.add_argument("--localise", default="auto", choices=["auto", "on", "off"],
-                       help="brain localisation for whole-head T1s in any pose: rigid registration to the MNI152 "
-                            "brain, skull-stripped resampling, results mapped back (auto: only for inputs that do "
-                            "not look skull-stripped; basalseg.localise)")
+
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -255,8 +256,9 @@ def cmd_prompts(args: argparse.Namespace) -> int:
     _check_out(args)
     volume = load_volume(args.image)
     pipeline = Pipeline(_config(args))
-    prompts, coarse, image01, _ = pipeline.generate_prompts(volume)
+    prompts, coarse, image01, _, loc = pipeline.prompts_for(volume)
     provenance = {k: v for k, v in pipeline.provenance().items() if k not in ("foundation", "options")}
+    provenance["localisation"] = loc.to_dict()
     provenance["options"] = {"min_prompt_pixels": pipeline.config.min_prompt_pixels}
     write_prompts_only(prompts, image01, coarse, volume, args.out, overwrite=args.overwrite, provenance=provenance)
     if _progress_mode(args.progress) == "json":
@@ -264,6 +266,9 @@ def cmd_prompts(args: argparse.Namespace) -> int:
     else:
         print(f"wrote {args.out}/prompts.json: {len(prompts.prompts)} prompts on {len(prompts.slices())} slices "
               f"for {len(prompts.structures_found())} structures")
+        if loc.applied:
+            print(f"  localised: {loc.reason}; the prompts are on the brain template's grid (source.localisation "
+                  "in prompts.json); segment --prompts uses the same transform")
     return 0
 
 

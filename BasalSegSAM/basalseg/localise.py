@@ -294,8 +294,14 @@ def _contrast(aligned: np.ndarray, labels: np.ndarray, inner: np.ndarray) -> dic
     return out
 
 
-def localise(volume: Volume, mode: str = "auto", strip_margin_mm: float = 3.0, threads: int = 1) -> tuple[Volume, Localisation]:
+def localise(volume: Volume, mode: str = "auto", strip_margin_mm: float = 3.0, threads: int = 1,
+             template_to_input: np.ndarray | None = None) -> tuple[Volume, Localisation]:
     """Register, check and (when needed) resample the input into template space (module docstring).
+
+    ``template_to_input``: a transform found before (the ``source.localisation`` of a localised
+    image's ``prompts.json``, :meth:`basalseg.prompts.PromptSet.template_to_input`): no
+    registration, the same checks, and the input is always resampled with it (the prompts are on
+    the template grid), whatever ``mode`` (``off`` is refused by the caller).
 
     Returns:
         ``(volume to segment, localisation)``: the input itself when not applied, else the
@@ -309,7 +315,7 @@ def localise(volume: Volume, mode: str = "auto", strip_margin_mm: float = 3.0, t
     if mode == "off":
         return volume, Localisation(mode, False, "--localise off")
     t0 = time.perf_counter()
-    if mode == "auto":
+    if mode == "auto" and template_to_input is None:
         extent = np.sort(_extent_mm(volume))
         if extent[0] < MIN_EXTENT_MM:
             return volume, Localisation(mode, False, f"auto: the field of view ({' x '.join(f'{e:.0f}' for e in extent)} mm) "
@@ -321,7 +327,10 @@ def localise(volume: Volume, mode: str = "auto", strip_margin_mm: float = 3.0, t
             raise BasalSegError(f"brain localisation needs the template package: {exc}") from None
         log.warning("brain localisation skipped: %s", exc)
         return volume, Localisation(mode, False, f"template data missing ({exc}); not localised")
-    matrix, _ = register_rigid(volume, threads=threads)
+    if template_to_input is None:
+        matrix, _ = register_rigid(volume, threads=threads)
+    else:
+        matrix = np.asarray(template_to_input, dtype=np.float64)
     # input sampled at the template grid's voxels: template voxel -> template world -> input world -> input voxel
     vox = np.linalg.inv(volume.affine) @ matrix @ t_grid.affine
     aligned = ndimage.affine_transform(np.asarray(volume.data, np.float32), vox[:3, :3], vox[:3, 3],
@@ -349,7 +358,7 @@ def localise(volume: Volume, mode: str = "auto", strip_margin_mm: float = 3.0, t
     shell = _shell()
     head_fraction = float((aligned[shell] > level).mean()) if shell.any() else 0.0
     loc.contrast["head_tissue_fraction"] = round(head_fraction, 4)
-    if mode == "auto" and head_fraction < HEAD_FRACTION:
+    if mode == "auto" and template_to_input is None and head_fraction < HEAD_FRACTION:
         loc.reason = (f"auto: no head tissue around the brain ({100 * head_fraction:.1f} % of the 8-16 mm shell above a "
                       f"quarter of the brain's median, < {100 * HEAD_FRACTION:g} %): skull-stripped; segmented as it is")
         loc.seconds = time.perf_counter() - t0
@@ -357,7 +366,8 @@ def localise(volume: Volume, mode: str = "auto", strip_margin_mm: float = 3.0, t
     mask = _strip_mask(int(round(strip_margin_mm)))
     data = np.where(mask, np.clip(aligned, 0, None), 0.0).astype(np.float32)
     loc.applied = True
-    loc.reason = ("on: always localised" if mode == "on"
+    loc.reason = ("the prompts' localisation (their source.localisation transform; not registered again)"
+                  if template_to_input is not None else "on: always localised" if mode == "on"
                   else f"auto: head tissue around the brain ({100 * head_fraction:.0f} % of the 8-16 mm shell); "
                        "localised to the brain template")
     loc.grid = t_grid

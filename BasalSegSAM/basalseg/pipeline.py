@@ -270,6 +270,23 @@ class Pipeline:
         prompts.source.update({"image": volume.path})
         return prompts, coarse, image01, grid
 
+    def prompts_for(self, volume: Volume) -> tuple[PromptSet, np.ndarray, np.ndarray, Grid, "Localisation"]:
+        """Stage 2 as :meth:`segment` runs it: localised first when ``config.localise`` says so.
+
+        Returns ``(prompts, coarse_classes, image01, grid, localisation)``. For a localised input
+        the prompts are on the brain template's grid and record the transform in
+        ``source["localisation"]`` (:meth:`PromptSet.template_to_input`), so that ``segment`` with
+        them (edited or not) localises the input again with exactly that transform.
+        """
+        from .localise import localise
+
+        work, loc = localise(volume, self.config.localise or "off", threads=self.config.threads or 1)
+        prompts, coarse, image01, grid = self.generate_prompts(work)
+        prompts.source["image"] = volume.path
+        if loc.applied:
+            prompts.source["localisation"] = _prompt_localisation(loc)
+        return prompts, coarse, image01, grid, loc
+
     def segment(self, volume: Volume, prompts: PromptSet | None = None, progress: ProgressFn | None = None,
                 should_stop: Callable[[], bool] | None = None, cache: SliceMaskCache | None = None) -> SegmentResult:
         """Run every stage on a checked input volume, localised first when ``config.localise`` says so
@@ -282,13 +299,21 @@ class Pipeline:
         from .scan_qc import scan_flags
 
         mode = self.config.localise or "off"
+        if mode == "off" and prompts is not None and prompts.template_to_input() is not None:
+            raise PromptsError("these prompts were made on the localised (brain-template-aligned) image "
+                               "(source.localisation in prompts.json); run with --localise auto or on, not off")
         if mode == "off":
             result = self.segment_as_given(volume, prompts, progress, should_stop, cache)
             result.provenance["qc_flags"] = scan_flags(result.labels, volume.voxel_volume_mm3, result.missing,
                                                        result.provenance.get("foundation_student_dice"))
             return result
         t0 = time.perf_counter()
-        if mode == "auto" and prompts is not None:
+        prompt_transform = prompts.template_to_input() if prompts is not None else None
+        if prompt_transform is not None:
+            # a localised image's prompts (basalseg prompts / Slicer): on the template grid, under
+            # the transform they were made with; the same transform again, so edits stay in place
+            work, loc = localise(volume, "on", threads=self.config.threads or 1, template_to_input=prompt_transform)
+        elif mode == "auto" and prompts is not None:
             # given prompts are on the grid of the image as it is: no localisation (with "on" they
             # must be on the template grid, i.e. a localised run's prompts.json)
             from .localise import Localisation
@@ -300,6 +325,8 @@ class Pipeline:
             result = self.segment_as_given(volume, prompts, progress, should_stop, cache)
         else:
             result = self.segment_as_given(work, prompts, progress, should_stop, cache, keep_probabilities=True)
+            # prompts.json of a localised run is on the template grid: it says so, with the transform
+            result.prompts.source["localisation"] = _prompt_localisation(loc)
             t = time.perf_counter()
             classes_in = map_back(result.probabilities, result.roi, loc, volume)
             result.labels = classes_to_labels(classes_in).astype(np.int16)
@@ -525,6 +552,11 @@ class Pipeline:
                         "calibration": _list_or_none(self.student_offsets() if self._student is not None else None),
                         "localise": self.config.localise},
         }
+
+
+def _prompt_localisation(loc) -> dict:
+    """What a localised image's prompts record of the localisation (``PromptSet.template_to_input``)."""
+    return {k: v for k, v in loc.to_dict().items() if k in ("applied", "template_to_input", "rotation_deg", "reason")}
 
 
 def _list_or_none(offsets: np.ndarray | None) -> list[float] | None:

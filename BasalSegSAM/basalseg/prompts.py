@@ -244,6 +244,27 @@ class PromptSet:
                     raise PromptsError(f"{where}: point label {lab} must be 1 (positive) or 0 (negative)")
         return self
 
+    def template_to_input(self) -> np.ndarray | None:
+        """For the prompts of a **localised** image (``basalseg prompts`` or ``segment`` on a whole
+        head, :mod:`basalseg.localise`): the 4x4 RAS matrix, template world -> input world, under
+        which they were made (``source["localisation"]``); ``None`` for prompts on the input's own
+        canonical grid. Such prompts live on the brain template's grid, not the input's."""
+        loc = self.source.get("localisation") if isinstance(self.source, dict) else None
+        if not isinstance(loc, dict) or not loc.get("applied") or loc.get("template_to_input") is None:
+            return None
+        matrix = np.asarray(loc["template_to_input"], dtype=np.float64)
+        if matrix.shape != (4, 4) or not np.all(np.isfinite(matrix)):
+            raise PromptsError("prompts: source.localisation.template_to_input must be a finite 4x4 matrix")
+        return matrix
+
+    def world_grid(self) -> Grid:
+        """The grid whose affine takes a prompt's ``(x, y, k)`` voxel to world RAS mm **of the image
+        the prompts were made for**: ``grid`` itself, or for a localised image's prompts
+        ``template_to_input @ grid.affine`` (a rigidly moved copy of the template grid: its axes
+        are the template's, turned into the head's pose). Same shape as ``grid``."""
+        matrix = self.template_to_input()
+        return self.grid if matrix is None else Grid(tuple(self.grid.shape), matrix @ np.asarray(self.grid.affine, np.float64))
+
     def check_grid(self, grid: Grid, atol: float = 1e-3) -> None:
         """Refuse prompts made for another image grid."""
         if tuple(grid.shape) != tuple(self.grid.shape) or not np.allclose(grid.affine, self.grid.affine, atol=atol):

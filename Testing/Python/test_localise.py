@@ -87,6 +87,54 @@ def test_auto_localises_a_head_and_not_a_noisy_skull_stripped_brain(mni):
     assert float((out.data == 0).mean()) > 0.3  # skull-stripped: zero outside the (dilated) template brain
 
 
+def test_prompts_of_a_localised_image_keep_their_transform(mni, monkeypatch):
+    """``basalseg prompts`` on a whole head records the localisation in prompts.json; a ``segment``
+    with those (edited) prompts resamples the input with exactly that transform, not a new
+    registration, so the boxes stay where the user saw them; ``--localise off`` refuses them."""
+    import json
+
+    from basalseg import localise as localise_module
+    from basalseg.errors import PromptsError
+    from basalseg.pipeline import Pipeline, PipelineConfig
+    from basalseg.prompts import Prompt, PromptSet, prompts_from_dict
+
+    truth = _rigid((10.0, 0.0, -15.0), (20.0, -30.0, 90.0))
+    head = Volume(mni.data, truth @ mni.affine)
+    grid = _template()[3]
+    record = {"applied": True, "template_to_input": truth.tolist(), "reason": "test"}
+    ps = PromptSet(grid=grid, prompts=[Prompt("left_putamen", 80, [60, 120, 70, 135], [], [])],
+                   source={"localisation": record}).validate()
+    again = prompts_from_dict(json.loads(json.dumps(ps.to_dict())))  # through prompts.json
+    assert np.allclose(again.template_to_input(), truth)
+    world = again.world_grid()
+    assert world.shape == grid.shape and np.allclose(world.affine, truth @ grid.affine)
+    assert PromptSet(grid=grid).world_grid() is not None and PromptSet(grid=grid).template_to_input() is None
+    with pytest.raises(PromptsError, match="4x4"):
+        PromptSet(grid=grid, source={"localisation": {"applied": True, "template_to_input": [[1, 0]]}}).template_to_input()
+
+    def no_registration(*args, **kwargs):
+        raise AssertionError("registered again")
+
+    monkeypatch.setattr(localise_module, "register_rigid", no_registration)
+    out, loc = localise(head, "auto", template_to_input=truth)
+    assert loc.applied and "not registered again" in loc.reason and np.allclose(loc.template_to_input, truth)
+    inner = _template()[5]
+    assert np.corrcoef(out.data[inner], _template()[0][inner])[0, 1] > 0.99  # the brain back in template position
+
+    seen = {}
+
+    def fake_as_given(self, volume, prompts=None, *args, **kwargs):
+        seen["volume"] = volume
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(Pipeline, "segment_as_given", fake_as_given)
+    with pytest.raises(RuntimeError, match="stop here"):
+        Pipeline(PipelineConfig(localise="auto")).segment(head, prompts=again)
+    assert seen["volume"].shape == grid.shape and np.allclose(seen["volume"].affine, grid.affine)
+    with pytest.raises(PromptsError, match="localise auto or on"):
+        Pipeline(PipelineConfig(localise="off")).segment(head, prompts=again)
+
+
 @pytest.mark.parametrize("kind", ["noise", "blob"])
 def test_no_brain_found(kind):
     rng = np.random.default_rng(2)

@@ -200,3 +200,41 @@ def test_stale_editor_nodes_are_removed_and_the_node_collection_released(mrml_sc
     assert PromptMarkupsEditor.removeStaleNodes(Spy()) == 4
     assert len(collections) == 2 and all(c.GetReferenceCount() == 1 for c in collections)  # only Python's
     assert old.nodes() == [] and all(n.GetScene() is mrml_scene for n in other.allNodes())
+
+
+def test_a_localised_images_prompts_are_shown_in_the_heads_pose(mrml_scene):
+    """Prompts of a whole head that was localised (``source.localisation``) live on the brain
+    template's grid; the editor places them in the head's world through ``template_to_input``
+    (the anatomy they were made on), reads edits back onto the template grid, and a view in the
+    template's axial plane (turned with the head) is recognised as showing their slices."""
+    import json
+
+    angle = np.deg2rad(20.0)
+    transform = np.eye(4)
+    transform[:3, :3] = [[1, 0, 0], [0, np.cos(angle), -np.sin(angle)], [0, np.sin(angle), np.cos(angle)]]
+    transform[:3, 3] = [15.0, -40.0, 110.0]
+    grid = canonical_grid((40, 36, 20), np.eye(4))
+    ps = PromptSet(grid=grid, prompts=[Prompt("left_putamen", 5, [10, 12, 18, 20], [[14, 16]], [1])],
+                   source={"localisation": {"applied": True, "template_to_input": transform.tolist()}}).validate()
+    editor = PromptMarkupsEditor(ps, mrml_scene)
+    editor.showSlice(5)
+    roi = editor.boxNode("left_putamen")
+    centre = transform @ grid.affine @ np.array([14.0, 16.0, 5.0, 1.0])
+    assert np.allclose(roi.GetCenter(), centre[:3], atol=1e-6)  # in the head, not at the template position
+    point = editor.pointsNode("left_putamen", True).GetNthControlPointPosition(0)
+    assert np.allclose(point, (transform @ grid.affine @ np.array([14.0, 16.0, 5.0, 1.0]))[:3], atol=1e-6)
+    assert editor.sliceFromRas(centre[:3]) == 5 and editor.sliceFromRas((grid.affine @ [14, 16, 5, 1])[:3]) != 5
+    assert not editor.syncFromMarkups()  # placed and read back: nothing changed
+
+    # the user drags the box 2 mm along the template's x axis (turned with the head)
+    roi.SetCenter(*(np.array(roi.GetCenter()) + 2.0 * transform[:3, 0]))
+    report = editor.syncFromMarkups()
+    assert report and report.changed == [("left_putamen", 5)]
+    assert np.allclose(ps.prompts[0].box, [12, 12, 20, 20])
+    written = json.loads(pm.promptSetToJson(ps))
+    assert written["grid"] == grid.to_dict() and written["source"]["localisation"]["applied"]
+
+    sliceToRas = np.eye(4)
+    sliceToRas[:3, :3] = transform[:3, :3]  # the template's axial plane in the head's pose
+    assert pm.viewShowsGridSlices(sliceToRas, ps.world_grid().affine)
+    assert not pm.viewShowsGridSlices(np.eye(4), ps.world_grid().affine)  # the scanner's axial plane is not
