@@ -68,11 +68,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import BasalSegError, Cancelled, OutputWriteError
-from .bids import Scan, discover_scans
+from .bids import Scan
 
 _log = logging.getLogger("basalseg")
 
-__all__ = ["Scan", "discover_scans", "process_scan", "run_batch", "BatchSummary", "write_cohort_tables",
+__all__ = ["Scan", "process_scan", "run_batch", "BatchSummary", "write_cohort_tables",
            "COHORT_COLUMNS", "BATCH_FAILED_EXIT", "LOG_NAME"]
 
 #: Exit status when some scans failed (the others are done).
@@ -361,7 +361,7 @@ def run_batch(scans: list[Scan], out_dir: str | os.PathLike, pipeline, *, prompt
     """Segment every scan not yet done; write the cohort tables, failures and report.
 
     Args:
-        scans: from :func:`discover_scans`.
+        scans: from :func:`basalseg.bids.discover_scans`.
         out_dir: the batch output folder (created).
         pipeline: a :class:`~basalseg.pipeline.Pipeline` (anything with its ``segment``), reused for every scan.
         prompts: one :class:`~basalseg.prompts.PromptSet` for every scan (images on one common grid).
