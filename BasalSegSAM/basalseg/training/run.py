@@ -1,8 +1,6 @@
 """The training stages, one after the other: what ``basalseg train`` runs (:func:`train`).
 
 ``basalseg train --cohort COHORT [--cohort ...] --work WORK [--stage all|prepare|prompter|cache|student]``
-(the command line: :mod:`basalseg.commands.training`; ``basalseg synth`` makes a synthetic cohort
-with :func:`basalseg.data.synth.generate_cohort`)
     1. prepare: every case to canonical space (``WORK/cases``);
     2. prompter: train the prompt generator (``WORK/prompter/prompter.pt``);
     3. cache: run the frozen foundation model once per case from the prompter's jittered prompts
@@ -14,6 +12,9 @@ with :func:`basalseg.data.synth.generate_cohort`)
 
 Validation cases (``--val N``, default 4) are taken out of the training cases by a seeded
 shuffle and used only to pick the best epoch.
+
+The command line is :mod:`basalseg.commands.training` (also ``basalseg synth``, a synthetic cohort
+from :func:`basalseg.data.synth.generate_cohort`).
 """
 
 from __future__ import annotations
