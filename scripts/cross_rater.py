@@ -21,7 +21,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from basalseg.cli import main as basalseg_main
+from basalseg.commands import main as basalseg_main
 from basalseg.data.atlas import load_reference_labels, template_path
 from basalseg.evaluation import evaluate_labelmaps, metrics_csv, summarise
 from basalseg.outputs import atomic_write_text

@@ -5,7 +5,9 @@ masks (``basalseg.foundation.runner.SliceMaskCache``) would be lost between two 
 Segment. This command is ``basalseg segment`` plus ``--cache FILE``: it loads the masks of the
 previous run, reruns the foundation model only for slices whose prompts changed, and saves the
 cache again after a successful run. Everything else (arguments, outputs, JSON progress, exit
-status, errors) is the ``basalseg segment`` command's own::
+status, errors) is the ``basalseg segment`` command's own: :func:`main` runs
+:func:`basalseg.commands.segment.run` through :func:`basalseg.commands.run_command` and adds only
+the cache (:class:`DiskCache`)::
 
     python -m BasalSegSAMLib.segmentworker IMAGE --out DIR --cache FILE [basalseg segment options]
 
@@ -22,19 +24,17 @@ Imports no Slicer or Qt; runs with any Python that has the pipeline's dependenci
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["main", "cacheKey", "loadCache", "saveCache", "CACHE_FORMAT"]
+__all__ = ["main", "DiskCache", "cacheKey", "loadCache", "saveCache", "CACHE_FORMAT"]
 
 CACHE_FORMAT = "basalseg-slice-mask-cache/1"
 log = logging.getLogger("basalseg")
@@ -108,95 +108,47 @@ def _split(argv: list[str]) -> tuple[str | None, list[str]]:
     return cachePath, rest
 
 
-def _run(args: argparse.Namespace, cachePath: str | None) -> int:
-    from basalseg.imageio import load_volume
-    from basalseg.outputs import StagedOutputDir
-    from basalseg.cli import _config
-    from basalseg.pipeline import Pipeline
-    from basalseg.progress import emit_json, make_reporter
-    from basalseg.prompts import load_prompts
-    from basalseg.results import write_result
+class DiskCache:
+    """The slice-mask cache in a file (:class:`basalseg.commands.segment.SliceCacheStore`): loaded
+    for the run's image and backend, saved after a successful run, its reuse reported."""
 
-    from basalseg.outputs import RESULT_FILES
+    def __init__(self, path: str | os.PathLike):
+        self.path = path
+        self.key: dict | None = None
+        self.cache = None
+        self.before: dict = {}
 
-    # refuse an occupied folder (or result files that are not ours) before any work
-    StagedOutputDir(args.out, overwrite=args.overwrite, owned=RESULT_FILES, protect=[args.image, args.prompts])
-    if args.band is not None and args.band <= 0:
-        from basalseg.errors import BasalSegError
+    def open(self, volume, config):
+        self.key = cacheKey(volume, config.foundation, config.checkpoint, config.crop)
+        self.cache = loadCache(self.path, self.key)
+        self.before = dict(self.cache.entries)
+        return self.cache
 
-        raise BasalSegError(f"--band must be > 0, got {args.band}")
-    volume = load_volume(args.image)
-    prompts = load_prompts(args.prompts) if args.prompts else None
-    config = _config(args)  # the same options as `basalseg segment` (stride, encoder, context, planes ...)
-    key = cacheKey(volume, config.foundation, config.checkpoint, config.crop)
-    cache = loadCache(cachePath, key) if cachePath else None
-    before = dict(cache.entries) if cache is not None else {}
-    mode = "json" if args.progress == "json" else ("bar" if args.progress == "bar" or (args.progress == "auto" and sys.stderr.isatty()) else "none")
-    reporter, close = make_reporter(mode)
-    try:
-        result = Pipeline(config).segment(volume, prompts=prompts, progress=reporter, cache=cache)
-        write_result(result, args.out, overwrite=args.overwrite, qc=not args.no_qc)
-    finally:
-        close()
-    slices = result.prompts.slices()
-    reused = sum(1 for k in slices if cache is not None and k in before and before[k] is cache.entries.get(k))
-    if cache is not None:
+    def close(self, result, mode: str) -> None:
+        from basalseg.progress import emit_json
+
+        slices = result.prompts.slices()
+        reused = sum(1 for k in slices if k in self.before and self.before[k] is self.cache.entries.get(k))
         try:
-            saveCache(cachePath, cache, key)
+            saveCache(self.path, self.cache, self.key)
         except Exception as exc:  # the result is written; a cache that cannot be saved only costs time
-            log.warning("could not save the slice-mask cache %s (%s)", cachePath, exc)
-    if mode == "json":
-        emit_json(event="cache", slices=len(slices), reused=reused, computed=len(slices) - reused)
-        emit_json(event="done", out=str(args.out))
-    else:
-        print(f"wrote {args.out}/; foundation masks reused for {reused} of {len(slices)} slices")
-    return 0
-
-
-def _onSigterm(signum, frame):  # pragma: no cover - exercised through a subprocess
-    from basalseg.errors import Cancelled
-
-    raise Cancelled("cancelled (terminated)")
+            log.warning("could not save the slice-mask cache %s (%s)", self.path, exc)
+        if mode == "json":
+            emit_json(event="cache", slices=len(slices), reused=reused, computed=len(slices) - reused)
+        else:
+            print(f"foundation masks reused for {reused} of {len(slices)} slices")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status (0 success, 2 expected error, 130 cancelled, 1 bug)."""
-    from basalseg.cli import build_parser
-    from basalseg.errors import BasalSegError, Cancelled
-    from basalseg.progress import emit_json
+    """Entry point; returns the exit status (0 success, 2 expected error, 130 cancelled, 1 bug),
+    exactly as ``basalseg segment`` (:func:`basalseg.commands.run_command`)."""
+    from basalseg.commands import build_parser, run_command
+    from basalseg.commands import segment
 
     cachePath, rest = _split(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(["segment", *rest])
-    logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING, format="basalseg: %(message)s")
-    os.environ.setdefault("SAM2_BUILD_CUDA", "0")
-    try:
-        signal.signal(signal.SIGTERM, _onSigterm)
-    except (ValueError, AttributeError):  # not the main thread, or no SIGTERM
-        pass
-    jsonMode = args.progress == "json"
-
-    def fail(message: str, kind: str, code: int) -> int:
-        print(f"basalseg: error: {message}", file=sys.stderr)
-        if jsonMode:
-            emit_json(event="error", message=message, kind=kind)
-        return code
-
-    try:
-        return _run(args, cachePath)
-    except KeyboardInterrupt:
-        return fail("cancelled (interrupted)", "Cancelled", Cancelled.exit_code)
-    except BasalSegError as exc:
-        if args.debug:
-            import traceback
-
-            traceback.print_exc()
-        return fail(str(exc), type(exc).__name__, exc.exit_code)
-    except MemoryError:
-        return fail("out of memory; try a smaller image or --device cuda", "MemoryError", 2)
-    except Exception as exc:
-        if args.debug:
-            raise
-        return fail(f"{type(exc).__name__}: {exc}", "internal", 1)
+    store = DiskCache(cachePath) if cachePath else None
+    return run_command(args, lambda a: segment.run(a, slice_cache=store))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,7 +1,7 @@
-"""``python -m basalseg`` runs the command line."""
+"""``python -m basalseg`` runs the command line (:mod:`basalseg.commands`)."""
 
 import sys
 
-from .cli import main
+from .commands import main
 
 sys.exit(main())

@@ -1,9 +1,6 @@
 """``basalseg batch INPUT_DIR --out OUT_DIR``: a cohort in one command, resumable.
 
-**Inputs.** Either a folder of T1 files (``.nii``, ``.nii.gz``, ``.nrrd``, ``.nhdr``; the folder
-itself, not its sub-folders) or a BIDS dataset: ``sub-*/ses-*/anat/*_T1w.nii[.gz]`` and
-``sub-*/anat/*_T1w.nii[.gz]`` (``derivatives/``, ``sourcedata/`` and hidden folders are not
-searched). Giving one subject's folder (``sub-01/``) works too.
+**Inputs.** Either a folder of T1 files or a BIDS dataset (:func:`basalseg.bids.discover_scans`).
 
 **Outputs** (``OUT_DIR``):
 
@@ -52,22 +49,18 @@ The networks and the foundation backend are loaded once for the whole batch.
 worker processes or SLURM jobs (:mod:`basalseg.cluster`), with the guarantees above; each worker
 loads the networks once.
 
-**Session dates** (for ``basalseg compare``'s interval), first found: the ``acq_time`` of the
-image in the BIDS ``*_scans.tsv``, the session's ``acq_time`` in ``sub-XX_sessions.tsv``, the
-``AcquisitionDateTime``/``AcquisitionDate`` of the JSON sidecar, an ISO date (``YYYY-MM-DD``) in
-the NIfTI header's ``descrip`` field. Only the date is kept (``YYYY-MM-DD``).
+**Discovery and session dates** (which files are scans, their names, subjects, sessions and
+acquisition dates): :mod:`basalseg.bids`. The command line is :mod:`basalseg.commands.batch`.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import datetime
 import io
 import json
 import logging
 import os
-import re
 import sys
 import time
 import traceback
@@ -75,12 +68,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import BasalSegError, Cancelled, OutputWriteError
-from .imageio import SUPPORTED_SUFFIXES
+from .bids import Scan
 
 _log = logging.getLogger("basalseg")
 
-__all__ = ["Scan", "discover_scans", "session_date", "run_batch", "BatchSummary", "write_cohort_tables",
-           "COHORT_COLUMNS", "BATCH_FAILED_EXIT", "register", "LOG_NAME"]
+__all__ = ["Scan", "process_scan", "run_batch", "BatchSummary", "write_cohort_tables",
+           "COHORT_COLUMNS", "BATCH_FAILED_EXIT", "LOG_NAME"]
 
 #: Exit status when some scans failed (the others are done).
 BATCH_FAILED_EXIT = 3
@@ -88,234 +81,6 @@ LOG_NAME = "batch_log.jsonl"
 LOCK_NAME = ".basalseg-batch.lock"
 COHORT_COLUMNS = ["scan", "subject", "session", "session_date", "structure", "label", "volume_ml", "volume_mm3", "voxels",
                   "brain_mask_ml", "brain_volume_ml", "brain_estimate"]
-_SKIP_DIRS = {"derivatives", "sourcedata", "code", "stimuli"}
-_ISO_DATE = re.compile(r"(?<!\d)((?:19|20)\d\d)-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])(?!\d)")
-
-
-# ---------------------------------------------------------------------------------------------
-# discovery
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Scan:
-    """One input image of the batch.
-
-    Attributes:
-        name: its result folder's name under OUT_DIR (unique in the batch).
-        path: the image file.
-        subject, session: BIDS ``sub-XX`` / ``ses-YY`` (for plain folders, subject = name, no session).
-        entities: the BIDS entities of the file name.
-        session_date, date_source: ``YYYY-MM-DD`` and where it was read, when known.
-    """
-
-    name: str
-    path: Path
-    subject: str
-    session: str = ""
-    entities: dict = field(default_factory=dict)
-    session_date: str | None = None
-    date_source: str | None = None
-
-    def info(self) -> dict:
-        return {"scan": self.name, "subject": self.subject, "session": self.session, "session_date": self.session_date,
-                "date_source": self.date_source, "bids_entities": self.entities, "input": str(self.path)}
-
-
-def _strip_suffix(name: str) -> str:
-    lower = name.lower()
-    for suffix in SUPPORTED_SUFFIXES:
-        if lower.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def _safe(name: str) -> str:
-    name = re.sub(r"[^A-Za-z0-9._+-]+", "_", name).strip("._") or "scan"
-    return f"scan-{name}" if name in ("report",) else name
-
-
-def _entities(filename: str) -> dict:
-    stem = _strip_suffix(filename)
-    parts = stem.split("_")
-    out = {}
-    for part in parts[:-1]:  # the last part is the suffix (T1w)
-        if "-" in part:
-            key, value = part.split("-", 1)
-            out[key] = value
-    return out
-
-
-def _is_file(path: Path) -> bool:
-    """A file, or a broken symlink (a DataLad/git-annex file not fetched yet: listed, so that it is
-    reported as failed rather than silently left out)."""
-    return path.is_file() or (path.is_symlink() and not path.exists())
-
-
-def _is_t1w(path: Path) -> bool:
-    name = path.name
-    return _is_file(path) and not name.startswith(".") and name.endswith(("_T1w.nii.gz", "_T1w.nii"))
-
-
-def _bids_scans(root: Path, subject_dirs: list[Path]) -> list[Scan]:
-    scans = []
-    for sub in subject_dirs:
-        before = len(scans)
-        anat_dirs = [(sub / "anat", "")] + [(ses / "anat", ses.name) for ses in sorted(sub.glob("ses-*")) if ses.is_dir()]
-        for anat, session in anat_dirs:
-            if not anat.is_dir():
-                continue
-            for path in sorted(p for p in anat.iterdir() if _is_t1w(p)):
-                ents = _entities(path.name)
-                scans.append(Scan(name="", path=path, subject=sub.name, session=session, entities=ents))
-        if len(scans) == before:
-            _log.warning("skipped %s: no T1w image (looked for %s/[ses-*/]anat/*_T1w.nii[.gz])", sub.name, sub)
-    groups: dict[str, list[Scan]] = {}
-    for s in scans:
-        groups.setdefault(_safe(f"{s.subject}_{s.session}" if s.session else s.subject), []).append(s)
-    for base, members in groups.items():
-        for s in members:
-            extra = [f"{k}-{v}" for k, v in s.entities.items() if k not in ("sub", "ses")]
-            s.name = base if len(members) == 1 else _safe("_".join([base, *extra]))
-    _make_unique(scans)
-    for s in scans:
-        s.session_date, s.date_source = session_date(s.path)
-    return scans
-
-
-def _make_unique(scans: list[Scan]) -> None:
-    seen: dict[str, int] = {}
-    for s in scans:
-        if s.name in seen:
-            seen[s.name] += 1
-            s.name = f"{s.name}_{seen[s.name]}"
-        else:
-            seen[s.name] = 1
-
-
-def discover_scans(input_dir: str | os.PathLike) -> list[Scan]:
-    """The T1 images of a plain folder or a BIDS tree (see the module docstring), in a stable order.
-
-    Raises:
-        BasalSegError: not a folder, or no image found.
-    """
-    root = Path(input_dir)
-    if not root.is_dir():
-        raise BasalSegError(f"{root}: no such folder" if not root.exists() else f"{root} is a file, not a folder of T1 images")
-    subjects = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("sub-") and p.name not in _SKIP_DIRS)
-    if subjects:
-        scans = _bids_scans(root, subjects)
-        kind = "BIDS T1w images (sub-*/[ses-*/]anat/*_T1w.nii[.gz])"
-    elif root.name.startswith("sub-") and ((root / "anat").is_dir() or any(root.glob("ses-*/anat"))):
-        scans = _bids_scans(root.parent, [root])
-        kind = "BIDS T1w images"
-    else:
-        files = sorted(p for p in root.iterdir() if _is_file(p) and not p.name.startswith(".")
-                       and any(p.name.lower().endswith(s) for s in SUPPORTED_SUFFIXES))
-        scans = [Scan(name=_safe(_strip_suffix(p.name)), path=p, subject=_safe(_strip_suffix(p.name))) for p in files]
-        _make_unique(scans)
-        for s in scans:
-            s.subject = s.name
-            s.session_date, s.date_source = session_date(s.path)
-        kind = f"images ({', '.join(SUPPORTED_SUFFIXES)})"
-    if not scans:
-        raise BasalSegError(f"no T1 images found in {root}: looked for {kind}")
-    return scans
-
-
-# ---------------------------------------------------------------------------------------------
-# session dates
-# ---------------------------------------------------------------------------------------------
-
-
-def _iso_date(value) -> str | None:
-    """``YYYY-MM-DD`` from an ISO date/datetime string (also ``YYYYMMDD``); None otherwise."""
-    if value is None:
-        return None
-    text = str(value).strip()
-    if not text or text.lower() in ("n/a", "na", "nan"):
-        return None
-    m = _ISO_DATE.search(text)
-    if m:
-        try:
-            return datetime.date(int(m.group(1)), int(m.group(2)), int(m.group(3))).isoformat()
-        except ValueError:
-            return None
-    m = re.fullmatch(r"((?:19|20)\d\d)(\d\d)(\d\d)", text)
-    if m:
-        try:
-            return datetime.date(int(m.group(1)), int(m.group(2)), int(m.group(3))).isoformat()
-        except ValueError:
-            return None
-    return None
-
-
-def _read_tsv(path: Path) -> list[dict]:
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            return list(csv.DictReader(handle, delimiter="\t"))
-    except (OSError, UnicodeDecodeError, csv.Error):
-        return []
-
-
-def _bids_parts(path: Path) -> tuple[Path, str, str] | None:
-    """``(subject_dir, sub-XX, ses-YY or "")`` for a file inside a BIDS subject folder."""
-    parts = Path(os.path.abspath(path)).parts  # not resolve(): annexed files are symlinks out of the tree
-    for i in range(len(parts) - 1, -1, -1):
-        if parts[i].startswith("sub-") and i < len(parts) - 1:
-            sub_dir = Path(*parts[: i + 1])
-            session = parts[i + 1] if i + 1 < len(parts) - 1 and parts[i + 1].startswith("ses-") else ""
-            return sub_dir, parts[i], session
-    return None
-
-
-def session_date(path: str | os.PathLike) -> tuple[str | None, str | None]:
-    """The acquisition date of an image file: ``(YYYY-MM-DD, source)`` or ``(None, None)``.
-
-    Sources, first found: BIDS ``*_scans.tsv`` ``acq_time`` of this file, BIDS ``*_sessions.tsv``
-    ``acq_time`` of its session, the JSON sidecar's ``AcquisitionDateTime`` / ``AcquisitionDate``,
-    an ISO date in the NIfTI header's ``descrip``.
-    """
-    path = Path(path)
-    bids = _bids_parts(path)
-    if bids is not None:
-        sub_dir, _, ses = bids
-        level = sub_dir / ses if ses else sub_dir
-        for tsv in sorted(level.glob("*_scans.tsv")):
-            for row in _read_tsv(tsv):
-                name = (row.get("filename") or "").strip()
-                if name and os.path.abspath(level / name) == os.path.abspath(path):
-                    date = _iso_date(row.get("acq_time"))
-                    if date:
-                        return date, f"{tsv.name} acq_time"
-        if ses:
-            for tsv in sorted(sub_dir.glob("*_sessions.tsv")):
-                for row in _read_tsv(tsv):
-                    if (row.get("session_id") or "").strip() in (ses, ses[4:]):
-                        date = _iso_date(row.get("acq_time"))
-                        if date:
-                            return date, f"{tsv.name} acq_time"
-    sidecar = path.with_name(_strip_suffix(path.name) + ".json")
-    if sidecar.is_file():
-        try:
-            meta = json.loads(sidecar.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            meta = {}
-        for key in ("AcquisitionDateTime", "AcquisitionDate"):
-            date = _iso_date(meta.get(key)) if isinstance(meta, dict) else None
-            if date:
-                return date, f"{sidecar.name} {key}"
-    if path.name.lower().endswith((".nii", ".nii.gz")) and path.is_file():
-        try:
-            import nibabel as nib
-
-            descrip = nib.load(str(path)).header["descrip"].tobytes().decode("latin-1")
-            m = _ISO_DATE.search(descrip)
-            if m:
-                return _iso_date(m.group(0)), "NIfTI header descrip"
-        except Exception:  # noqa: BLE001 - an unreadable header is the segmentation's problem, not the date's
-            pass
-    return None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -596,7 +361,7 @@ def run_batch(scans: list[Scan], out_dir: str | os.PathLike, pipeline, *, prompt
     """Segment every scan not yet done; write the cohort tables, failures and report.
 
     Args:
-        scans: from :func:`discover_scans`.
+        scans: from :func:`basalseg.bids.discover_scans`.
         out_dir: the batch output folder (created).
         pipeline: a :class:`~basalseg.pipeline.Pipeline` (anything with its ``segment``), reused for every scan.
         prompts: one :class:`~basalseg.prompts.PromptSet` for every scan (images on one common grid).
@@ -761,91 +526,3 @@ def run_batch(scans: list[Scan], out_dir: str | os.PathLike, pipeline, *, prompt
     if interrupted is not None:
         raise Cancelled(f"batch interrupted after {len(summary.done)} scans; finished results are kept, run again to resume")
     return summary
-
-
-# ---------------------------------------------------------------------------------------------
-# command line
-# ---------------------------------------------------------------------------------------------
-
-
-def register(sub) -> None:
-    from .cli import _add_run_options
-    from .cluster import add_executor_options
-    from .icv import SKULL_STRIPPED_CHOICES
-    from .report import add_threshold_options
-
-    p = sub.add_parser("batch", help="segment every T1 of a folder or BIDS tree (resumable), with cohort tables and a QC report",
-                       description="Segment every T1 in INPUT_DIR into OUT_DIR/<scan>/, skipping scans already done. "
-                                   "Exit status 0 when every scan has a result, 3 when some failed, 2 for a problem "
-                                   "with the options, inputs or weights that stops the whole batch.")
-    p.add_argument("input_dir", type=Path, help="folder of T1 files (.nii, .nii.gz, .nrrd) or a BIDS dataset")
-    _add_run_options(p)
-    for action in p._actions:  # the shared options' help, in batch terms
-        if action.dest == "overwrite":
-            action.help = "redo every scan, replacing its result (default: skip scans already done)"
-        elif action.dest == "prompts":
-            action.help = "one prompts.json for every scan (only for images on one common grid)"
-        elif action.dest == "out":
-            action.help = "output folder: one result folder per scan, cohort volumes.csv, report.html"
-    p.add_argument("--prompts-dir", type=Path, default=None,
-                   help="per-scan prompts: DIR/<scan>/prompts.json (e.g. an earlier batch folder with edited prompts), "
-                        "DIR/<scan>.json or DIR/<scan>.prompts.json; scans without one use the prompt generator")
-    p.add_argument("--redo-incomplete", action="store_true",
-                   help="replace result folders that exist but are not complete (default: leave them and report them)")
-    p.add_argument("--skull-stripped", default="auto", choices=SKULL_STRIPPED_CHOICES,
-                   help="for the brain-mask volume: auto-detect skull-stripped inputs (default), or say so")
-    p.add_argument("--no-report", action="store_true", help="do not write report.html")
-    add_threshold_options(p)
-    add_executor_options(p)
-    p.set_defaults(handler=cmd_batch)
-
-
-def cmd_batch(args: argparse.Namespace) -> int:
-    from .cli import _config, _progress_mode
-    from .cluster import check_executor_args, make_executor, slurm_job_script
-    from .progress import emit_json
-    from .prompts import load_prompts
-    from .report import thresholds_from_args
-
-    if args.band is not None and args.band <= 0:
-        raise BasalSegError(f"--band must be > 0, got {args.band}")
-    if args.prompts and args.prompts_dir:
-        raise BasalSegError("give --prompts or --prompts-dir, not both")
-    if args.prompts_dir and not args.prompts_dir.is_dir():
-        raise BasalSegError(f"--prompts-dir {args.prompts_dir}: no such folder")
-    thresholds = thresholds_from_args(args)
-    check_executor_args(args)
-    if args.print_job_script:
-        print(slurm_job_script(args, args.out), end="")
-        return 0
-    scans = discover_scans(args.input_dir)
-    prompts = load_prompts(args.prompts) if args.prompts else None
-    mode = _progress_mode(args.progress)
-    redo = "all" if args.overwrite else "incomplete" if args.redo_incomplete else "none"
-    executor = make_executor(args, _config(args), args.out)  # None: --executor local
-    if executor is None:
-        from .pipeline import Pipeline
-
-        pipeline = Pipeline(_config(args))
-    else:
-        pipeline = None  # each worker builds its own
-    summary = run_batch(scans, args.out, pipeline, prompts=prompts, prompts_dir=args.prompts_dir,
-                        skull_stripped=args.skull_stripped, redo=redo, qc=not args.no_qc, progress=mode,
-                        report=not args.no_report, thresholds=thresholds, embed=args.embed, executor=executor)
-    if mode == "json":
-        emit_json(event="done", out=str(args.out), done=len(summary.done), skipped=len(summary.skipped),
-                  failed=len(summary.failed), report=str(summary.report) if summary.report else None)
-    else:
-        print(f"batch: {summary.total} scans: {len(summary.done)} done, {len(summary.skipped)} skipped (already complete), "
-              f"{len(summary.failed)} failed")
-        print(f"  cohort table: {summary.cohort_csv}")
-        if summary.report:
-            print(f"  QC report:    {summary.report}")
-    for w in summary.warnings:
-        print(f"basalseg: warning: {w}", file=sys.stderr)
-    if summary.failed:
-        for f in summary.failed:
-            print(f"basalseg: failed: {f['scan']}: {f['message']}", file=sys.stderr)
-        print(f"basalseg: error: {len(summary.failed)} of {summary.total} scans failed (listed in "
-              f"{Path(args.out) / 'failures.csv'}; details in {Path(args.out) / LOG_NAME})", file=sys.stderr)
-    return summary.exit_code

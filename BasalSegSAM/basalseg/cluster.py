@@ -58,7 +58,7 @@ from pathlib import Path
 
 from .errors import BasalSegError, Cancelled
 
-__all__ = ["EXECUTORS", "DaskExecutor", "ExecutorOutcome", "PipelineFactory", "add_executor_options", "make_executor",
+__all__ = ["EXECUTORS", "DaskExecutor", "ExecutorOutcome", "PipelineFactory", "make_executor", "slurm_job_script",
            "plan_threads", "worker_pipeline", "slurm_cluster_options", "INSTALL_HINT"]
 
 EXECUTORS = ("local", "dask", "slurm")
@@ -514,62 +514,34 @@ def make_slurm_cluster(options: dict):
     return SLURMCluster(**options)
 
 
-# ---------------------------------------------------------------------------------------------
-# command line
-# ---------------------------------------------------------------------------------------------
+def make_executor(executor: str, config, out_dir: str | os.PathLike, *, workers: int | None = None,
+                  threads: int | None = None, scheduler: str | None = None, partition: str | None = None,
+                  time_limit: str | None = None, mem: str | None = None,
+                  gpus: str | None = None) -> DaskExecutor | None:
+    """The executor that runs a batch's scans (None for ``"local"``: one after the other in this process).
 
-
-def add_executor_options(p) -> None:
-    g = p.add_argument_group("running on several processes or machines (pip install -e \".[cluster]\")")
-    g.add_argument("--executor", default="local", choices=EXECUTORS,
-                   help="local: one scan after the other in this process (default); dask: a Dask cluster "
-                        "(--workers N on this machine, or --scheduler ADDRESS); slurm: SLURM jobs through "
-                        "dask-jobqueue")
-    g.add_argument("--workers", type=int, default=None,
-                   help="dask: worker processes on this machine (default: cores // 4); slurm: jobs (default 4)")
-    g.add_argument("--scheduler", default=None, metavar="ADDRESS",
-                   help="dask: a running Dask scheduler (tcp://host:8786) instead of starting workers here")
-    g.add_argument("--partition", default=None, help="slurm: partition (default: the site's)")
-    g.add_argument("--time", dest="slurm_time", default=None, metavar="TIME",
-                   help="slurm: wall time per job (HH:MM:SS or D-HH:MM:SS; default: the site's)")
-    g.add_argument("--mem", default=None, help="slurm: memory per job (default 8G)")
-    g.add_argument("--gpus", default=None, help="slurm: GPUs per job (a count, or TYPE:COUNT)")
-    g.add_argument("--print-job-script", action="store_true",
-                   help="slurm: print the job script that would be submitted, and stop")
-
-
-def check_executor_args(args) -> None:
-    """Options of another executor are refused with one line rather than ignored."""
-    executor = args.executor
-    if executor != "dask" and args.scheduler:
-        raise BasalSegError("--scheduler needs --executor dask")
-    if executor == "local" and args.workers is not None:
-        raise BasalSegError("--workers needs --executor dask or --executor slurm")
-    if executor != "slurm":
-        given = [flag for flag, value in (("--partition", args.partition), ("--time", args.slurm_time),
-                                          ("--mem", args.mem), ("--gpus", args.gpus),
-                                          ("--print-job-script", args.print_job_script)) if value]
-        if given:
-            raise BasalSegError(f"{', '.join(given)} need --executor slurm")
-    if executor == "dask" and args.scheduler and args.workers is not None:
-        raise BasalSegError("give --workers (start workers here) or --scheduler (use a running cluster), not both")
-
-
-def make_executor(args, config, out_dir: Path) -> DaskExecutor | None:
-    """The executor for ``basalseg batch``'s options (None for ``--executor local``)."""
-    check_executor_args(args)
-    if args.executor == "local":
+    Args:
+        executor: one of :data:`EXECUTORS`.
+        config: the :class:`~basalseg.pipeline.PipelineConfig` every worker builds its pipeline from.
+        out_dir: the batch's output folder (SLURM job logs go to ``out_dir/.slurm-logs``).
+        workers: dask: worker processes on this machine (default: cores // 4); slurm: jobs (default 4).
+        threads: CPU threads per worker (default: planned from the cores for dask, 4 for slurm).
+        scheduler: dask: the address of a running scheduler instead of starting workers here.
+        partition, time_limit, mem, gpus: slurm: per-job resources (:func:`slurm_cluster_options`).
+    """
+    if executor not in EXECUTORS:
+        raise BasalSegError(f"executor {executor!r}: choose from {', '.join(EXECUTORS)}")
+    if executor == "local":
         return None
     _distributed()
-    threads = args.threads
-    if args.executor == "dask":
-        if not args.scheduler:
-            workers, threads, _ = plan_threads(args.workers, threads, _cores())
-        return DaskExecutor(PipelineFactory(_with_threads(config, threads)), workers=args.workers, threads=threads,
-                            scheduler=args.scheduler, name="dask")
+    if executor == "dask":
+        if not scheduler:
+            _, threads, _ = plan_threads(workers, threads, _cores())
+        return DaskExecutor(PipelineFactory(_with_threads(config, threads)), workers=workers, threads=threads,
+                            scheduler=scheduler, name="dask")
     threads = threads or 4
-    options = slurm_cluster_options(threads=threads, partition=args.partition, time_limit=args.slurm_time, mem=args.mem,
-                                    gpus=args.gpus, log_directory=str(Path(out_dir) / ".slurm-logs"))
+    options = slurm_cluster_options(threads=threads, partition=partition, time_limit=time_limit, mem=mem,
+                                    gpus=gpus, log_directory=str(Path(out_dir) / ".slurm-logs"))
     factory = PipelineFactory(_with_threads(config, threads))
 
     def cluster(workers, threads_):
@@ -578,13 +550,14 @@ def make_executor(args, config, out_dir: Path) -> DaskExecutor | None:
         c.adapt(minimum_jobs=workers, maximum_jobs=workers)
         return c
 
-    return DaskExecutor(factory, workers=args.workers or 4, threads=threads, cluster=cluster, name="slurm")
+    return DaskExecutor(factory, workers=workers or 4, threads=threads, cluster=cluster, name="slurm")
 
 
-def slurm_job_script(args, out_dir: Path) -> str:
-    """``--print-job-script``: the script SLURMCluster would submit for these options."""
-    options = slurm_cluster_options(threads=args.threads or 4, partition=args.partition, time_limit=args.slurm_time,
-                                    mem=args.mem, gpus=args.gpus, log_directory=str(Path(out_dir) / ".slurm-logs"))
+def slurm_job_script(out_dir: str | os.PathLike, *, threads: int | None = None, partition: str | None = None,
+                     time_limit: str | None = None, mem: str | None = None, gpus: str | None = None) -> str:
+    """The job script SLURMCluster would submit for these resources (``--print-job-script``)."""
+    options = slurm_cluster_options(threads=threads or 4, partition=partition, time_limit=time_limit, mem=mem,
+                                    gpus=gpus, log_directory=str(Path(out_dir) / ".slurm-logs"))
     cluster = make_slurm_cluster(options)
     try:
         return cluster.job_script()

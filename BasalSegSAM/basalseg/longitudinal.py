@@ -30,7 +30,7 @@ For each structure (and the brain-mask / brain volumes when both results have th
 **Dates**, for each scan, first found: ``--date-a`` / ``--date-b``; the session date that
 ``basalseg batch`` recorded in ``provenance.json`` (``scan_info``); the BIDS ``*_scans.tsv`` /
 ``*_sessions.tsv``, JSON sidecar or NIfTI header of the input image recorded in provenance (when
-it is still there; see :func:`basalseg.batch.session_date`). ``interval_days = date_B - date_A``.
+it is still there; see :func:`basalseg.bids.session_date`). ``interval_days = date_B - date_A``.
 
 Folders that are not complete BasalSegSAM results are refused. Warnings (printed, and kept in
 :attr:`Comparison.warnings`) when the inputs differ in voxel size, when the weights, foundation
@@ -43,18 +43,16 @@ The Python entry point for other front ends (the Slicer module's change table) i
 
 from __future__ import annotations
 
-import argparse
 import csv
 import datetime
 import io
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import BasalSegError
 
-__all__ = ["Comparison", "compare_results", "compare_records", "resolve_date", "COMPARE_COLUMNS", "register", "format_table",
+__all__ = ["Comparison", "compare_results", "compare_records", "resolve_date", "COMPARE_COLUMNS", "format_table",
            "add_sdc", "table_applies"]
 
 COMPARE_COLUMNS = ["structure", "label", "volume_ml_a", "volume_ml_b", "change_ml", "percent_change",
@@ -116,7 +114,7 @@ def _parse_date(text: str, what: str) -> datetime.date:
 
 def resolve_date(record, override: str | None = None) -> tuple[datetime.date | None, str | None]:
     """The acquisition date of a result (see the module docstring): ``(date, source)``."""
-    from .batch import session_date
+    from .bids import session_date
 
     if override:
         return _parse_date(override, "date"), "given on the command line"
@@ -144,13 +142,13 @@ def _describe_backend(prov: dict) -> dict:
 def _bids_subject(record) -> str | None:
     """``sub-XX`` from what batch recorded, else from a BIDS input path (outside BIDS the batch
     "subject" is only the file name, so it is not used)."""
-    from .batch import _bids_parts
+    from .bids import bids_parts
 
     info = record.scan_info
     if "sub" in (info.get("bids_entities") or {}):
         return info.get("subject")
     path = record.input.get("path")
-    parts = _bids_parts(Path(path)) if path else None
+    parts = bids_parts(Path(path)) if path else None
     return parts[1] if parts else None
 
 
@@ -377,30 +375,3 @@ def format_table(comparison: Comparison) -> str:
     elif getattr(c, "sdc_note", None):
         tail.append(c.sdc_note)
     return "\n".join(head + [fmt(cols), fmt(["-" * w for w in widths])] + [fmt(cells) for cells in lines] + tail) + "\n"
-
-
-def register(sub) -> None:
-    p = sub.add_parser("compare", help="volume change between two results of the same person (B - A)",
-                       description="Per-structure absolute and percent change from result A (earlier) to result B "
-                                   "(later), with the interval and the annualised change when the dates are known.")
-    p.add_argument("a_dir", type=Path, help="the earlier result folder (basalseg segment/batch output)")
-    p.add_argument("b_dir", type=Path, help="the later result folder")
-    p.add_argument("--out", type=Path, default=None, help="write the table as CSV to this file")
-    p.add_argument("--date-a", default=None, help="acquisition date of A (YYYY-MM-DD), overrides what the results record")
-    p.add_argument("--date-b", default=None, help="acquisition date of B (YYYY-MM-DD)")
-    p.set_defaults(handler=cmd_compare)
-
-
-def cmd_compare(args: argparse.Namespace) -> int:
-    from .outputs import atomic_write_text
-
-    if args.out is not None and args.out.is_dir():
-        raise BasalSegError(f"--out {args.out} is a folder; give a file name such as change.csv")
-    comparison = compare_results(args.a_dir, args.b_dir, args.date_a, args.date_b)
-    for w in comparison.warnings:
-        print(f"basalseg: warning: {w}", file=sys.stderr)
-    sys.stdout.write(format_table(comparison))
-    if args.out is not None:
-        atomic_write_text(args.out, comparison.csv_text())
-        print(f"wrote {args.out}")
-    return 0

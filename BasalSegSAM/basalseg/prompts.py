@@ -51,6 +51,7 @@ import numpy as np
 from scipy import ndimage
 
 from .errors import PromptsError
+from .options import PLANES
 from .spatial import Grid
 from .structures import STRUCTURES, Structure, get_structure
 
@@ -77,8 +78,8 @@ AXIS_CONVENTION = (
     "box=[x0,y0,x1,y1] inclusive pixel centres; points=[x,y]; point_labels 1=positive, 0=negative."
 )
 
-#: plane name -> the canonical axis its slices are taken across (``volume`` indexed ``[i, j, k]``).
-PLANES = {"axial": 2, "coronal": 1, "sagittal": 0}
+#: plane name -> the canonical axis its slices are taken across (``volume`` indexed ``[i, j, k]``):
+#: :data:`basalseg.options.PLANES`, re-exported here.
 _PLANE_OF_AXIS = {axis: name for name, axis in PLANES.items()}
 _PLANE_CONVENTION = {
     1: ("Canonical RAS+ grid indexed [i,j,k]; a prompt belongs to coronal slice j; x=i, y=k in voxel units "

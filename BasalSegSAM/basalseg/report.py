@@ -51,7 +51,6 @@ among the results, and differing voxel sizes.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import csv
 import datetime
@@ -59,7 +58,6 @@ import html
 import io
 import json
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,7 +71,7 @@ from .structures import STRUCTURES
 __all__ = [
     "ResultRecord", "Thresholds", "Flag", "result_state", "read_result", "find_results", "read_failures",
     "foundation_student_dice", "montage_png", "montage_from_result", "montage_from_folder", "asymmetry_indices",
-    "cohort_flags", "build_report", "register", "REPORT_NAME", "MONTAGE_DIR", "FAILURES_NAME", "PAIRS",
+    "cohort_flags", "build_report", "REPORT_NAME", "MONTAGE_DIR", "FAILURES_NAME", "PAIRS",
 ]
 
 #: the files of a result folder, as :data:`basalseg.results.RESULT_FILES` (copied so that reading
@@ -864,50 +862,3 @@ def _url_quote(name: str) -> str:
     from urllib.parse import quote
 
     return quote(name)
-
-
-# ---------------------------------------------------------------------------------------------
-# command line
-# ---------------------------------------------------------------------------------------------
-
-
-def add_threshold_options(p: argparse.ArgumentParser) -> None:
-    t = Thresholds()
-    p.add_argument("--iqr-factor", type=float, default=t.iqr_factor,
-                   help=f"outlier: volume beyond Q1/Q3 -/+ this many IQRs of the cohort (default {t.iqr_factor:g})")
-    p.add_argument("--min-cohort", type=int, default=t.min_cohort,
-                   help=f"outlier flags need at least this many scans with the structure (default {t.min_cohort})")
-    p.add_argument("--asymmetry-threshold", type=float, default=100 * t.asymmetry,
-                   help=f"asymmetry: |L-R|/((L+R)/2) above this many percent (default {100 * t.asymmetry:g})")
-    p.add_argument("--dice-threshold", type=float, default=t.dice,
-                   help=f"disagreement: foundation-vs-student Dice below this (default {t.dice:g})")
-    p.add_argument("--embed", action="store_true", help="inline the montages in report.html (one self-contained file)")
-
-
-def thresholds_from_args(args: argparse.Namespace) -> Thresholds:
-    if args.iqr_factor <= 0 or args.min_cohort < 1 or not 0 < args.asymmetry_threshold or not 0 <= args.dice_threshold <= 1:
-        raise BasalSegError("thresholds: --iqr-factor > 0, --min-cohort >= 1, --asymmetry-threshold > 0 (percent), "
-                            "--dice-threshold in 0..1")
-    return Thresholds(iqr_factor=args.iqr_factor, min_cohort=args.min_cohort, asymmetry=args.asymmetry_threshold / 100.0,
-                      dice=args.dice_threshold)
-
-
-def register(sub) -> None:
-    p = sub.add_parser("report", help="write OUT_DIR/report.html: QC montages, volumes and flags of every result in OUT_DIR")
-    p.add_argument("out_dir", type=Path, help="folder of result folders (a basalseg batch --out folder)")
-    add_threshold_options(p)
-    p.add_argument("--no-prompts", action="store_true", help="do not draw prompt boxes on the montages")
-    p.set_defaults(handler=cmd_report)
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    thresholds = thresholds_from_args(args)
-    if not args.out_dir.is_dir():
-        raise BasalSegError(f"{args.out_dir}: no such folder")
-    records, broken = find_results(args.out_dir)
-    path = build_report(args.out_dir, thresholds, embed=args.embed, prompts=not args.no_prompts, records=records,
-                        broken=broken)
-    print(f"wrote {path} ({len(records)} results, {len(read_failures(args.out_dir))} failed)")
-    for folder, reason in broken:
-        print(f"basalseg: warning: {folder} is not a complete result ({reason}); left out", file=sys.stderr)
-    return 0

@@ -138,8 +138,8 @@ def local_http_server(handler):
 
 
 def run_cli(argv: list[str]) -> int:
-    """``basalseg.cli.main`` in-process; returns the exit status."""
-    from basalseg.cli import main
+    """``basalseg.commands.main`` in-process; returns the exit status."""
+    from basalseg.commands import main
 
     return main([str(a) for a in argv])
 

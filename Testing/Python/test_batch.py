@@ -18,7 +18,8 @@ import pytest
 from conftest import write_nifti, write_nrrd_lps
 from test_report import SHAPE, read_csv, register_commands, synthetic_classes, synthetic_result
 
-from basalseg.batch import BATCH_FAILED_EXIT, COHORT_COLUMNS, discover_scans, run_batch, session_date
+from basalseg.batch import BATCH_FAILED_EXIT, COHORT_COLUMNS, run_batch
+from basalseg.bids import discover_scans, session_date
 from basalseg.errors import BasalSegError, Cancelled
 from basalseg.pipeline import NothingFoundError
 from basalseg.structures import STRUCTURES

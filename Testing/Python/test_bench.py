@@ -7,7 +7,6 @@ passes in all (optimised 1, naive 2, reference 1).
 
 from __future__ import annotations
 
-import argparse
 import json
 import mmap
 
@@ -21,14 +20,10 @@ from basalseg import bench
 
 
 def _parser():
-    """The real ``basalseg`` parser, with ``bench`` registered if cli.py does not list it yet."""
-    from basalseg.cli import build_parser
+    """The real ``basalseg`` parser."""
+    from basalseg.commands import build_parser
 
-    parser = build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    if "bench" not in sub.choices:
-        bench.register(sub)
-    return parser
+    return build_parser()
 
 
 def test_stage_meter_charges_peaks_to_stages():

@@ -198,7 +198,8 @@ def test_calibrate_command_pipeline_and_evaluation(weights_dir, monkeypatch, tmp
 
 
 def test_no_calibration_option():
-    from basalseg.cli import _config, build_parser
+    from basalseg.commands import build_parser
+    from basalseg.commands.options import pipeline_config as _config
 
     parser = build_parser()
     assert _config(parser.parse_args(["segment", "in", "--out", "o"])).calibrate is True

@@ -450,16 +450,41 @@ def test_version_and_usage_errors(capsys):
     assert info.value.code == 2 and "--out" in capsys.readouterr().err
 
 
-def test_parser_stays_light_and_encoder_choices_match():
-    """Building the parser must not import torch (child processes start fast); the encoder
-    choices it offers are exactly the fast backend's."""
+def test_config_is_the_pipeline_defaults_plus_what_the_command_line_gives():
+    """The command line passes only its options to PipelineConfig: every other field is the
+    dataclass's own default, and the options' defaults agree with the dataclass (except
+    localisation, which the command line turns on for whole-head inputs)."""
+    import dataclasses
+
+    from basalseg.commands import build_parser
+    from basalseg.commands.options import LOCALISE_DEFAULT, pipeline_config
+    from basalseg.pipeline import PipelineConfig
+
+    parser = build_parser()
+    default = dataclasses.replace(PipelineConfig(), localise=LOCALISE_DEFAULT)
+    assert pipeline_config(parser.parse_args(["prompts", "t1.nii.gz", "--out", "o"])) == default
+    assert pipeline_config(parser.parse_args(["demo", "--threads", "3"])) == dataclasses.replace(default, threads=3)
+    for command in ("segment", "batch"):
+        config = pipeline_config(parser.parse_args([command, "t1.nii.gz", "--out", "o"]))
+        assert config == dataclasses.replace(default, backend_options={"encoder": "fused"}), command
+    config = pipeline_config(parser.parse_args(["segment", "t1.nii.gz", "--out", "o", "--foundation", "sam2",
+                                                "--device", "auto", "--no-crop", "--localise", "off"]))
+    assert (config.foundation, config.device, config.crop, config.localise, config.backend_options) == \
+        ("sam2", None, False, "off", {})
+
+
+def test_parser_stays_light():
+    """Building the parser and importing every subcommand module must not import torch (child
+    processes start fast); the encoder choices come from the one list the fast backend uses."""
     import subprocess
 
-    code = ("import sys, basalseg.cli as c; c.build_parser(); "
+    code = ("import sys, pkgutil, importlib, basalseg.commands as c; c.build_parser(); "
+            "[importlib.import_module('basalseg.commands.' + m.name) for m in pkgutil.iter_modules(c.__path__)]; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "False"
-    from basalseg.cli import ENCODER_CHOICES
-    from basalseg.foundation.fast import ENCODERS
+    from basalseg.commands import build_parser
+    from basalseg.options import ENCODERS
 
-    assert set(ENCODER_CHOICES) == set(ENCODERS)
+    args = build_parser().parse_args(["segment", "t1.nii.gz", "--out", "o", "--encoder", ENCODERS[-1]])
+    assert args.encoder == ENCODERS[-1]

@@ -34,7 +34,8 @@ from conftest import run_cli, write_nifti
 from test_batch import StubPipeline, _log, _plain
 from test_report import read_csv, register_commands
 
-from basalseg.batch import BATCH_FAILED_EXIT, discover_scans, run_batch
+from basalseg.batch import BATCH_FAILED_EXIT, run_batch
+from basalseg.bids import discover_scans
 from basalseg.errors import BasalSegError, Cancelled
 from basalseg.report import result_state
 
@@ -386,7 +387,9 @@ def test_slurm_executor_with_a_stand_in_sbatch(tmp_path, monkeypatch):
     ``scancel`` that stops it). The jobs' workers join, run the scans (stand-in pipeline), and are
     cancelled at the end."""
     pytest.importorskip("dask_jobqueue")
-    from basalseg.cli import _config, build_parser
+    from basalseg.commands import build_parser
+    from basalseg.commands.batch import executor_from_args
+    from basalseg.commands.options import pipeline_config
 
     bindir, jobs = tmp_path / "bin", tmp_path / "jobs"
     bindir.mkdir()
@@ -402,7 +405,7 @@ def test_slurm_executor_with_a_stand_in_sbatch(tmp_path, monkeypatch):
     inp, out = _plain(tmp_path / "in", ("a", "b", "crash")), tmp_path / "out"
     args = build_parser().parse_args(["batch", str(inp), "--out", str(out), "--executor", "slurm", "--workers", "2",
                                       "--threads", "1", "--mem", "2G", "--time", "00:10:00", "--partition", "debug"])
-    executor = bc.make_executor(args, _config(args), out)
+    executor = executor_from_args(args, pipeline_config(args))
     executor.factory = StubFactory()  # the stand-in pipeline instead of the networks
     summary = run_batch(discover_scans(inp), out, None, executor=executor, echo=lambda text: None, report=False)
     assert sorted(summary.done) == ["a", "b"] and [f["scan"] for f in summary.failed] == ["crash"]

@@ -401,9 +401,9 @@ def test_pipeline_rejects_unknown_planes():
 
 
 def test_cli_options_reach_the_config(capsys):
-    from basalseg.cli import PLANE_CHOICES, _config, build_parser
+    from basalseg.commands import build_parser
+    from basalseg.commands.options import pipeline_config as _config
 
-    assert PLANE_CHOICES == tuple(PLANES)
     parser = build_parser()
     for command in ("segment", "batch"):
         args = parser.parse_args([command, "in", "--out", "o", "--context", "--planes", "coronal,axial,sagittal"])

@@ -10,7 +10,7 @@
 * ``provenance.json`` holds the versions, the foundation backend and the sha256 of every weight
   file used, and those digests are the files' own.
 
-Everything runs in this process through ``basalseg.cli.main``; the stand-ins come from
+Everything runs in this process through ``basalseg.commands.main``; the stand-ins come from
 ``test_reliability_matrix``.
 """
 

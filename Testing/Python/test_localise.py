@@ -190,7 +190,7 @@ def test_map_back_is_exact_on_the_same_grid_and_keeps_volumes_on_a_coarser_one()
 
 
 def test_cli_refuses_an_image_without_a_brain(tmp_path, weights_dir, capsys):
-    from basalseg.cli import main
+    from basalseg.commands import main
 
     import nibabel as nib
 

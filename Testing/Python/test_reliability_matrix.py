@@ -210,9 +210,9 @@ class StandIns:
 
 
 def cli(argv) -> tuple[int, str, str]:
-    """``basalseg.cli.main`` in this process: ``(status, stdout, stderr)``; the SIGTERM handler the
+    """``basalseg.commands.main`` in this process: ``(status, stdout, stderr)``; the SIGTERM handler the
     command installs is removed again afterwards."""
-    from basalseg.cli import main
+    from basalseg.commands import main
 
     handler = signal.getsignal(signal.SIGTERM)
     out, err = io.StringIO(), io.StringIO()
@@ -227,7 +227,7 @@ def cli(argv) -> tuple[int, str, str]:
 def sigterm_self(stage: str, call: int) -> None:
     """What SIGTERM from outside does, delivered in the middle of a stage (only while the command's
     own handler is installed, so the test process itself is never terminated)."""
-    from basalseg.cli import _on_sigterm
+    from basalseg.commands.app import _on_sigterm
 
     if signal.getsignal(signal.SIGTERM) is not _on_sigterm:
         raise KeyboardInterrupt
@@ -1290,7 +1290,7 @@ def _child_main(command: list[str]) -> int:  # pragma: no cover - runs in the fo
         from BasalSegSAMLib import segmentworker
 
         return segmentworker.main(args)
-    from basalseg.cli import main
+    from basalseg.commands import main
 
     return main(["prompts", *args])
 

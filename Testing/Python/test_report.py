@@ -445,20 +445,11 @@ def test_report_command(tmp_path, capsys, monkeypatch):
 
 
 def run_report_cli(monkeypatch, argv) -> int:
-    """``basalseg.cli.main`` with the batch/compare/report commands registered (whether or not
-    cli.py registers them itself)."""
+    """``basalseg.commands.main`` in this process."""
     register_commands(monkeypatch)
     return run_cli(argv)
 
 
 def register_commands(monkeypatch) -> None:
-    from basalseg import batch, cli, longitudinal, report
-
-    original = cli._extra_commands
-
-    def extra():
-        registers = list(original())
-        modules = {getattr(r, "__module__", None) for r in registers}
-        return registers + [m.register for m in (batch, longitudinal, report) if m.__name__ not in modules]
-
-    monkeypatch.setattr(cli, "_extra_commands", extra)
+    """Nothing to do any more: :func:`basalseg.commands.build_parser` registers every subcommand
+    (kept so that the tests that call it read as before)."""

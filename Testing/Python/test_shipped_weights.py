@@ -52,7 +52,7 @@ def test_demo_segments_the_sample_with_the_shipped_weights(tmp_path, monkeypatch
     """``basalseg demo`` end to end (real LiteMedSAM, shipped prompter and student, 1 mm MNI152)."""
     import nibabel as nib
 
-    from basalseg.cli import main
+    from basalseg.commands import main
     from basalseg.data.atlas import load_reference_labels
 
     monkeypatch.chdir(tmp_path)
@@ -79,7 +79,7 @@ def test_demo_segments_the_sample_with_the_shipped_weights(tmp_path, monkeypatch
 def test_export_records_what_the_cohort_was_not_its_path(weights_dir, tmp_path):
     """``basalseg train --export``: the manifest describes each training cohort (name, size, seed,
     templates, contrast), copies the files and records their sha256."""
-    from basalseg.training.cli import export_weights
+    from basalseg.training.run import export_weights
 
     cohort = tmp_path / "somewhere" / "train_x"
     cohort.mkdir(parents=True)

@@ -38,8 +38,11 @@ def test_cli_and_worker_parsers_build_without_posix_only_modules():
             pass
         else:
             raise AssertionError("the block did not work")
-        from basalseg.cli import build_parser
-        import basalseg.bench, basalseg.batch  # imported by the parser's subcommands
+        from basalseg.commands import build_parser
+        import pkgutil, importlib, basalseg.commands
+        for m in pkgutil.iter_modules(basalseg.commands.__path__):  # every subcommand module
+            importlib.import_module("basalseg.commands." + m.name)
+        import basalseg.bench, basalseg.batch  # the library modules of the parser's subcommands
         parser = build_parser()
         args = parser.parse_args(["segment", "T1.nii.gz", "--out", "o", "--progress", "json", "--no-qc"])
         assert str(args.image) == "T1.nii.gz" and args.no_qc
@@ -50,8 +53,8 @@ def test_cli_and_worker_parsers_build_without_posix_only_modules():
         args = build_parser().parse_args(["segment", *rest])  # what segmentworker.main does
         assert cache == "c.npz" and str(args.out) == "o"
         import contextlib, io
-        from basalseg import cli
-        for entry, argv in ((segmentworker.main, ["--help"]), (cli.main, ["prompts", "--help"])):
+        from basalseg import commands
+        for entry, argv in ((segmentworker.main, ["--help"]), (commands.main, ["prompts", "--help"])):
             text = io.StringIO()
             try:
                 with contextlib.redirect_stdout(text):

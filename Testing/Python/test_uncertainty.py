@@ -182,7 +182,8 @@ def test_flip_mode_records_the_mirrored_pass(segment_runs):
 
 
 def test_cli_no_uncertainty_flag():
-    from basalseg.cli import _config, build_parser
+    from basalseg.commands import build_parser
+    from basalseg.commands.options import pipeline_config as _config
 
     args = build_parser().parse_args(["segment", "x.nii.gz", "--out", "o", "--no-uncertainty"])
     assert _config(args).uncertainty == "none"

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import BackendUnavailableError, Cancelled
+from ..options import ENCODERS
 from ..prompts import Prompt, PromptSet
 from ..structures import STRUCTURES
 from .litemedsam import LiteMedSAMBackend
@@ -61,9 +62,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("basalseg")
-
-#: encoder implementations of :class:`FastLiteMedSAMBackend`.
-ENCODERS = ("torch", "fused", "onnx", "compile")
 
 ProgressFn = Callable[[int, int], None]
 

@@ -1,4 +1,4 @@
-"""``basalseg calibrate``: fit a student's volume calibration on validation cases.
+"""Fit a student's volume calibration on validation cases (``basalseg calibrate``, :func:`calibrate_student`).
 
 ::
 
@@ -24,13 +24,12 @@ training data.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["register", "student_log_probs"]
+__all__ = ["calibrate_student", "student_log_probs"]
 
 
 def student_log_probs(net, case, meta: dict, device: str = "cpu") -> np.ndarray:
@@ -44,32 +43,30 @@ def student_log_probs(net, case, meta: dict, device: str = "cpu") -> np.ndarray:
     return torch.log_softmax(torch.from_numpy(logits), dim=0).numpy()
 
 
-def register(sub) -> None:
-    p = sub.add_parser("calibrate", help="fit a student's per-structure volume calibration on validation cases")
-    p.add_argument("--cohort", action="append", required=True, type=Path,
-                   help="validation cohort (nnU-Net layout), cases the student was not trained on; repeatable")
-    p.add_argument("--label-mapping", default=None)
-    p.add_argument("--validation-split", type=Path, default=None, metavar="SPLIT_JSON",
-                   help="use only the cases listed under 'val' in this split file (basalseg train's "
-                        "WORK/split.json), so the training cohorts themselves can be given as --cohort")
-    p.add_argument("--work", required=True, type=Path, help="working folder (prepared cases, foundation cache)")
-    p.add_argument("--prompter", required=True, type=Path, help="prompter checkpoint")
-    p.add_argument("--student", required=True, type=Path, help="student checkpoint to calibrate")
-    p.add_argument("--out", required=True, type=Path, help="calibrated student checkpoint to write")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    p.add_argument("--tie-sides", action="store_true", help="one offset per left/right pair")
-    p.add_argument("--context", action=argparse.BooleanOptionalAction, default=True,
-                   help="foundation masks with 3-slice context, as the pipeline's default (--no-context: without)")
-    p.add_argument("--manifest", type=Path, default=None,
-                   help="weights folder whose manifest.json should record the calibrated student (--out must be in it)")
-    p.add_argument("--foundation", default="litemedsam", choices=["litemedsam", "sam2"])
-    p.add_argument("--checkpoint", default=None)
-    p.add_argument("--device", default=None, choices=["cpu", "cuda", "auto"])
-    p.add_argument("--threads", type=int, default=None)
-    p.set_defaults(handler=cmd_calibrate)
+def calibrate_student(cohorts: list[Path], work: Path, prompter: Path, student: Path, out: Path, *,
+                      label_mapping: str | None = None, validation_split: Path | None = None,
+                      overwrite: bool = False, tie_sides: bool = False, context: bool = True,
+                      manifest: Path | None = None, foundation: str = "litemedsam", checkpoint: str | None = None,
+                      device: str | None = None, threads: int | None = None) -> None:
+    """Fit ``student``'s volume calibration on the validation cases and write the calibrated checkpoint ``out``.
 
+    Args:
+        cohorts: validation cohort folders (nnU-Net layout), cases the student was not trained on.
+        work: working folder (prepared cases and foundation cache under ``work/<cohort>``).
+        prompter, student: checkpoints; out: the calibrated student checkpoint to write.
+        label_mapping: JSON file, cohort label value -> FreeSurfer value.
+        validation_split: only the cases listed under ``val`` in this split file (``basalseg train``'s
+            ``WORK/split.json``).
+        overwrite: replace an existing ``out``; tie_sides: one offset per left/right pair.
+        context: foundation masks with 3-slice context (the pipeline's default).
+        manifest: weights folder (holding ``out``) whose ``manifest.json`` records the calibration.
+        foundation, checkpoint, device, threads: the foundation backend, its weights, the device
+            (None: CUDA when available) and torch's CPU threads.
 
-def cmd_calibrate(args: argparse.Namespace) -> int:
+    Raises:
+        BasalSegError: ``out`` exists, ``out`` outside ``manifest``, cases the student was trained on,
+            no calibration case, a failed fit.
+    """
     import torch
 
     from ..calibration import calibration_meta, fit_volume_offsets
@@ -82,27 +79,27 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from .foundation_cache import load_cached_case
     from .prepare import load_prepared
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.out.exists() and not args.overwrite:
-        raise BasalSegError(f"{args.out} exists; pass --overwrite to replace it")
-    if args.manifest is not None and args.out.resolve().parent != args.manifest.resolve():
-        raise BasalSegError(f"--out must be inside the --manifest folder {args.manifest}")
-    entry = _manifest_entry(args.manifest, args.out) if args.manifest is not None else None  # checked before any work
-    device = pick_device(None if args.device in (None, "auto") else args.device)
-    net, meta = load_checkpoint(args.student, "student", device)
+    if threads:
+        torch.set_num_threads(threads)
+    if out.exists() and not overwrite:
+        raise BasalSegError(f"{out} exists; pass --overwrite to replace it")
+    if manifest is not None and out.resolve().parent != manifest.resolve():
+        raise BasalSegError(f"--out must be inside the --manifest folder {manifest}")
+    entry = _manifest_entry(manifest, out) if manifest is not None else None  # checked before any work
+    device = pick_device(device)
+    net, meta = load_checkpoint(student, "student", device)
     trained_on = set(meta.get("training", {}).get("cases", []))
-    prompter, _ = load_checkpoint(args.prompter, "prompter", device)
-    backend = make_backend(args.foundation, args.checkpoint, str(device))
+    prompter_net, _ = load_checkpoint(prompter, "prompter", device)
+    backend = make_backend(foundation, checkpoint, str(device))
     keep = None
-    if args.validation_split is not None:
+    if validation_split is not None:
         try:
-            keep = set(json.loads(args.validation_split.read_text(encoding="utf-8"))["val"])
+            keep = set(json.loads(validation_split.read_text(encoding="utf-8"))["val"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise BasalSegError(f"{args.validation_split}: not a split file with a 'val' list ({exc})") from exc
+            raise BasalSegError(f"{validation_split}: not a split file with a 'val' list ({exc})") from exc
     log_probs, refs, outside, names = [], [], [], []
-    for folder in args.cohort:
-        cases = read_cohort(folder, args.label_mapping)
+    for folder in cohorts:
+        cases = read_cohort(folder, label_mapping)
         if keep is not None:
             cases = [c for c in cases if c.name in keep]
             if not cases:
@@ -110,10 +107,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         leaked = sorted(c.name for c in cases if c.name in trained_on)
         if leaked:
             raise BasalSegError(f"{folder}: the student was trained on {', '.join(leaked)}; calibrate on other cases")
-        work = args.work / folder.name
-        for path in heldout_cache(cases, work, prompter, backend, args.foundation, device, context=args.context):
+        cohort_work = Path(work) / folder.name
+        for path in heldout_cache(cases, cohort_work, prompter_net, backend, foundation, device, context=context):
             case = load_cached_case(path)
-            ref = load_prepared(work / "cases" / f"{case.name}.npz").classes
+            ref = load_prepared(cohort_work / "cases" / f"{case.name}.npz").classes
             roi = tuple(slice(s, s + n) for s, n in zip(case.roi_start, case.masks.shape[-3:]))
             out_of_crop = ref.copy()
             out_of_crop[roi] = 0
@@ -125,14 +122,14 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if not names:
         raise BasalSegError("no calibration cases: none of the cohorts' cases is in the validation split")
     try:
-        offsets, report = fit_volume_offsets(log_probs, refs, outside, tie_sides=args.tie_sides)
+        offsets, report = fit_volume_offsets(log_probs, refs, outside, tie_sides=tie_sides)
     except ValueError as exc:
         raise BasalSegError(f"calibration failed: {exc}") from exc
     meta = dict(meta)
-    meta["calibration"] = calibration_meta(offsets, names, report, args.tie_sides, context=args.context)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    arch = torch.load(args.student, map_location="cpu", weights_only=True)["architecture"]
-    save_checkpoint(args.out, "student", arch, net, meta)
+    meta["calibration"] = calibration_meta(offsets, names, report, tie_sides, context=context)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    arch = torch.load(student, map_location="cpu", weights_only=True)["architecture"]
+    save_checkpoint(out, "student", arch, net, meta)
     print("logit offsets (background, then " + ", ".join(s for s in report["log_volume_ratio_before"]) + "):")
     print("  " + " ".join(f"{v:+.2f}" for v in offsets))
     print("mean log volume ratio per structure, before -> after:")
@@ -144,9 +141,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if entry is not None:
         entry["calibration"] = {k: meta["calibration"][k]
                                 for k in ("method", "logit_offsets", "tie_sides", "context", "cases", "date")}
-        write_manifest_entry(args.manifest, entry)  # recomputes the file's sha256
-    print(f"wrote {args.out}")
-    return 0
+        write_manifest_entry(manifest, entry)  # recomputes the file's sha256
+    print(f"wrote {out}")
 
 
 def _manifest_entry(folder: Path, path: Path) -> dict:

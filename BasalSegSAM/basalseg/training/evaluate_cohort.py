@@ -41,7 +41,6 @@ have none and are counted as ``untimed``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 from pathlib import Path
@@ -51,7 +50,7 @@ import numpy as np
 from ..evaluation import evaluate_labelmaps, markdown_table, metrics_csv, structure_metrics, summarise
 from ..structures import STRUCTURES
 
-__all__ = ["register", "evaluate_variants", "foundation_cost"]
+__all__ = ["evaluate_cohorts", "evaluate_variants", "foundation_cost"]
 
 
 def _full(crop: np.ndarray, start: tuple[int, ...], shape: tuple[int, ...]) -> np.ndarray:
@@ -202,44 +201,26 @@ def _per_structure_table(rows: list[dict], variant: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _parse_strides(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in str(text).split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--stride expects integers such as 2 or 2,3; got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"--stride values must be >= 1; got {text!r}")
-    return values
+def evaluate_cohorts(cohorts: list[Path], work: Path, prompter: Path, students: dict[str, str], out: Path, *,
+                     label_mapping: str | None = None, foundation: str = "litemedsam", checkpoint: str | None = None,
+                     device: str | None = None, threads: int | None = None, context: bool = True,
+                     planes: tuple[str, ...] = ("axial",), strides: tuple[int, ...] = ()) -> None:
+    """Score every variant (module docstring) on each held-out cohort and write the outputs into ``out``.
 
+    Args:
+        cohorts: held-out cohort folders (nnU-Net layout).
+        work: working folder (prepared cases, foundation cache under ``work/<cohort>``).
+        prompter: the prompter checkpoint.
+        students: name -> student checkpoint, in order (the first is the method).
+        label_mapping: JSON file, cohort label value -> FreeSurfer value.
+        foundation, checkpoint, device, threads: the foundation backend, its weights, the device
+            (None: CUDA when available) and torch's CPU threads.
+        context, planes: the foundation variant.
+        strides: also score ``--stride K`` runs for each K > 1 given (one plane only).
 
-def register(sub) -> None:
-    p = sub.add_parser("evaluate-cohort", help="held-out evaluation of the method and its ablations on labelled cohorts")
-    p.add_argument("--cohort", action="append", required=True, type=Path, help="held-out cohort (nnU-Net layout); repeatable")
-    p.add_argument("--label-mapping", default=None)
-    p.add_argument("--work", required=True, type=Path, help="working folder (prepared cases, foundation cache)")
-    p.add_argument("--prompter", required=True, type=Path, help="prompter checkpoint")
-    p.add_argument("--student", action="append", default=[], metavar="NAME=CHECKPOINT",
-                   help="a student to score, as name=path; repeatable (the first is the method)")
-    p.add_argument("--foundation", default="litemedsam", choices=["litemedsam", "sam2"])
-    p.add_argument("--checkpoint", default=None)
-    p.add_argument("--device", default=None, choices=["cpu", "cuda", "auto"])
-    p.add_argument("--threads", type=int, default=None)
-    from ..cli import parse_planes
-
-    p.add_argument("--context", action=argparse.BooleanOptionalAction, default=True,
-                   help="foundation variant: 3-slice context (slices k-1, k, k+1 as the colour channels; the "
-                        "pipeline's default); --no-context: slice k repeated")
-    p.add_argument("--planes", type=parse_planes, default=("axial",), metavar="PLANE[,PLANE...]",
-                   help="foundation variant: planes to run and fuse, e.g. axial,coronal,sagittal (default axial); "
-                        "'foundation alone' is then each structure's majority vote (>= 2 of 3 planes)")
-    p.add_argument("--stride", type=_parse_strides, default=(1,), metavar="K[,K...]",
-                   help="also score the foundation masks and the first student as a '--stride K' run gives them, "
-                        "for each K given (e.g. 2,3; derived from the all-slices masks; the speed lever's quality check)")
-    p.add_argument("--out", required=True, type=Path)
-    p.set_defaults(handler=cmd_evaluate_cohort)
-
-
-def cmd_evaluate_cohort(args: argparse.Namespace) -> int:
+    Raises:
+        BasalSegError: strides with several planes.
+    """
     import torch
     from tqdm import tqdm
 
@@ -250,40 +231,33 @@ def cmd_evaluate_cohort(args: argparse.Namespace) -> int:
     from ..outputs import atomic_write_text
     from .foundation_cache import variant_name
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(None if args.device in (None, "auto") else args.device)
-    students = {}
-    for item in args.student:
-        if "=" not in item:
-            raise BasalSegError(f"--student expects name=checkpoint, got {item!r}")
-        name, path = item.split("=", 1)
-        students[name] = path
-    planes = tuple(getattr(args, "planes", None) or ("axial",))
-    context = bool(getattr(args, "context", True))
-    variant = variant_name(args.foundation, context, planes)
+    if threads:
+        torch.set_num_threads(threads)
+    device = pick_device(device)
+    planes = tuple(planes)
+    variant = variant_name(foundation, context, planes)
     multi = len(planes) > 1
-    strides = tuple(k for k in getattr(args, "stride", (1,)) if k > 1)  # each >= 1 (_parse_strides)
+    strides = tuple(k for k in strides if k > 1)
     if strides and multi:
         raise BasalSegError("--stride is evaluated with one plane only")
     report_sections = []
     all_rows = []
     costs: dict[str, dict] = {}
     timing_rows: list[dict] = []
-    for folder in args.cohort:
-        cases = read_cohort(folder, args.label_mapping)
-        work = args.work / folder.name
-        prompter, _ = load_checkpoint(args.prompter, "prompter", device)
-        backend = make_backend(args.foundation, args.checkpoint, str(device))
+    for folder in cohorts:
+        cases = read_cohort(folder, label_mapping)
+        cohort_work = Path(work) / folder.name
+        prompter_net, _ = load_checkpoint(prompter, "prompter", device)
+        backend = make_backend(foundation, checkpoint, str(device))
         bar = tqdm(total=len(cases), desc=f"{folder.name}: foundation", unit="case")
-        cache = heldout_cache(cases, work, prompter, backend, args.foundation, device, context, planes,
+        cache = heldout_cache(cases, cohort_work, prompter_net, backend, foundation, device, context, planes,
                               progress=lambda d, t: bar.update(d - bar.n))
         bar.close()
         cost, per_case = foundation_cost(cache)
         costs[folder.name] = cost
         timing_rows += [dict(r, cohort=folder.name) for r in per_case]
         bar = tqdm(total=len(cache), desc=f"{folder.name}: variants", unit="case")
-        rows = evaluate_variants(cache, work / "cases", students, str(device), progress=lambda d, t: bar.update(d - bar.n),
+        rows = evaluate_variants(cache, cohort_work / "cases", students, str(device), progress=lambda d, t: bar.update(d - bar.n),
                                  stride=strides)
         bar.close()
         for r in rows:
@@ -306,17 +280,16 @@ def cmd_evaluate_cohort(args: argparse.Namespace) -> int:
             section += f"\nPer structure, {first}:\n\n" + _per_structure_table(rows, first)
         report_sections.append(section)
         print(section)
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out / "metrics.csv", metrics_csv(all_rows, extra_columns=("cohort", "variant")))
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "metrics.csv", metrics_csv(all_rows, extra_columns=("cohort", "variant")))
     summary = {c.name: {v: summarise([r for r in all_rows if r["cohort"] == c.name and r["variant"] == v])
-                        for v in {r["variant"] for r in all_rows}} for c in args.cohort}
-    atomic_write_text(args.out / "summary.json", json.dumps(summary, indent=1))
-    atomic_write_text(args.out / "report.md", "# Held-out evaluation\n\n" + "\n".join(report_sections))
-    atomic_write_text(args.out / "foundation.json", json.dumps(
-        {"variant": variant, "foundation": args.foundation, "context": context, "planes": list(planes),
+                        for v in {r["variant"] for r in all_rows}} for c in cohorts}
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+    atomic_write_text(out / "report.md", "# Held-out evaluation\n\n" + "\n".join(report_sections))
+    atomic_write_text(out / "foundation.json", json.dumps(
+        {"variant": variant, "foundation": foundation, "context": context, "planes": list(planes),
          "device": str(device), "foundation_alone": "majority vote of the planes" if multi else "the stacked masks",
          "cost": costs}, indent=1))
     lines = ["cohort,case,plane,seconds,slices"] + [f"{r['cohort']},{r['case']},{r['plane']},{r['seconds']},{r['slices']}"
                                                     for r in timing_rows]
-    atomic_write_text(args.out / "foundation_timing.csv", "\n".join(lines) + "\n")
-    return 0
+    atomic_write_text(out / "foundation_timing.csv", "\n".join(lines) + "\n")

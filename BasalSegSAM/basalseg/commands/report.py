@@ -1,0 +1,61 @@
+"""``basalseg report OUT_DIR``: the cohort QC page of a batch folder (:mod:`basalseg.report`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+__all__ = ["register", "run", "add_threshold_options", "thresholds"]
+
+
+def add_threshold_options(p) -> None:
+    """The cohort flags' thresholds (``report`` and ``batch``), defaults from :class:`~basalseg.report.Thresholds`."""
+    from ..report import Thresholds
+
+    t = Thresholds()
+    p.add_argument("--iqr-factor", type=float, default=t.iqr_factor,
+                   help=f"outlier: volume beyond Q1/Q3 -/+ this many IQRs of the cohort (default {t.iqr_factor:g})")
+    p.add_argument("--min-cohort", type=int, default=t.min_cohort,
+                   help=f"outlier flags need at least this many scans with the structure (default {t.min_cohort})")
+    p.add_argument("--asymmetry-threshold", type=float, default=100 * t.asymmetry,
+                   help=f"asymmetry: |L-R|/((L+R)/2) above this many percent (default {100 * t.asymmetry:g})")
+    p.add_argument("--dice-threshold", type=float, default=t.dice,
+                   help=f"disagreement: foundation-vs-student Dice below this (default {t.dice:g})")
+    p.add_argument("--embed", action="store_true", help="inline the montages in report.html (one self-contained file)")
+
+
+def thresholds(args: argparse.Namespace):
+    """The :class:`~basalseg.report.Thresholds` of :func:`add_threshold_options`' options, checked."""
+    from ..errors import BasalSegError
+    from ..report import Thresholds
+
+    if args.iqr_factor <= 0 or args.min_cohort < 1 or not 0 < args.asymmetry_threshold or not 0 <= args.dice_threshold <= 1:
+        raise BasalSegError("thresholds: --iqr-factor > 0, --min-cohort >= 1, --asymmetry-threshold > 0 (percent), "
+                            "--dice-threshold in 0..1")
+    return Thresholds(iqr_factor=args.iqr_factor, min_cohort=args.min_cohort, asymmetry=args.asymmetry_threshold / 100.0,
+                      dice=args.dice_threshold)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("report", help="write OUT_DIR/report.html: QC montages, volumes and flags of every result in OUT_DIR")
+    p.add_argument("out_dir", type=Path, help="folder of result folders (a basalseg batch --out folder)")
+    add_threshold_options(p)
+    p.add_argument("--no-prompts", action="store_true", help="do not draw prompt boxes on the montages")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import BasalSegError
+    from ..report import build_report, find_results, read_failures
+
+    limits = thresholds(args)
+    if not args.out_dir.is_dir():
+        raise BasalSegError(f"{args.out_dir}: no such folder")
+    records, broken = find_results(args.out_dir)
+    path = build_report(args.out_dir, limits, embed=args.embed, prompts=not args.no_prompts, records=records,
+                        broken=broken)
+    print(f"wrote {path} ({len(records)} results, {len(read_failures(args.out_dir))} failed)")
+    for folder, reason in broken:
+        print(f"basalseg: warning: {folder} is not a complete result ({reason}); left out", file=sys.stderr)
+    return 0
