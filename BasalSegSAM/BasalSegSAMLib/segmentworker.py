@@ -115,9 +115,7 @@ def _run(args: argparse.Namespace, cachePath: str | None) -> int:
     from basalseg.pipeline import Pipeline
     from basalseg.progress import emit_json, make_reporter
     from basalseg.prompts import load_prompts
-    from basalseg.results import write_result
-
-    from basalseg.outputs import RESULT_FILES
+    from basalseg.results import RESULT_FILES, write_result
 
     # refuse an occupied folder (or result files that are not ours) before any work
     StagedOutputDir(args.out, overwrite=args.overwrite, owned=RESULT_FILES, protect=[args.image, args.prompts])

@@ -36,7 +36,7 @@ from test_report import read_csv, register_commands
 
 from basalseg.batch import BATCH_FAILED_EXIT, discover_scans, run_batch
 from basalseg.errors import BasalSegError, Cancelled
-from basalseg.report import result_state
+from basalseg.results import result_state
 
 distributed = pytest.importorskip("distributed", reason="the cluster extra (dask[distributed]) is not installed")
 from basalseg import cluster as bc  # noqa: E402
