@@ -80,8 +80,8 @@ from .imageio import SUPPORTED_SUFFIXES
 _log = logging.getLogger("basalseg")
 
 __all__ = ["Scan", "discover_scans", "session_date", "run_batch", "BatchSummary", "write_cohort_tables",
-           "process_scan", "scan_failure", "failure_row", "preload_pipeline", "needs_prompter", "find_scan_prompts",
-           "clean_scan_leftovers", "now_iso", "COHORT_COLUMNS", "BATCH_FAILED_EXIT", "register", "LOG_NAME"]
+           "process_scan", "scan_failure", "failure_row", "preload_pipeline", "needs_prompter",
+           "clean_scan_leftovers", "COHORT_COLUMNS", "BATCH_FAILED_EXIT", "register", "LOG_NAME"]
 
 #: Exit status when some scans failed (the others are done).
 BATCH_FAILED_EXIT = 3
@@ -459,7 +459,7 @@ class BatchSummary:
         return BATCH_FAILED_EXIT if self.failed else 0
 
 
-def now_iso() -> str:
+def _now() -> str:
     """Local time now, ISO 8601 to the second (the log's and failures' timestamps)."""
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
@@ -471,7 +471,7 @@ class _Log:
         self.path = path
 
     def __call__(self, event: str, **fields) -> None:
-        record = {"time": now_iso(), "event": event, **fields}
+        record = {"time": _now(), "event": event, **fields}
         try:
             with open(self.path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record, default=str) + "\n")
@@ -481,7 +481,7 @@ class _Log:
             raise OutputWriteError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
 
 
-def find_scan_prompts(prompts_dir: Path | None, name: str) -> Path | None:
+def _find_prompts(prompts_dir: Path | None, name: str) -> Path | None:
     """The scan's own prompts file in ``prompts_dir`` (see :func:`run_batch`), or None."""
     if prompts_dir is None:
         return None
@@ -494,7 +494,7 @@ def find_scan_prompts(prompts_dir: Path | None, name: str) -> Path | None:
 def needs_prompter(todo, prompts=None, prompts_dir: Path | None = None) -> bool:
     """Whether some scan of ``todo`` (``[(scan, overwrite)]``) has no prompts given (neither one
     set for all, nor its own in ``prompts_dir``), so the prompt generator must run."""
-    return prompts is None and any(find_scan_prompts(prompts_dir, s.name) is None for s, _ in todo)
+    return prompts is None and any(_find_prompts(prompts_dir, s.name) is None for s, _ in todo)
 
 
 def preload_pipeline(pipeline, need_prompter: bool) -> None:
@@ -535,7 +535,7 @@ def process_scan(scan: Scan, out_dir: str | os.PathLike, pipeline, *, prompts=No
     warn = warn or (lambda message: None)
     out_dir = Path(out_dir)
     volume = load_volume(scan.path)
-    source = find_scan_prompts(Path(prompts_dir) if prompts_dir else None, scan.name)
+    source = _find_prompts(Path(prompts_dir) if prompts_dir else None, scan.name)
     result = pipeline.segment(volume, prompts=load_prompts(source) if source is not None else prompts, progress=progress)
     provenance = dict(result.provenance)
     provenance["scan_info"] = {**scan.info(), "prompts_file": str(source) if source else None}
@@ -557,7 +557,7 @@ def process_scan(scan: Scan, out_dir: str | os.PathLike, pipeline, *, prompts=No
 
 def failure_row(scan: Scan, kind: str, message: str) -> dict:
     """A ``failures.csv`` row (:data:`basalseg.results.FAILURE_COLUMNS`), timed now."""
-    return {"scan": scan.name, "input": str(scan.path), "kind": kind, "message": message, "time": now_iso()}
+    return {"scan": scan.name, "input": str(scan.path), "kind": kind, "message": message, "time": _now()}
 
 
 def scan_failure(scan: Scan, exc: BaseException) -> dict:

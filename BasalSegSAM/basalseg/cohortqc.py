@@ -48,7 +48,7 @@ from .structures import STRUCTURES
 if TYPE_CHECKING:
     from .results import ResultRecord
 
-__all__ = ["Thresholds", "Flag", "PAIRS", "asymmetry_indices", "cohort_stats", "cohort_flags", "cohort_warnings"]
+__all__ = ["Thresholds", "Flag", "PAIRS", "asymmetry_indices", "cohort_flags", "cohort_warnings"]
 
 #: left/right pairs for the asymmetry index: (part, left structure, right structure)
 PAIRS = tuple((s.key.split("_", 1)[1], s, r) for s in STRUCTURES if s.hemisphere == "left"
@@ -102,7 +102,7 @@ def asymmetry_indices(record: ResultRecord) -> dict[str, float | None]:
     return out
 
 
-def cohort_stats(records: list[ResultRecord], thresholds: Thresholds) -> dict[str, dict]:
+def _cohort_stats(records: list[ResultRecord], thresholds: Thresholds) -> dict[str, dict]:
     """Per structure key: ``n, median, q1, q3, low, high`` (fences None when fewer than ``min_cohort``)."""
     stats = {}
     for s in STRUCTURES:
@@ -127,7 +127,7 @@ def cohort_flags(records: list[ResultRecord], thresholds: Thresholds | None = No
                  ) -> tuple[dict[str, list[Flag]], dict[str, dict]]:
     """``({scan name: [flags]}, per-structure stats)`` for complete results."""
     thresholds = thresholds or Thresholds()
-    stats = cohort_stats(records, thresholds)
+    stats = _cohort_stats(records, thresholds)
     flags: dict[str, list[Flag]] = {}
     for r in records:
         out: list[Flag] = []

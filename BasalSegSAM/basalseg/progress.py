@@ -19,15 +19,14 @@ import json
 import sys
 import time
 
-__all__ = ["STAGE_WEIGHTS", "make_reporter", "JsonReporter", "BarReporter", "BatchProgress", "emit_json",
-           "overall_fraction"]
+__all__ = ["STAGE_WEIGHTS", "make_reporter", "JsonReporter", "BarReporter", "BatchProgress", "emit_json"]
 
 #: share of the whole run each stage takes (rough CPU proportions), for the overall fraction.
 STAGE_WEIGHTS = {"prepare": 0.04, "prompter": 0.08, "foundation": 0.68, "sdm": 0.04, "student": 0.12, "resample": 0.04}
 _ORDER = list(STAGE_WEIGHTS)
 
 
-def overall_fraction(stage: str, fraction: float) -> float:
+def _overall_fraction(stage: str, fraction: float) -> float:
     if stage not in STAGE_WEIGHTS:
         return 0.0
     before = sum(STAGE_WEIGHTS[s] for s in _ORDER[: _ORDER.index(stage)])
@@ -61,7 +60,7 @@ class JsonReporter:
         self._last = now
         where = {"scan": self.scan} if self.scan is not None else {}
         emit_json(self.stream, event="progress", **where, stage=stage, fraction=round(float(fraction), 4),
-                  overall=round((self.index + overall_fraction(stage, fraction)) / self.total, 4))
+                  overall=round((self.index + _overall_fraction(stage, fraction)) / self.total, 4))
 
 
 class BarReporter:
@@ -75,7 +74,7 @@ class BarReporter:
         self.desc = desc
 
     def __call__(self, stage: str, fraction: float) -> None:
-        target = int(round(overall_fraction(stage, fraction) * 100))
+        target = int(round(_overall_fraction(stage, fraction) * 100))
         self.bar.set_description(f"{self.desc} ({stage})", refresh=False)
         if target > self.bar.n:
             self.bar.update(target - self.bar.n)
@@ -141,7 +140,7 @@ class BatchProgress:
             return JsonReporter(scan=scan, index=index, total=self.total)
 
         def on_progress(stage: str, fraction: float) -> None:
-            self._show(scan, index + overall_fraction(stage, fraction))
+            self._show(scan, index + _overall_fraction(stage, fraction))
 
         return on_progress
 

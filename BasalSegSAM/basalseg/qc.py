@@ -24,12 +24,12 @@ from scipy import ndimage
 from .prompts import PromptSet
 from .structures import STRUCTURES
 
-__all__ = ["montage_png", "overlay_png", "pick_slices"]
+__all__ = ["montage_png", "overlay_png"]
 
 _YELLOW = (255, 255, 0)
 
 
-def pick_slices(classes: np.ndarray, axis: int, n: int) -> list[int]:
+def _pick_slices(classes: np.ndarray, axis: int, n: int) -> list[int]:
     """``n`` slice indices spread over the extent of the labelled structures along ``axis``
     (the middle of the volume when nothing is labelled)."""
     other = tuple(a for a in range(3) if a != axis)
@@ -94,7 +94,7 @@ def montage_png(image01: np.ndarray, classes: np.ndarray, prompts: PromptSet | N
         return f"{'xyz'[axis]}={value:+.0f}mm"
 
     tiles_ax, tiles_co = [], []
-    for k in pick_slices(cls_c, 2, n):
+    for k in _pick_slices(cls_c, 2, n):
         rgb = _blend(img_c[::-1, ::-1, k].T, cls_c[::-1, ::-1, k].T, fill)  # rows anterior->posterior, cols R->L
         tile = Image.fromarray(rgb).resize((nx * zoom, ny * zoom), Image.NEAREST)
         draw = ImageDraw.Draw(tile)
@@ -107,7 +107,7 @@ def montage_png(image01: np.ndarray, classes: np.ndarray, prompts: PromptSet | N
         if annotate:
             _label(draw, (2, tile.height - 12), world(2, k))
         tiles_ax.append(tile)
-    for j in pick_slices(cls_c, 1, n):
+    for j in _pick_slices(cls_c, 1, n):
         rgb = _blend(img_c[::-1, j, ::-1].T, cls_c[::-1, j, ::-1].T, fill)  # rows superior->inferior, cols R->L
         tile = Image.fromarray(rgb).resize((nx * zoom, nz * zoom), Image.NEAREST)
         if annotate:

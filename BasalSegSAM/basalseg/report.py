@@ -44,8 +44,7 @@ from .qc import montage_png
 from .results import MONTAGE_DIR, REPORT_NAME, ResultRecord, find_results, read_failures
 from .structures import STRUCTURES
 
-__all__ = ["montage_from_result", "montage_from_folder", "write_montage", "build_report", "longitudinal_groups",
-           "register"]
+__all__ = ["montage_from_result", "montage_from_folder", "write_montage", "build_report", "register"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,7 +280,7 @@ def build_report(out_dir: str | os.PathLike, thresholds: Thresholds | None = Non
     return path
 
 
-def longitudinal_groups(records: list[ResultRecord]) -> dict[str, list[ResultRecord]]:
+def _longitudinal_groups(records: list[ResultRecord]) -> dict[str, list[ResultRecord]]:
     """Subjects with at least two results, each list in session order (date, then session name,
     then folder name; undated sessions last)."""
     groups: dict[str, list[ResultRecord]] = {}
@@ -297,7 +296,7 @@ def _longitudinal_section(records: list[ResultRecord]) -> list[str]:
     sessions as ``basalseg compare`` gives it (:func:`basalseg.longitudinal.compare_records`)."""
     from .longitudinal import compare_records
 
-    groups = longitudinal_groups(records)
+    groups = _longitudinal_groups(records)
     if not groups:
         return []
     e = _e
