@@ -57,6 +57,7 @@ _BY_KEY = {s.key: s for s in STRUCTURES}
 # writing
 # ---------------------------------------------------------------------------------------------
 
+
 def _input_record(volume) -> dict:
     record = {"path": volume.path, "shape": list(volume.shape), "spacing_mm": [round(float(s), 6) for s in volume.spacing],
               "affine": volume.affine.round(6).tolist()}
