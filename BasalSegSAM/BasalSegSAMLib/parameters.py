@@ -85,11 +85,6 @@ class RunOptions:
             args.append("--no-qc")
         return args
 
-    def cacheKey(self) -> dict:
-        """What the foundation masks depend on besides image and prompts (for the slice-mask cache)."""
-        checkpoint = (self.checkpoint or "").strip() if self.foundation == "sam2" else ""
-        return {"foundation": self.foundation, "checkpoint": checkpoint, "crop": bool(self.crop)}
-
 
 def _looksLikePath(text: str) -> bool:
     return os.sep in text or "/" in text or text.endswith((".pt", ".pth", ".ckpt", ".safetensors"))

@@ -11,7 +11,7 @@
     name without its extension otherwise. ``provenance.json`` gains ``scan_info`` (subject,
     session, session date and where the date came from), ``brain_volume``
     (:mod:`basalseg.icv`) and ``foundation_student_dice``
-    (:func:`basalseg.report.foundation_student_dice`).
+    (:func:`basalseg.metrics.foundation_student_dice`, recorded by the pipeline).
 ``volumes.csv``
     the cohort table, one row per scan and structure: ``scan, subject, session, session_date,
     structure, label, volume_ml, volume_mm3, voxels, brain_mask_ml, brain_volume_ml,
@@ -72,8 +72,9 @@ from .bids import Scan
 
 _log = logging.getLogger("basalseg")
 
-__all__ = ["Scan", "process_scan", "run_batch", "BatchSummary", "write_cohort_tables",
-           "COHORT_COLUMNS", "BATCH_FAILED_EXIT", "LOG_NAME"]
+__all__ = ["Scan", "process_scan", "run_batch", "BatchSummary", "write_cohort_tables", "scan_failure", "failure_row",
+           "preload_pipeline", "needs_prompter", "clean_scan_leftovers", "COHORT_COLUMNS", "BATCH_FAILED_EXIT",
+           "LOG_NAME"]
 
 #: Exit status when some scans failed (the others are done).
 BATCH_FAILED_EXIT = 3
@@ -88,11 +89,11 @@ COHORT_COLUMNS = ["scan", "subject", "session", "session_date", "structure", "la
 # ---------------------------------------------------------------------------------------------
 
 
-def _clean_leftovers(out_dir: Path, name: str, log) -> None:
+def clean_scan_leftovers(out_dir: Path, name: str, log) -> None:
     """Remove what an interrupted write of ``name`` left (staging folders); put back a result that
     an interrupted overwrite had set aside, when the new one never arrived. The batch lock is held,
     so no other batch can be writing there (:func:`basalseg.staging.clean_leftovers`)."""
-    from .outputs import RESULT_FILES
+    from .results import RESULT_FILES
     from .staging import clean_leftovers
 
     for record in clean_leftovers(out_dir / name, RESULT_FILES, assume_dead=True):
@@ -202,18 +203,6 @@ def write_cohort_tables(out_dir: str | os.PathLike, records) -> tuple[Path, Path
     return out_dir / "volumes.csv", out_dir / "volumes_wide.csv"
 
 
-def _write_failures(out_dir: Path, failures: list[dict]) -> Path:
-    from .outputs import atomic_write_text
-    from .report import FAILURE_COLUMNS, FAILURES_NAME
-
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=FAILURE_COLUMNS, lineterminator="\n", extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(failures)
-    atomic_write_text(out_dir / FAILURES_NAME, buffer.getvalue())
-    return out_dir / FAILURES_NAME
-
-
 # ---------------------------------------------------------------------------------------------
 # the run
 # ---------------------------------------------------------------------------------------------
@@ -236,6 +225,7 @@ class BatchSummary:
 
 
 def _now() -> str:
+    """Local time now, ISO 8601 to the second (the log's and failures' timestamps)."""
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
@@ -257,6 +247,7 @@ class _Log:
 
 
 def _find_prompts(prompts_dir: Path | None, name: str) -> Path | None:
+    """The scan's own prompts file in ``prompts_dir`` (see :func:`run_batch`), or None."""
     if prompts_dir is None:
         return None
     for candidate in (prompts_dir / name / "prompts.json", prompts_dir / f"{name}.json", prompts_dir / f"{name}.prompts.json"):
@@ -265,12 +256,17 @@ def _find_prompts(prompts_dir: Path | None, name: str) -> Path | None:
     return None
 
 
-def _preload(pipeline, need_prompter: bool) -> None:
-    """Load the networks and backend now (a bad checkpoint stops the batch before any scan)."""
-    names = (["prompter"] if need_prompter else []) + ["student", "backend"]
-    for name in names:
-        if hasattr(type(pipeline), name):
-            getattr(pipeline, name)
+def needs_prompter(todo, prompts=None, prompts_dir: Path | None = None) -> bool:
+    """Whether some scan of ``todo`` (``[(scan, overwrite)]``) has no prompts given (neither one
+    set for all, nor its own in ``prompts_dir``), so the prompt generator must run."""
+    return prompts is None and any(_find_prompts(prompts_dir, s.name) is None for s, _ in todo)
+
+
+def preload_pipeline(pipeline, need_prompter: bool) -> None:
+    """Load the networks and backend now (a bad checkpoint stops the batch before any scan):
+    the pipeline's ``prompter`` (when needed), ``student`` and ``backend`` attributes."""
+    for name in (["prompter"] if need_prompter else []) + ["student", "backend"]:
+        getattr(pipeline, name)
 
 
 def process_scan(scan: Scan, out_dir: str | os.PathLike, pipeline, *, prompts=None, prompts_dir=None,
@@ -280,6 +276,8 @@ def process_scan(scan: Scan, out_dir: str | os.PathLike, pipeline, *, prompts=No
     with its QC montage. What the serial loop and every executor's worker run (:mod:`basalseg.cluster`).
 
     Args:
+        pipeline: a :class:`~basalseg.pipeline.Pipeline`: its ``segment`` returns a
+            :class:`~basalseg.pipeline.SegmentResult` whose provenance holds ``foundation_student_dice``.
         overwrite: False (the folder must hold no result), True (replace BasalSegSAM's own, unchanged
             result files) or ``"named"`` (a damaged result redone: replace files with result names);
             other files in the folder are never touched (:class:`basalseg.staging.StagedOutputDir`).
@@ -296,30 +294,19 @@ def process_scan(scan: Scan, out_dir: str | os.PathLike, pipeline, *, prompts=No
     from .icv import estimate_brain_volumes
     from .imageio import load_volume
     from .prompts import load_prompts
-    from .report import foundation_student_dice, montage_from_result, write_montage
+    from .report import montage_from_result, write_montage
     from .results import write_result
 
     warn = warn or (lambda message: None)
     out_dir = Path(out_dir)
-    prompts_dir = Path(prompts_dir) if prompts_dir else None
     volume = load_volume(scan.path)
-    scan_prompts = prompts
-    source = _find_prompts(prompts_dir, scan.name)
-    if source is not None:
-        scan_prompts = load_prompts(source)
-    result = pipeline.segment(volume, prompts=scan_prompts, progress=progress)
+    source = _find_prompts(Path(prompts_dir) if prompts_dir else None, scan.name)
+    result = pipeline.segment(volume, prompts=load_prompts(source) if source is not None else prompts, progress=progress)
     provenance = dict(result.provenance)
     provenance["scan_info"] = {**scan.info(), "prompts_file": str(source) if source else None}
-    if "foundation_student_dice" not in provenance:  # unless the pipeline recorded it
-        try:
-            provenance["foundation_student_dice"] = foundation_student_dice(result.masks, result.classes,
-                                                                            result.prompts)
-        except Exception as exc:  # noqa: BLE001 - a QC figure must not cost the result
-            provenance["foundation_student_dice"] = {}
-            warn(f"foundation/student Dice not computed: {exc}")
     try:
         provenance["brain_volume"] = estimate_brain_volumes(volume.data, volume.voxel_volume_mm3, skull_stripped)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - a QC figure must not cost the result
         provenance["brain_volume"] = {"status": "not_estimated", "reason": f"error: {type(exc).__name__}: {exc}"}
     result.provenance = provenance
     if before_write is not None:
@@ -333,26 +320,72 @@ def process_scan(scan: Scan, out_dir: str | os.PathLike, pipeline, *, prompts=No
     return {"missing": list(result.missing)}
 
 
+def failure_row(scan: Scan, kind: str, message: str) -> dict:
+    """A ``failures.csv`` row (:data:`basalseg.results.FAILURE_COLUMNS`), timed now."""
+    return {"scan": scan.name, "input": str(scan.path), "kind": kind, "message": message, "time": _now()}
+
+
 def scan_failure(scan: Scan, exc: BaseException) -> dict:
     """The ``failures.csv`` row of a scan that raised ``exc`` (call inside its ``except``), plus
     ``traceback`` for an unexpected error (not a :class:`BasalSegError`)."""
     expected = isinstance(exc, BasalSegError)
     kind = type(exc).__name__
     message = " ".join(str(exc).split()) or kind
-    if not expected:
-        message = f"internal error: {kind}: {message}"
-    record = {"scan": scan.name, "input": str(scan.path), "kind": kind, "message": message, "time": _now()}
+    record = failure_row(scan, kind, message if expected else f"internal error: {kind}: {message}")
     if not expected:
         record["traceback"] = traceback.format_exc()
     return record
 
 
-def batch_bar(total: int):
-    """The batch's tqdm bar on standard error (scans done, elapsed and ETA)."""
-    from tqdm import tqdm
+def _plan(scans: list[Scan], out_dir: Path, redo: str, log, summary: BatchSummary) -> tuple[list, dict]:
+    """``(todo, refused)``: the scans to segment now, ``[(scan, overwrite)]`` (overwrite False, True
+    or ``"named"``, see :func:`process_scan`), and ``{scan: failure row}`` for damaged results left
+    alone; complete results go to ``summary.skipped``. Leftovers of interrupted runs are cleaned first."""
+    from .results import result_state
 
-    return tqdm(total=total, desc="batch", unit="scan", file=sys.stderr, dynamic_ncols=True, mininterval=0.5,
-                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total} scans{postfix} [{elapsed}<{remaining}]")
+    todo: list[tuple[Scan, bool | str]] = []
+    refused: dict[str, dict] = {}
+    for scan in scans:
+        clean_scan_leftovers(out_dir, scan.name, log)
+        state, reason = result_state(out_dir / scan.name)
+        if state == "complete" and redo != "all":
+            summary.skipped.append(scan.name)
+        elif state == "incomplete" and redo == "none":
+            refused[scan.name] = failure_row(scan, "IncompleteResult",
+                                             f"{out_dir / scan.name} exists but is not a complete result ({reason}); "
+                                             "left untouched: move it away or pass --redo-incomplete")
+        else:
+            todo.append((scan, "named" if state == "incomplete" else state != "absent"))
+    return todo, refused
+
+
+def _run_serial(todo: list, out_dir: Path, pipeline, job: dict, log, show, summary: BatchSummary,
+                failures: dict, attempted: set) -> BaseException | None:
+    """Segment ``todo`` here, one scan after the other, recording each outcome in ``summary``,
+    ``failures`` and ``attempted``; returns the interruption, if any."""
+    for index, (scan, overwrite) in enumerate(todo):
+        t0 = time.perf_counter()
+        attempted.add(scan.name)
+        try:
+            written = process_scan(scan, out_dir, pipeline, overwrite=overwrite, progress=show.started(scan.name, index),
+                                   warn=lambda message, scan=scan: log("warning", scan=scan.name, message=message), **job)
+        except (KeyboardInterrupt, Cancelled) as exc:
+            log("interrupted", scan=scan.name)
+            return exc
+        except Exception as exc:  # noqa: BLE001 - one scan's failure must not stop the others
+            failure = scan_failure(scan, exc)
+            failures[scan.name] = {k: v for k, v in failure.items() if k != "traceback"}
+            log("failed", scan=scan.name, input=str(scan.path), kind=failure["kind"], message=failure["message"],
+                seconds=round(time.perf_counter() - t0, 2),
+                **({"traceback": failure["traceback"]} if "traceback" in failure else {}))
+            show.failed(scan.name, index, failure["message"], failure["kind"])
+            continue
+        seconds = round(time.perf_counter() - t0, 2)
+        summary.done.append(scan.name)
+        failures.pop(scan.name, None)
+        log("done", scan=scan.name, input=str(scan.path), seconds=seconds, missing=written["missing"])
+        show.done(scan.name, index, seconds, written["missing"])
+    return None
 
 
 def run_batch(scans: list[Scan], out_dir: str | os.PathLike, pipeline, *, prompts=None, prompts_dir=None,
@@ -363,7 +396,8 @@ def run_batch(scans: list[Scan], out_dir: str | os.PathLike, pipeline, *, prompt
     Args:
         scans: from :func:`basalseg.bids.discover_scans`.
         out_dir: the batch output folder (created).
-        pipeline: a :class:`~basalseg.pipeline.Pipeline` (anything with its ``segment``), reused for every scan.
+        pipeline: a :class:`~basalseg.pipeline.Pipeline` (its ``segment``, and the ``prompter``,
+            ``student`` and ``backend`` it loads up front), reused for every scan.
         prompts: one :class:`~basalseg.prompts.PromptSet` for every scan (images on one common grid).
         prompts_dir: per-scan prompts: ``DIR/<scan>/prompts.json``, ``DIR/<scan>.json`` or
             ``DIR/<scan>.prompts.json`` (a scan without one gets the prompt generator's).
@@ -371,9 +405,9 @@ def run_batch(scans: list[Scan], out_dir: str | os.PathLike, pipeline, *, prompt
         redo: ``"none"`` (skip complete results, refuse damaged ones), ``"incomplete"`` (also
             replace damaged ones) or ``"all"`` (replace every result).
         qc: write each result's ``qc.png``.
-        progress: ``"bar"``, ``"json"`` or ``"none"``.
+        progress: ``"bar"``, ``"json"`` or ``"none"`` (:class:`basalseg.progress.BatchProgress`).
         report: write ``report.html`` at the end.
-        thresholds: :class:`basalseg.report.Thresholds` for the report.
+        thresholds: :class:`basalseg.cohortqc.Thresholds` for the report.
         embed: inline the report's pictures.
         echo: ``f(text)`` for per-scan lines in ``"none"`` mode (default: print to stdout).
         executor: None to segment the scans here, one after the other with ``pipeline``; or an
@@ -386,8 +420,10 @@ def run_batch(scans: list[Scan], out_dir: str | os.PathLike, pipeline, *, prompt
             cannot be loaded.
     """
     from . import __version__
-    from .progress import emit_json, overall_fraction
-    from .report import build_report, cohort_warnings, find_results, read_failures, result_state
+    from .cohortqc import cohort_warnings
+    from .progress import BatchProgress
+    from .report import build_report
+    from .results import find_results, read_failures, write_failures
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -398,54 +434,21 @@ def run_batch(scans: list[Scan], out_dir: str | os.PathLike, pipeline, *, prompt
         raise OutputWriteError(f"cannot write {out_dir}: {exc.strerror or exc}") from exc
     _check_batch_folder(out_dir)
     prompts_dir = Path(prompts_dir) if prompts_dir else None
-    echo = echo or (lambda text: print(text, flush=True))
     summary = BatchSummary(out_dir=out_dir, total=len(scans))
+    job = {"prompts": prompts, "prompts_dir": prompts_dir, "skull_stripped": skull_stripped, "qc": qc}
 
     with _Lock(out_dir):
         log = _Log(out_dir / LOG_NAME)
-        todo: list[tuple[Scan, bool | str]] = []  # (scan, overwrite: False, True or "named"; see process_scan)
-        failures: dict[str, dict] = {}
-        for scan in scans:
-            _clean_leftovers(out_dir, scan.name, log)
-            state, reason = result_state(out_dir / scan.name)
-            if state == "complete" and redo != "all":
-                summary.skipped.append(scan.name)
-            elif state == "incomplete" and redo == "none":
-                failures[scan.name] = {"scan": scan.name, "input": str(scan.path), "kind": "IncompleteResult",
-                                       "message": f"{out_dir / scan.name} exists but is not a complete result ({reason}); "
-                                                  "left untouched: move it away or pass --redo-incomplete",
-                                       "time": _now()}
-            else:
-                todo.append((scan, "named" if state == "incomplete" else state != "absent"))
+        todo, failures = _plan(scans, out_dir, redo, log, summary)
         log("start", basalseg=__version__, argv=sys.argv[1:], scans=len(scans), todo=len(todo),
             skipped=len(summary.skipped), refused=len(failures))
         for name in summary.skipped:
             log("skipped", scan=name, reason="complete result already there")
         for f in failures.values():
             log("failed", scan=f["scan"], input=f["input"], kind=f["kind"], message=f["message"])
-        if todo and executor is None:
-            need_prompter = prompts is None and any(_find_prompts(prompts_dir, s.name) is None for s, _ in todo)
-            try:
-                _preload(pipeline, need_prompter)
-            except BasalSegError as exc:
-                log("stopped", kind=type(exc).__name__, message=" ".join(str(exc).split()))
-                raise
-
-        bar = None
-        if progress == "bar" and todo and executor is None:
-            bar = batch_bar(len(todo))
-
-        def say(text: str) -> None:
-            if progress == "bar" and bar is not None:
-                bar.write(text, file=sys.stderr)
-            elif progress != "json":
-                echo(text)
-
         interrupted: BaseException | None = None
         attempted: set[str] = set()
-        last_json = [0.0]
-        if executor is not None and todo:
-            job = {"prompts": prompts, "prompts_dir": prompts_dir, "skull_stripped": skull_stripped, "qc": qc}
+        if todo and executor is not None:
             outcome = executor.run(todo, out_dir, job, log=log, progress=progress, echo=echo)
             summary.done.extend(outcome.done)
             failures.update({f["scan"]: {k: v for k, v in f.items() if k != "traceback"} for f in outcome.failed})
@@ -453,60 +456,18 @@ def run_batch(scans: list[Scan], out_dir: str | os.PathLike, pipeline, *, prompt
                 failures.pop(name, None)
             attempted.update(outcome.attempted)
             interrupted = outcome.interrupted
-        for index, (scan, overwrite) in enumerate(todo if executor is None else ()):
-            t0 = time.perf_counter()
-            attempted.add(scan.name)
-            if bar is not None:
-                bar.set_postfix_str(scan.name, refresh=False)
-                bar.update(index - bar.n)
-            if progress == "json":
-                emit_json(event="scan", scan=scan.name, index=index, total=len(todo), status="start")
-
-            def on_progress(stage: str, fraction: float, index=index, scan=scan) -> None:
-                position = index + overall_fraction(stage, fraction)
-                if bar is not None:
-                    if position > bar.n:
-                        bar.update(position - bar.n)  # tqdm throttles the redraws (mininterval)
-                elif progress == "json":
-                    now = time.monotonic()
-                    if fraction not in (0.0, 1.0) and now - last_json[0] < 0.2:
-                        return
-                    last_json[0] = now
-                    emit_json(event="progress", scan=scan.name, stage=stage, fraction=round(float(fraction), 4),
-                              overall=round(position / len(todo), 4))
-
+        elif todo:
             try:
-                written = process_scan(scan, out_dir, pipeline, prompts=prompts, prompts_dir=prompts_dir,
-                                       skull_stripped=skull_stripped, overwrite=overwrite, qc=qc, progress=on_progress,
-                                       warn=lambda message, scan=scan: log("warning", scan=scan.name, message=message))
-            except (KeyboardInterrupt, Cancelled) as exc:
-                interrupted = exc
-                log("interrupted", scan=scan.name)
-                break
-            except Exception as exc:  # noqa: BLE001 - one scan's failure must not stop the others
-                failure = scan_failure(scan, exc)
-                kind, message = failure["kind"], failure["message"]
-                failures[scan.name] = {k: v for k, v in failure.items() if k != "traceback"}
-                log("failed", scan=scan.name, input=str(scan.path), kind=kind, message=message,
-                    seconds=round(time.perf_counter() - t0, 2),
-                    **({"traceback": failure["traceback"]} if "traceback" in failure else {}))
-                say(f"[{index + 1}/{len(todo)}] {scan.name}: FAILED: {message}")
-                if progress == "json":
-                    emit_json(event="scan", scan=scan.name, index=index, total=len(todo), status="failed", message=message,
-                              kind=kind)
-                continue
-            seconds = round(time.perf_counter() - t0, 2)
-            summary.done.append(scan.name)
-            failures.pop(scan.name, None)
-            log("done", scan=scan.name, input=str(scan.path), seconds=seconds, missing=written["missing"])
-            say(f"[{index + 1}/{len(todo)}] {scan.name}: done in {seconds:.1f} s"
-                + (f" (not found: {', '.join(written['missing'])})" if written["missing"] else ""))
-            if progress == "json":
-                emit_json(event="scan", scan=scan.name, index=index, total=len(todo), status="done", seconds=seconds)
-        if bar is not None:
-            if interrupted is None and bar.n < len(todo):
-                bar.update(len(todo) - bar.n)
-            bar.close()
+                preload_pipeline(pipeline, needs_prompter(todo, prompts, prompts_dir))
+            except BasalSegError as exc:
+                log("stopped", kind=type(exc).__name__, message=" ".join(str(exc).split()))
+                raise
+            show = BatchProgress(progress, len(todo), echo=echo)
+            show.open()
+            try:
+                interrupted = _run_serial(todo, out_dir, pipeline, job, log, show, summary, failures, attempted)
+            finally:
+                show.close(complete=interrupted is None)
 
         # failures: this run's, plus earlier ones for scans this run did not reach and that are still not done
         known = {s.name for s in scans}
@@ -515,7 +476,7 @@ def run_batch(scans: list[Scan], out_dir: str | os.PathLike, pipeline, *, prompt
                     and old["scan"] not in summary.skipped:
                 failures[old["scan"]] = old
         summary.failed = [failures[s.name] for s in scans if s.name in failures]
-        _write_failures(out_dir, summary.failed)
+        write_failures(out_dir, summary.failed)
         records, broken = find_results(out_dir)
         summary.cohort_csv = write_cohort_tables(out_dir, records)[0]
         summary.warnings = cohort_warnings(records)

@@ -49,7 +49,6 @@ import logging
 import os
 import pickle
 import re
-import sys
 import threading
 import time
 import uuid
@@ -145,11 +144,11 @@ def _dashboard(client) -> str | None:
 
 def _warm_up(factory, threads, need_prompter: bool) -> dict:
     """Task: load the networks and backend on this worker now (as the serial run's preload)."""
-    from .batch import _preload
+    from .batch import preload_pipeline
 
     try:
         pipeline, builds = worker_pipeline(factory, threads)
-        _preload(pipeline, need_prompter)
+        preload_pipeline(pipeline, need_prompter)
     except BasalSegError as exc:
         return {"status": "error", "kind": type(exc).__name__, "message": " ".join(str(exc).split())}
     return {"status": "ok", "worker": _worker_id(), "pid": os.getpid(), "builds": builds}
@@ -205,17 +204,6 @@ def _scan_task(scan, out_dir: str, overwrite: bool, job: dict, factory, threads,
 # ---------------------------------------------------------------------------------------------
 # the executor
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Show:
-    """Where a run's events go: the batch log, the terminal or JSON lines, the bar."""
-
-    log: object
-    progress: str
-    say: object
-    bar: object
-    emit_json: object
 
 
 @dataclass
@@ -304,21 +292,15 @@ class DaskExecutor:
 
     def run(self, todo, out_dir, job: dict, *, log, progress: str = "none", echo=None) -> ExecutorOutcome:
         """Run ``todo`` (``[(scan, overwrite)]``); ``log(event, **fields)`` is the batch log."""
-        from .batch import _clean_leftovers, _find_prompts, batch_bar
-        from .progress import emit_json
+        from .batch import clean_scan_leftovers, needs_prompter
+        from .progress import BatchProgress
 
         distributed = _distributed()
         out_dir = Path(out_dir)
-        echo = echo or (lambda text: print(text, flush=True))
         outcome = ExecutorOutcome()
         client, cluster = self._start(len(todo))
-        bar = None
-
-        def say(text: str) -> None:
-            if bar is not None:
-                bar.write(text, file=sys.stderr)
-            elif progress != "json":
-                echo(text)
+        show = BatchProgress(progress, len(todo), echo=echo)
+        say = show.say
 
         cancel_name = f"basalseg-cancel-{uuid.uuid4().hex}"
         flag = distributed.Event(cancel_name, client=client)
@@ -333,9 +315,8 @@ class DaskExecutor:
             if dashboard and progress != "json":
                 say(f"batch: Dask dashboard at {dashboard}")
             try:
-                need_prompter = job.get("prompts") is None and any(
-                    _find_prompts(Path(job["prompts_dir"]) if job.get("prompts_dir") else None, s.name) is None
-                    for s, _ in todo)
+                need_prompter = needs_prompter(todo, job.get("prompts"),
+                                               Path(job["prompts_dir"]) if job.get("prompts_dir") else None)
                 if not client.scheduler_info().get("workers"):
                     say(f"batch: waiting for the first {self.name} worker")
                 try:
@@ -348,8 +329,7 @@ class DaskExecutor:
                 if warm["status"] != "ok":
                     log("stopped", kind=warm["kind"], message=warm["message"])
                     raise BasalSegError(warm["message"])
-                if progress == "bar":
-                    bar = batch_bar(len(todo))
+                show.open()
 
                 def submit(scan, overwrite):
                     key = f"basalseg-scan-{scan.name}-{uuid.uuid4().hex[:8]}"
@@ -358,14 +338,12 @@ class DaskExecutor:
                     futures[future] = scan
                     return future
 
-                show = _Show(log, progress, say, bar, emit_json)
-                self._collect(client, list(todo), submit, futures, outcome, show, distributed)
+                self._collect(client, list(todo), submit, futures, outcome, log, show, distributed)
             except (KeyboardInterrupt, Cancelled) as exc:
                 outcome.interrupted = exc
                 self._cancel(client, flag, todo, futures, outcome, log, distributed)
         finally:
-            if bar is not None:
-                bar.close()
+            show.close(complete=False)
             try:
                 client.close()
                 if cluster is not None:
@@ -373,10 +351,10 @@ class DaskExecutor:
             except Exception:  # noqa: BLE001 - shutting down must not hide the batch's own outcome
                 pass
             for scan, _ in todo:  # a lost worker's staging folders; an overwrite's moved-aside result
-                _clean_leftovers(out_dir, scan.name, log)
+                clean_scan_leftovers(out_dir, scan.name, log)
         return outcome
 
-    def _collect(self, client, queue, submit, futures, outcome, show, distributed) -> None:
+    def _collect(self, client, queue, submit, futures, outcome, log, show, distributed) -> None:
         """Submit the scans as workers free up (never more in flight than the cluster has workers,
         so a lost worker takes no queued scan with it; workers that join later, e.g. SLURM jobs
         leaving the queue, get work within seconds), and record each outcome as it comes."""
@@ -398,12 +376,12 @@ class DaskExecutor:
             for future in [f for f in inflight if f.done()]:
                 inflight.remove(future)
                 count += 1
-                self._record(future, futures[future], count, total, outcome, show, distributed)
+                self._record(future, futures[future], count, outcome, log, show, distributed)
             top_up()
 
-    def _record(self, future, scan, count, total, outcome, show, distributed) -> None:
-        """One finished future: log it, show it, count it."""
-        log, progress, say, bar, emit_json = show.log, show.progress, show.say, show.bar, show.emit_json
+    def _record(self, future, scan, count, outcome, log, show, distributed) -> None:
+        """One finished future (the ``count``-th): log it, show it (a
+        :class:`~basalseg.progress.BatchProgress`), count it."""
         outcome.attempted.add(scan.name)
         try:
             res = future.result()
@@ -413,38 +391,26 @@ class DaskExecutor:
             message = ("the Dask worker running this scan died, each time it was tried (out of memory? killed? "
                        "a SLURM job past its --time?); the worker's log says why" if lost
                        else f"internal error: {kind}: {' '.join(str(exc).split())}")
-            from .batch import _now
+            from .batch import failure_row
 
-            res = {"status": "failed", "failure": {"scan": scan.name, "input": str(scan.path), "kind": kind,
-                                                   "message": message, "time": _now()}}
+            res = {"status": "failed", "failure": failure_row(scan, kind, message)}
         for message in res.get("warnings", []):
             log("warning", scan=scan.name, message=message)
         where = {k: res[k] for k in ("worker", "pid", "builds") if k in res}
         if res["status"] == "done":
             outcome.done.append(scan.name)
             log("done", scan=scan.name, input=str(scan.path), seconds=res["seconds"], missing=res["missing"], **where)
-            say(f"[{count}/{total}] {scan.name}: done in {res['seconds']:.1f} s"
-                + (f" (not found: {', '.join(res['missing'])})" if res["missing"] else ""))
-            if progress == "json":
-                emit_json(event="scan", scan=scan.name, index=count - 1, total=total, status="done",
-                          seconds=res["seconds"])
+            show.done(scan.name, count - 1, res["seconds"], res["missing"])
         elif res["status"] == "failed":
             failure = res["failure"]
             outcome.failed.append(failure)
             log("failed", scan=scan.name, input=failure["input"], kind=failure["kind"], message=failure["message"],
                 **({"seconds": res["seconds"]} if "seconds" in res else {}), **where,
                 **({"traceback": failure["traceback"]} if "traceback" in failure else {}))
-            say(f"[{count}/{total}] {scan.name}: FAILED: {failure['message']}")
-            if progress == "json":
-                emit_json(event="scan", scan=scan.name, index=count - 1, total=total, status="failed",
-                          message=failure["message"], kind=failure["kind"])
+            show.failed(scan.name, count - 1, failure["message"], failure["kind"])
         else:  # cancelled by another client of the same run: cannot happen without Ctrl-C
             log("interrupted", scan=scan.name, **where)
-        if bar is not None:
-            bar.set_postfix_str(scan.name, refresh=False)
-            bar.update(1)
-        elif progress == "json":
-            emit_json(event="progress", scan=scan.name, overall=round(count / total, 4))
+        show.finished(scan.name, count)
 
     def _cancel(self, client, flag, todo, futures, outcome, log, distributed) -> None:
         """Ctrl-C: stop the running scans (the Event), drop the queued ones, wait a little."""

@@ -53,7 +53,6 @@ __all__ = [
     "download_file",
     "tqdm_progress",
     "fetch_cached",
-    "cached_path",
     "load_checksums",
     "record_checksum",
 ]
@@ -331,12 +330,6 @@ def _entry_filename(entry: Any) -> str:
     if not name or name in (".", "..") or "/" in name or "\\" in name:
         raise ValueError(f"entry {entry.name!r}: cannot derive a file name from url {entry.url!r}")
     return name
-
-
-def cached_path(entry: Any) -> Path:
-    """Where ``entry``'s file lives (or would live) in the cache: ``<cache>/<last part of url>``."""
-    entry = _resolve_entry(entry)
-    return cache_dir() / _entry_filename(entry)
 
 
 def fetch_cached(entry: Any, offline: bool | None = None, progress: ProgressCallback | None = None,

@@ -66,7 +66,7 @@ class Comparison:
     """The change table between two results.
 
     Attributes:
-        a, b: the two :class:`~basalseg.report.ResultRecord`.
+        a, b: the two :class:`~basalseg.results.ResultRecord`.
         rows: one dict per structure (then ``BrainMask`` / ``Brain`` when estimated), keys :data:`COMPARE_COLUMNS`.
         date_a, date_b: ``datetime.date`` or None; ``date_source_a`` / ``date_source_b`` say where from.
         interval_days: ``date_b - date_a`` in days, or None.
@@ -258,7 +258,7 @@ def add_sdc(row: dict, table: dict | None, structure: str, band_a: float | None 
 
 def compare_records(a, b, date_a: str | None = None, date_b: str | None = None, table: dict | None = None,
                     use_table: bool = True) -> Comparison:
-    """:func:`compare_results` on two :class:`~basalseg.report.ResultRecord` (the report's
+    """:func:`compare_results` on two :class:`~basalseg.results.ResultRecord` (the report's
     longitudinal view uses it). ``table``: the repeatability table (default: the shipped one)."""
     from .structures import STRUCTURES
     from .uncertainty import load_table
@@ -319,7 +319,7 @@ def compare_results(a_dir: str | os.PathLike, b_dir: str | os.PathLike, date_a: 
     Raises:
         BasalSegError: a folder is not a complete BasalSegSAM result, or a date is malformed.
     """
-    from .report import read_result
+    from .results import read_result
 
     records = []
     for folder, tag in ((a_dir, "A"), (b_dir, "B")):

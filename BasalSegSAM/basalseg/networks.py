@@ -35,7 +35,6 @@ __all__ = [
     "build_network",
     "save_checkpoint",
     "load_checkpoint",
-    "count_parameters",
     "CHECKPOINT_FORMAT",
 ]
 
@@ -86,10 +85,6 @@ def _first_line(exc: BaseException) -> str:
     """An exception's message cut to its first line ("" for an empty message, e.g. an empty file's)."""
     text = str(exc).strip()
     return text.splitlines()[0][:200] if text else ""
-
-
-def count_parameters(net: torch.nn.Module) -> int:
-    return sum(p.numel() for p in net.parameters())
 
 
 def save_checkpoint(path: str | os.PathLike, kind: str, architecture: dict, net: torch.nn.Module, meta: dict | None = None) -> None:

@@ -1,8 +1,7 @@
 """The result files themselves (formats); how they are written safely is :mod:`basalseg.staging`.
 
-Files of a ``segment`` result (:data:`RESULT_FILES`, written by :func:`basalseg.results.write_result`;
-a ``prompts`` run writes ``prompts.json``, ``qc.png`` and ``provenance.json``). These names are the
-only files BasalSegSAM ever replaces in an existing folder:
+Files of a ``segment`` result (:data:`basalseg.results.RESULT_FILES`; the folder, its states and
+reading it back are :mod:`basalseg.results`):
 
 ``segmentation.nii.gz``
     int16 labelmap on the input grid and affine, FreeSurfer values (10-13, 49-52).
@@ -46,12 +45,8 @@ __all__ = [
     "nifti_bytes",
     "seg_nrrd_bytes",
     "VOLUME_COLUMNS",
-    "RESULT_FILES",
     "json_text",
 ]
-
-#: every file of a result folder; the only names ever replaced in an existing folder
-RESULT_FILES = ("segmentation.nii.gz", "segmentation.seg.nrrd", "volumes.csv", "prompts.json", "qc.png", "provenance.json")
 
 VOLUME_COLUMNS = ["structure", "label", "voxels", "volume_mm3", "volume_ml"]
 

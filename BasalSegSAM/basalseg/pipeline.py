@@ -483,7 +483,7 @@ class Pipeline:
         if stop():
             raise Cancelled("cancelled during the resample stage")
         report("resample", 1.0)
-        from .report import foundation_student_dice
+        from .metrics import foundation_student_dice
 
         provenance = self.provenance()
         provenance["foundation_student_dice"] = foundation_student_dice(masks, classes, prompts)

@@ -1,7 +1,7 @@
 """QC flags of a single scan, recorded in ``provenance.json`` (``qc_flags``) and printed by the CLI.
 
-The same flags as the cohort report (:mod:`basalseg.report`, same thresholds,
-:class:`~basalseg.report.Thresholds`), for one scan on its own, plus a plausibility range:
+The same flags as the cohort report (:mod:`basalseg.cohortqc`, same thresholds,
+:class:`~basalseg.cohortqc.Thresholds`), for one scan on its own, plus a plausibility range:
 
 * ``missing``: a structure not found by the prompt generator, or found but empty;
 * ``asymmetry``: ``|L - R| / ((L + R) / 2)`` of a left/right pair above 20 %;
@@ -28,7 +28,7 @@ PLAUSIBLE_TOTAL_ML = (12.0, 70.0)
 
 def scan_flags(labels: np.ndarray, voxel_volume_mm3: float, missing: list[str], dice: dict | None = None) -> list[dict]:
     """Flags ``[{"kind", "message", "structure"}]`` for one result (module docstring)."""
-    from .report import PAIRS, Thresholds
+    from .cohortqc import PAIRS, Thresholds
 
     t = Thresholds()
     vol = {s.key: float((labels == s.label).sum()) * voxel_volume_mm3 / 1000.0 for s in STRUCTURES}

@@ -222,7 +222,7 @@ class StagedOutputDir:
         overwrite: replace result files already in ``final``. Without it, a folder holding any of
             the ``owned`` files raises :class:`OutputExistsError` (checked at construction).
         owned: the names of the files this kind of result folder holds (see
-            :data:`basalseg.outputs.RESULT_FILES`); the only ones ever replaced or removed in an
+            :data:`basalseg.results.RESULT_FILES`); the only ones ever replaced or removed in an
             existing folder. ``None``: any name (a folder wholly the caller's, e.g. a cache).
         replace: ``"verified"`` (default): an existing result file is replaced only if
             ``provenance.json`` records it with its current sha256; ``"named"``: any file with a

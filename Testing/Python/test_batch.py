@@ -21,6 +21,7 @@ from test_report import SHAPE, read_csv, register_commands, synthetic_classes, s
 from basalseg.batch import BATCH_FAILED_EXIT, COHORT_COLUMNS, run_batch
 from basalseg.bids import discover_scans, session_date
 from basalseg.errors import BasalSegError, Cancelled
+from basalseg.metrics import foundation_student_dice
 from basalseg.pipeline import NothingFoundError
 from basalseg.structures import STRUCTURES
 
@@ -54,9 +55,14 @@ def write_t1(path: Path, seed: int = 0) -> Path:
 
 
 class StubPipeline:
-    """``segment`` returns a synthetic result on the loaded image (volumes vary with the file name);
-    file names containing ``nothing`` raise NothingFoundError, ``crash`` a RuntimeError, ``stop``
-    a KeyboardInterrupt."""
+    """A stand-in for :class:`basalseg.pipeline.Pipeline` that honours its contract: ``prompter``,
+    ``student`` and ``backend`` (loaded up front by the batch; nothing to load here), and
+    ``segment`` returning a :class:`~basalseg.pipeline.SegmentResult` on the loaded image whose
+    provenance records ``foundation_student_dice``, as the real one does (volumes vary with the
+    file name); file names containing ``nothing`` raise NothingFoundError, ``crash`` a
+    RuntimeError, ``stop`` a KeyboardInterrupt."""
+
+    prompter = student = backend = None
 
     def __init__(self):
         self.calls: list[str] = []
@@ -76,6 +82,8 @@ class StubPipeline:
         result = synthetic_result(scale={s.key: factor for s in STRUCTURES}, path=volume.path)
         assert volume.shape == result.labels.shape
         result.volume = volume
+        result.provenance["foundation_student_dice"] = foundation_student_dice(result.masks, result.classes,
+                                                                               result.prompts)
         return result
 
 

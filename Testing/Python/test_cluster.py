@@ -37,7 +37,7 @@ from test_report import read_csv, register_commands
 from basalseg.batch import BATCH_FAILED_EXIT, run_batch
 from basalseg.bids import discover_scans
 from basalseg.errors import BasalSegError, Cancelled
-from basalseg.report import result_state
+from basalseg.results import result_state
 
 distributed = pytest.importorskip("distributed", reason="the cluster extra (dask[distributed]) is not installed")
 from basalseg import cluster as bc  # noqa: E402

@@ -22,7 +22,7 @@ def test_dice_values_and_empty_rule():
 
 def test_callers_agree_with_the_one_dice():
     from basalseg.evaluation import structure_metrics
-    from basalseg.report import foundation_student_dice
+    from basalseg.metrics import foundation_student_dice
     from basalseg.training.train_prompter import dice_per_class as prompter_dice
 
     rng = np.random.default_rng(0)

@@ -20,7 +20,7 @@ import pytest
 from conftest import write_nifti, write_nrrd_lps
 from test_reliability_matrix import StandIns, assert_failed_cleanly, box_prompts, cli, leftovers, seg_args, snapshot
 
-from basalseg.outputs import RESULT_FILES
+from basalseg.results import RESULT_FILES
 from basalseg.prompts import save_prompts
 from basalseg.spatial import canonical_grid
 from basalseg.staging import OWNER_FILE

@@ -116,7 +116,7 @@ def write_synthetic(folder: Path, *, scan_info: dict | None = None, brain: dict 
                     input_path: Path | None = None, **kwargs) -> Path:
     """Write a synthetic result folder the way ``basalseg batch`` does (with its provenance extras);
     with ``input_path``, the image is also written there as NIfTI and recorded as the input."""
-    from basalseg.report import foundation_student_dice
+    from basalseg.metrics import foundation_student_dice
     from basalseg.results import write_result
 
     result = synthetic_result(**kwargs)
@@ -179,7 +179,7 @@ def make_cohort(out_dir: Path, failures: bool = True, inputs: Path | None = None
 
 
 def test_result_state(tmp_path):
-    from basalseg.report import read_result, result_state
+    from basalseg.results import read_result, result_state
     from basalseg.results import write_prompts_only
 
     folder = write_synthetic(tmp_path / "r")
@@ -217,15 +217,21 @@ def test_result_state(tmp_path):
     assert record.volume_ml("left_putamen") == record.volume_ml("Left-Putamen") > 0
 
 
-def test_result_files_match_the_writer():
-    from basalseg.report import _RESULT_FILES
-    from basalseg.results import RESULT_FILES
+def test_reading_results_does_not_import_torch():
+    """One module writes and reads result folders (no copy of the file list); reading them, the
+    cohort flags and the report still load without torch."""
+    import subprocess
+    import sys
 
-    assert tuple(_RESULT_FILES) == tuple(RESULT_FILES)
+    code = ("import sys, basalseg.results, basalseg.report, basalseg.cohortqc; "
+            "print(sorted(m for m in ('torch', 'monai') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
 
 
 def test_find_results_lists_damaged_folders(tmp_path):
-    from basalseg.report import find_results
+    from basalseg.results import find_results
 
     write_synthetic(tmp_path / "a")
     write_synthetic(tmp_path / "b")
@@ -244,7 +250,7 @@ def test_find_results_lists_damaged_folders(tmp_path):
 
 
 def test_foundation_student_dice():
-    from basalseg.report import foundation_student_dice
+    from basalseg.metrics import foundation_student_dice
 
     r = synthetic_result(disagree=("left_caudate",), missing=("right_pallidum",))
     dice = foundation_student_dice(r.masks, r.classes, r.prompts)
@@ -276,7 +282,7 @@ def _png(data: bytes):
 def test_montage_radiological_and_coloured():
     """Only the left putamen: it must appear on the picture's right half (radiological view) in
     both rows, filled in its colour."""
-    from basalseg.report import montage_png
+    from basalseg.qc import montage_png
     from basalseg.spatial import Grid
 
     classes = synthetic_classes(only=("left_putamen", "right_thalamus"))
@@ -298,7 +304,7 @@ def test_montage_radiological_and_coloured():
 
 
 def test_montage_prompt_boxes_drawn():
-    from basalseg.report import montage_png
+    from basalseg.qc import montage_png
 
     r = synthetic_result()
     with_boxes = _png(montage_png(r.image01, r.classes, r.prompts, n=5))
@@ -308,7 +314,8 @@ def test_montage_prompt_boxes_drawn():
 
 
 def test_montage_from_folder_uses_input_then_falls_back(tmp_path):
-    from basalseg.report import montage_from_folder, read_result
+    from basalseg.report import montage_from_folder
+    from basalseg.results import read_result
 
     r = synthetic_result()
     image = write_nifti(tmp_path / "t1.nii.gz", r.volume.data, r.volume.affine)
@@ -330,7 +337,8 @@ def test_montage_from_folder_uses_input_then_falls_back(tmp_path):
 
 
 def test_asymmetry_index(tmp_path):
-    from basalseg.report import asymmetry_indices, read_result
+    from basalseg.cohortqc import asymmetry_indices
+    from basalseg.results import read_result
 
     rec = read_result(write_synthetic(tmp_path / "r", scale={"left_caudate": 2.0}))
     left, right = rec.volume_ml("left_caudate"), rec.volume_ml("right_caudate")
@@ -340,7 +348,8 @@ def test_asymmetry_index(tmp_path):
 
 
 def test_cohort_flags(tmp_path):
-    from basalseg.report import Thresholds, cohort_flags, find_results
+    from basalseg.cohortqc import Thresholds, cohort_flags
+    from basalseg.results import find_results
 
     records, _ = find_results(make_cohort(tmp_path / "out"))
     flags, stats = cohort_flags(records, Thresholds())
@@ -357,7 +366,8 @@ def test_cohort_flags(tmp_path):
 
 
 def test_cohort_warnings(tmp_path):
-    from basalseg.report import cohort_warnings, find_results
+    from basalseg.cohortqc import cohort_warnings
+    from basalseg.results import find_results
 
     write_synthetic(tmp_path / "a")
     write_synthetic(tmp_path / "b", spacing=1.2,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -32,73 +31,19 @@ from basalseg.errors import PromptsError  # noqa: E402
 from basalseg.outputs import volume_rows, volumes_csv_text  # noqa: E402
 from basalseg.structures import STRUCTURES  # noqa: E402
 
-FAKE = textwrap.dedent(
-    r'''
-    """Stands in for ``basalseg prompts`` and the segment worker (same files, same JSON lines)."""
-    import argparse, json, os, sys, time
-    from pathlib import Path
-
-    import numpy as np
-
-    from basalseg.imageio import load_volume
-    from basalseg.outputs import nifti_bytes, volume_rows, volumes_csv_text
-    from basalseg.prompts import load_prompts, prompts_from_classes
-    from basalseg.spatial import to_canonical
-
-    def emit(**fields):
-        print(json.dumps(fields), flush=True)
-
-    kind = sys.argv[1]
-    parser = argparse.ArgumentParser()
-    parser.add_argument("image")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--prompts")
-    args, _ = parser.parse_known_args(sys.argv[2:])
-    record = os.environ.get("FAKE_RECORD")
-    if record:
-        with open(record, "a") as handle:
-            handle.write(json.dumps({"argv": sys.argv[1:], "prompts": Path(args.prompts).read_text() if args.prompts else None}) + "\n")
-    mode = os.environ.get("FAKE_MODE", "ok")
-    volume = load_volume(args.image)
-    emit(event="progress", stage="prepare", fraction=1.0, overall=0.04)
-    if mode == "hang":
-        emit(event="progress", stage="foundation", fraction=0.3, overall=0.3)
-        time.sleep(120)
-    if mode == "error":
-        print("basalseg: error: the prompt generator found none of the 8 structures", file=sys.stderr)
-        emit(event="error", message="the prompt generator found none of the 8 structures in this image", kind="NothingFoundError")
-        sys.exit(2)
-    canonical, grid = to_canonical(volume)
-    prompts = load_prompts(args.prompts) if args.prompts else prompts_from_classes(np.where(canonical > 550, 3, 0).astype(np.uint8), grid)
-    out = Path(args.out)
-    out.mkdir(parents=True)
-    (out / "prompts.json").write_text(json.dumps(prompts.to_dict()))
-    if kind == "segment":
-        labels = np.where(volume.data > 550, 12, 0).astype(np.int16)
-        affine = volume.affine.copy()
-        if mode == "shifted":
-            affine[:3, 3] += 5.0
-        emit(event="progress", stage="student", fraction=1.0, overall=0.96)
-        (out / "segmentation.nii.gz").write_bytes(nifti_bytes(labels, affine))
-        (out / "volumes.csv").write_text(volumes_csv_text(volume_rows(labels, volume.voxel_volume_mm3)))
-        emit(event="cache", slices=len(prompts.slices()), reused=0, computed=len(prompts.slices()))
-    (out / "provenance.json").write_text(json.dumps({"fake": True}))
-    emit(event="done", out=str(out))
-    '''
-)
+#: the stand-in for the pipeline (its docstring says how it behaves)
+FAKE = Path(__file__).with_name("fake_basalseg.py")
 
 
 @pytest.fixture
 def fake(tmp_path, monkeypatch):
-    script = tmp_path / "fake_basalseg.py"
-    script.write_text(FAKE)
     record = tmp_path / "calls.jsonl"
     monkeypatch.setenv("FAKE_RECORD", str(record))
     temp_root = tmp_path / "jobs"
 
     def make(mode="ok"):
         monkeypatch.setenv("FAKE_MODE", mode)
-        return SegmentationLogic(commandPrefix=lambda kind: [sys.executable, str(script), kind], tempRoot=str(temp_root))
+        return SegmentationLogic(commandPrefix=lambda kind: [sys.executable, str(FAKE), kind], tempRoot=str(temp_root))
 
     make.calls = lambda: [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
     make.job_dirs = lambda: [p for p in temp_root.iterdir() if p.name.startswith("BasalSegSAM-") and "cache" not in p.name] \

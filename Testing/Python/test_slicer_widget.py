@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -25,59 +24,12 @@ vtk = pytest.importorskip("vtk")
 
 from test_slicer_helpers import add_volume, blob_volume, oblique_affine  # noqa: E402
 
-FAKE = textwrap.dedent(
-    r'''
-    """Stands in for ``basalseg prompts`` and the segment worker: two structures from two blobs."""
-    import argparse, json, os, sys, time
-    from pathlib import Path
-
-    import numpy as np
-
-    from basalseg.imageio import load_volume
-    from basalseg.outputs import nifti_bytes, volume_rows, volumes_csv_text
-    from basalseg.prompts import load_prompts, prompts_from_classes
-    from basalseg.spatial import to_canonical
-
-    def emit(**fields):
-        print(json.dumps(fields), flush=True)
-
-    kind = sys.argv[1]
-    parser = argparse.ArgumentParser()
-    parser.add_argument("image")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--prompts")
-    args, _ = parser.parse_known_args(sys.argv[2:])
-    volume = load_volume(args.image)
-    emit(event="progress", stage="prepare", fraction=1.0, overall=0.1)
-    if os.environ.get("FAKE_MODE") == "error":
-        print("basalseg: error: the prompt generator found none of the 8 structures", file=sys.stderr)
-        emit(event="error", message="the prompt generator found none of the 8 structures", kind="NothingFoundError")
-        sys.exit(2)
-    if os.environ.get("FAKE_MODE") == "hang":
-        emit(event="progress", stage="foundation", fraction=0.3, overall=0.3)
-        time.sleep(60)
-    canonical, grid = to_canonical(volume)
-    half = np.arange(canonical.shape[0])[:, None, None] < canonical.shape[0] // 2
-    classes = np.where(canonical > 550, np.where(half, 3, 6), 0).astype(np.uint8)  # left putamen, right caudate
-    prompts = load_prompts(args.prompts) if args.prompts else prompts_from_classes(classes, grid)
-    out = Path(args.out)
-    out.mkdir(parents=True)
-    (out / "prompts.json").write_text(json.dumps(prompts.to_dict()))
-    if kind == "segment":
-        i = np.arange(volume.shape[0])[:, None, None] < volume.shape[0] // 2
-        labels = np.where(volume.data > 550, np.where(i, 12, 50), 0).astype(np.int16)
-        emit(event="progress", stage="student", fraction=1.0, overall=0.95)
-        (out / "segmentation.nii.gz").write_bytes(nifti_bytes(labels, volume.affine))
-        (out / "volumes.csv").write_text(volumes_csv_text(volume_rows(labels, volume.voxel_volume_mm3)))
-        emit(event="cache", slices=len(prompts.slices()), reused=0, computed=len(prompts.slices()))
-    (out / "provenance.json").write_text("{}")
-    emit(event="done", out=str(out))
-    '''
-)
+#: the stand-in for the pipeline (its docstring says how it behaves)
+FAKE = Path(__file__).with_name("fake_basalseg.py")
 
 
 @pytest.fixture
-def session(tmp_path):
+def session(tmp_path, monkeypatch):
     sys.path.insert(0, str(Path(__file__).parent))
     from slicerstandin import StandIn
 
@@ -88,9 +40,8 @@ def session(tmp_path):
     widget = BasalSegSAM.BasalSegSAMWidget()
     widget.setup()
     widget.enter()
-    script = tmp_path / "fake_basalseg.py"
-    script.write_text(FAKE)
-    widget.logic.commandPrefix = lambda kind: [sys.executable, str(script), kind]
+    monkeypatch.setenv("FAKE_STRUCTURES", "two")  # two blobs: left putamen, right caudate
+    widget.logic.commandPrefix = lambda kind: [sys.executable, str(FAKE), kind]
     widget.logic.tempRoot = str(tmp_path / "jobs")
     widget.parent.resize(470, 1080)
     widget.parent.show()

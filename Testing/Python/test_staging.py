@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from basalseg.errors import OutputExistsError, OutputWriteError
-from basalseg.outputs import RESULT_FILES
+from basalseg.results import RESULT_FILES
 from basalseg.staging import OWNER_FILE, StagedOutputDir, clean_leftovers
 
 

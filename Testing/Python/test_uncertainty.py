@@ -168,7 +168,7 @@ def test_no_uncertainty_leaves_the_columns_blank(segment_runs):
     # the labelmap does not depend on the switch
     assert [r["voxels"] for r in on] == [r["voxels"] for r in off]
     assert json.loads((f_off / "provenance.json").read_text())["volume_uncertainty"] == {"mode": "none"}
-    from basalseg.report import read_result
+    from basalseg.results import read_result
 
     rec = read_result(f_off)
     assert rec.interval("left_putamen") is None and read_result(f_on).interval("left_putamen") is not None

@@ -10,8 +10,8 @@ __all__ = ["register", "run", "add_threshold_options", "thresholds"]
 
 
 def add_threshold_options(p) -> None:
-    """The cohort flags' thresholds (``report`` and ``batch``), defaults from :class:`~basalseg.report.Thresholds`."""
-    from ..report import Thresholds
+    """The cohort flags' thresholds (``report`` and ``batch``), defaults from :class:`~basalseg.cohortqc.Thresholds`."""
+    from ..cohortqc import Thresholds
 
     t = Thresholds()
     p.add_argument("--iqr-factor", type=float, default=t.iqr_factor,
@@ -26,9 +26,9 @@ def add_threshold_options(p) -> None:
 
 
 def thresholds(args: argparse.Namespace):
-    """The :class:`~basalseg.report.Thresholds` of :func:`add_threshold_options`' options, checked."""
+    """The :class:`~basalseg.cohortqc.Thresholds` of :func:`add_threshold_options`' options, checked."""
     from ..errors import BasalSegError
-    from ..report import Thresholds
+    from ..cohortqc import Thresholds
 
     if args.iqr_factor <= 0 or args.min_cohort < 1 or not 0 < args.asymmetry_threshold or not 0 <= args.dice_threshold <= 1:
         raise BasalSegError("thresholds: --iqr-factor > 0, --min-cohort >= 1, --asymmetry-threshold > 0 (percent), "
@@ -47,7 +47,8 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import BasalSegError
-    from ..report import build_report, find_results, read_failures
+    from ..report import build_report
+    from ..results import find_results, read_failures
 
     limits = thresholds(args)
     if not args.out_dir.is_dir():

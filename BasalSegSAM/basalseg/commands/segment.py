@@ -38,7 +38,8 @@ def inputs(args: argparse.Namespace) -> list:
 
 def check_out(args: argparse.Namespace) -> None:
     """Refuse an occupied output folder (or one whose result files are not ours) before any work."""
-    from ..outputs import RESULT_FILES, StagedOutputDir
+    from ..outputs import StagedOutputDir
+    from ..results import RESULT_FILES
 
     StagedOutputDir(args.out, overwrite=args.overwrite, owned=RESULT_FILES, protect=inputs(args)).check_writable()
 

@@ -51,7 +51,7 @@ and the brain on the output grid (tissue code "brain", nearest neighbour) as ``s
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import ndimage
@@ -59,6 +59,7 @@ from scipy import ndimage
 from ..imageio import Volume
 from ..spatial import Grid
 from ..structures import STRUCTURES
+from .settings import JsonSettings
 from .synth import SynthConfig, SynthSource, SyntheticSubject, _rotation, synthesize
 
 __all__ = ["HeadConfig", "synthesize_head", "brain_config_for_heads", "HEAD_GENERATOR_VERSION", "random_orientation"]
@@ -79,8 +80,10 @@ _LAYERS = (
 
 
 @dataclass(frozen=True)
-class HeadConfig:
+class HeadConfig(JsonSettings):
     """Head, pose and scanner-grid settings (module docstring); JSON round-trip with ``to_dict``."""
+
+    _SETTINGS_NAME = "head config"
 
     rotation_deg: float = 30.0
     translation_mm: float = 20.0
@@ -114,17 +117,6 @@ class HeadConfig:
                 raise ValueError(f"{name} must lie in [0, 1]; got {getattr(self, name)}")
         if self.profile_samples < 1:
             raise ValueError(f"profile_samples must be >= 1; got {self.profile_samples}")
-
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "HeadConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"head config: unknown setting(s) {', '.join(sorted(unknown))}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 def brain_config_for_heads(config: SynthConfig | None = None) -> SynthConfig:

@@ -65,7 +65,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence, Union
 
@@ -75,6 +75,7 @@ from scipy import ndimage
 from ..imageio import Volume
 from ..spatial import Grid, bounding_box, resample_to_grid, to_canonical
 from ..structures import STRUCTURES
+from .settings import JsonSettings
 
 __all__ = ["SynthConfig", "SynthSource", "SyntheticSubject", "TemplateSpec", "prepare_source", "synthesize",
            "generate_subject", "generate_cohort", "subject_seed", "rescan_seed", "GENERATOR_VERSION"]
@@ -88,7 +89,7 @@ _PREPARE_FIELDS = ("roi", "margin_mm", "structure_margin_mm", "structure_falloff
 
 
 @dataclass(frozen=True)
-class SynthConfig:
+class SynthConfig(JsonSettings):
     """Generator settings (module docstring); ``to_dict``/``from_dict`` round-trip through JSON."""
 
     roi: str = "brain"
@@ -131,17 +132,6 @@ class SynthConfig:
         for name in ("field_spacing_mm", "nonlinear_spacing_mm", "bias_spacing_mm", "structure_falloff_mm"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive; got {getattr(self, name)}")
-
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SynthConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"config: unknown setting(s) {', '.join(sorted(unknown))}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 @dataclass
