@@ -31,7 +31,7 @@ __all__ = ["main", "build_parser"]
 
 log = logging.getLogger("basalseg")
 
-#: LiteMedSAM encoder implementations (``basalseg.foundation.fast.ENCODERS``, kept here so that
+#: LiteMedSAM encoder implementations (``basalseg.foundation.litemedsam_fast.ENCODERS``, kept here so that
 #: parsing arguments does not import torch).
 ENCODER_CHOICES = ("fused", "onnx", "compile", "torch")
 

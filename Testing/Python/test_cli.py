@@ -460,6 +460,6 @@ def test_parser_stays_light_and_encoder_choices_match():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "False"
     from basalseg.cli import ENCODER_CHOICES
-    from basalseg.foundation.fast import ENCODERS
+    from basalseg.foundation.litemedsam_fast import ENCODERS
 
     assert set(ENCODER_CHOICES) == set(ENCODERS)
