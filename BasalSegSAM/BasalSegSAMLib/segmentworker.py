@@ -68,9 +68,11 @@ def saveCache(path: str | os.PathLike, cache, key: dict) -> bool:
     (:meth:`~basalseg.foundation.slice_cache.SliceMaskCache.save`). A file that cannot be written
     only costs time on the next run: it is reported on stderr (``basalseg: warning: ...``) and
     False returned; anything else (a bug) raises."""
+    from basalseg.errors import OutputWriteError
+
     try:
         cache.save(path, key)
-    except OSError as exc:
+    except OutputWriteError as exc:
         print(f"basalseg: warning: could not save the slice-mask cache {path} ({exc}); "
               "the next run recomputes every slice", file=sys.stderr)
         return False

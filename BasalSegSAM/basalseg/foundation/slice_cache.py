@@ -94,7 +94,7 @@ class SliceMaskCache:
         then rename), entries of every plane included.
 
         Raises:
-            OSError: the file cannot be written.
+            OutputWriteError: the file cannot be written (no partial file is left).
         """
         from ..staging import atomic_write_bytes
 
