@@ -43,9 +43,7 @@ def main(argv=None) -> int:
     first = pipes["none"].segment(volume, cache=cache)
     full = time.perf_counter() - t
     for m in ("softmax", "flip"):  # share the loaded networks and backend
-        pipes[m]._backend, pipes[m]._prompter, pipes[m]._student = (pipes["none"]._backend, pipes["none"]._prompter,
-                                                                    pipes["none"]._student)
-        pipes[m].student_meta, pipes[m].weights_info = pipes["none"].student_meta, pipes["none"].weights_info
+        pipes[m] = pipes["none"].with_config(pipes[m].config)
     best: dict[str, dict] = {m: {"student_s": float("inf"), "uncertainty_s": float("inf"), "segment_cached_s": float("inf")}
                              for m in pipes}
     for _ in range(args.repeats):

@@ -1,7 +1,7 @@
 """``basalseg segment`` with a slice-mask cache kept on disk between runs (child-process side).
 
 The Slicer module runs every job in a fresh child process, so the foundation model's per-slice
-masks (``basalseg.foundation.runner.SliceMaskCache``) would be lost between two clicks on
+masks (``basalseg.foundation.slice_cache.SliceMaskCache``) would be lost between two clicks on
 Segment. This command is ``basalseg segment`` plus ``--cache FILE``: it loads the masks of the
 previous run, reruns the foundation model only for slices whose prompts changed, and saves the
 cache again after a successful run. Everything else (arguments, outputs, JSON progress, exit
@@ -17,80 +17,66 @@ Before the ``done`` event it writes one extra JSON line::
 
 A cache is only reused for the same image (voxels and affine), foundation backend, checkpoint
 and crop setting (see :func:`cacheKey`); otherwise it starts empty. The file is an ``.npz``
-(no pickle): one JSON ``meta`` entry plus one boolean array per slice and structure.
+(no pickle): one JSON ``meta`` entry plus one boolean array per slice and structure, for the
+slices of every plane; :class:`basalseg.foundation.slice_cache.SliceMaskCache` owns the format
+(``save``/``load``). A cache that cannot be written is reported on stderr, never silently.
 
 Imports no Slicer or Qt; runs with any Python that has the pipeline's dependencies.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import logging
 import os
 import sys
-from pathlib import Path
-
-import numpy as np
 
 __all__ = ["main", "DiskCache", "cacheKey", "loadCache", "saveCache", "CACHE_FORMAT"]
 
-CACHE_FORMAT = "basalseg-slice-mask-cache/1"
 log = logging.getLogger("basalseg")
 
 
+def __getattr__(name: str):
+    """``CACHE_FORMAT``: the cache file's format string, owned by
+    :data:`basalseg.foundation.slice_cache.FORMAT` (read on first use: importing this module
+    stays free of torch)."""
+    if name == "CACHE_FORMAT":
+        from basalseg.foundation.slice_cache import FORMAT
+
+        return FORMAT
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def cacheKey(volume, foundation: str, checkpoint: str | None, crop: bool) -> dict:
-    """What cached masks depend on besides the prompts (which each entry's signature covers)."""
-    digest = hashlib.sha1()
-    digest.update(np.ascontiguousarray(volume.data, dtype=np.float32).tobytes())
-    digest.update(np.asarray(volume.affine, dtype=np.float64).round(6).tobytes())
-    digest.update(repr(tuple(volume.shape)).encode())
-    return {"format": CACHE_FORMAT, "image": digest.hexdigest(), "foundation": foundation,
-            "checkpoint": checkpoint or "", "crop": bool(crop)}
+    """What cached masks depend on besides the prompts (which each entry's signature covers):
+    :meth:`basalseg.foundation.slice_cache.SliceMaskCache.file_key`."""
+    from basalseg.foundation.slice_cache import SliceMaskCache
+
+    return SliceMaskCache.file_key(volume, foundation, checkpoint, crop)
 
 
 def loadCache(path: str | os.PathLike, key: dict):
     """The cache saved at ``path`` when it was made for ``key``, else an empty one (never raises
-    for a missing, stale or unreadable file: the masks are simply recomputed)."""
-    from basalseg.foundation.runner import SliceMaskCache
+    for a missing, stale or unreadable file: the masks are simply recomputed);
+    :meth:`~basalseg.foundation.slice_cache.SliceMaskCache.load`."""
+    from basalseg.foundation.slice_cache import SliceMaskCache
 
-    cache = SliceMaskCache()
-    path = Path(path)
-    if not path.is_file():
-        return cache
+    return SliceMaskCache.load(path, key)
+
+
+def saveCache(path: str | os.PathLike, cache, key: dict) -> bool:
+    """Write the cache atomically, entries of every plane
+    (:meth:`~basalseg.foundation.slice_cache.SliceMaskCache.save`). A file that cannot be written
+    only costs time on the next run: it is reported on stderr (``basalseg: warning: ...``) and
+    False returned; anything else (a bug) raises."""
+    from basalseg.errors import OutputWriteError
+
     try:
-        with np.load(path, allow_pickle=False) as data:
-            meta = json.loads(str(data["meta"]))
-            if meta.get("key") != key:
-                log.info("slice-mask cache %s was made for another image or backend; starting afresh", path)
-                return cache
-            for entry in meta["entries"]:
-                masks = {item["structure"]: (int(item["x0"]), int(item["y0"]), np.array(data[item["array"]], dtype=bool))
-                         for item in entry["masks"]}
-                cache.entries[int(entry["slice"])] = (str(entry["signature"]), str(entry["backend"]), masks)
-    except Exception as exc:  # a damaged cache only costs time
-        log.warning("ignoring unreadable slice-mask cache %s (%s)", path, exc)
-        return SliceMaskCache()
-    return cache
-
-
-def saveCache(path: str | os.PathLike, cache, key: dict) -> None:
-    """Write the cache atomically (temporary file, then rename)."""
-    from basalseg.outputs import atomic_write_bytes
-
-    arrays: dict[str, np.ndarray] = {}
-    entries = []
-    for k, (signature, backend, masks) in sorted(cache.entries.items()):
-        items = []
-        for structure, (x0, y0, mask) in sorted(masks.items()):
-            name = f"m{len(arrays)}"
-            arrays[name] = np.asarray(mask, dtype=bool)
-            items.append({"structure": structure, "x0": int(x0), "y0": int(y0), "array": name})
-        entries.append({"slice": int(k), "signature": signature, "backend": backend, "masks": items})
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, meta=np.array(json.dumps({"key": key, "entries": entries})), **arrays)
-    atomic_write_bytes(path, buffer.getvalue())
+        cache.save(path, key)
+    except OutputWriteError as exc:
+        print(f"basalseg: warning: could not save the slice-mask cache {path} ({exc}); "
+              "the next run recomputes every slice", file=sys.stderr)
+        return False
+    return True
 
 
 def _split(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -129,12 +115,9 @@ class DiskCache:
 
         slices = result.prompts.slices()
         reused = sum(1 for k in slices if k in self.before and self.before[k] is self.cache.entries.get(k))
-        try:
-            saveCache(self.path, self.cache, self.key)
-        except Exception as exc:  # the result is written; a cache that cannot be saved only costs time
-            log.warning("could not save the slice-mask cache %s (%s)", self.path, exc)
+        saved = saveCache(self.path, self.cache, self.key)  # a write failure is reported there
         if mode == "json":
-            emit_json(event="cache", slices=len(slices), reused=reused, computed=len(slices) - reused)
+            emit_json(event="cache", slices=len(slices), reused=reused, computed=len(slices) - reused, saved=saved)
         else:
             print(f"foundation masks reused for {reused} of {len(slices)} slices")
 

@@ -3,7 +3,7 @@
 ``basalseg bench [T1] [--slices N] [--naive-slices N] [--stride K] [--encoder E] [--quality] [--json F]``
 
 The optimised run is :meth:`basalseg.pipeline.Pipeline.segment` with the fast LiteMedSAM backend
-(:mod:`basalseg.foundation.fast`) wrapped in a timer that splits the foundation stage into
+(:mod:`basalseg.foundation.litemedsam_fast`) wrapped in a timer that splits the foundation stage into
 encoder and decoder time; reading the input and writing every output are timed as I/O. The
 naive run, in the same process, runs the foundation stage the naive way: the plain LiteMedSAM
 module, every slice encoded whole at the model's native 256 x 256 (no crop), one encoder pass
@@ -38,7 +38,7 @@ encoder's top operators from ``torch.profiler``.
 from __future__ import annotations
 
 import contextlib
-import functools
+import json
 import os
 import platform
 import re
@@ -54,6 +54,8 @@ import numpy as np
 __all__ = [
     "StageMeter",
     "TimedBackend",
+    "TimedBatchedBackend",
+    "timed_backend",
     "dice_per_structure",
     "dk_class_map",
     "dk_prompts",
@@ -160,9 +162,9 @@ class StageMeter:
 
 
 class TimedBackend:
-    """Wraps a foundation backend; adds up encoder (``set_image``/``encode``) and decoder
-    (``predict``/``predict_on``) wall time, passes and boxes. Same ``name``, so slice caches and
-    students see the wrapped backend."""
+    """Wraps a foundation backend; adds up encoder (``set_image``) and decoder (``predict``) wall
+    time, passes and boxes. Same ``name``, so slice caches and students see the wrapped backend.
+    :func:`timed_backend` picks :class:`TimedBatchedBackend` for a batched one."""
 
     def __init__(self, inner):
         import torch
@@ -174,9 +176,6 @@ class TimedBackend:
         self._sync = torch.cuda.synchronize if self._cuda else (lambda: None)
         self.encoder_s = self.decoder_s = self.encoder_cpu_s = self.decoder_cpu_s = 0.0
         self.encoder_passes = self.decoder_calls = self.boxes = 0
-        if hasattr(inner, "encode") and hasattr(inner, "predict_on"):
-            self.encode = self._encode
-            self.predict_on = self._predict_on
 
     def reset(self) -> None:
         self.encoder_s = self.decoder_s = self.encoder_cpu_s = self.decoder_cpu_s = 0.0
@@ -200,22 +199,35 @@ class TimedBackend:
         self.encoder_passes += 1
         return self._timed("encoder", self.inner.set_image, image)
 
-    def _encode(self, images):
-        self.encoder_passes += len(images)
-        return self._timed("encoder", self.inner.encode, images)
-
     def predict(self, boxes, points=None, point_labels=None):
         self.decoder_calls += 1
         self.boxes += len(boxes)
         return self._timed("decoder", self.inner.predict, boxes, points, point_labels)
 
-    def _predict_on(self, embedding, boxes, points=None, point_labels=None):
+    def describe(self) -> dict:
+        return self.inner.describe()
+
+
+class TimedBatchedBackend(TimedBackend):
+    """:class:`TimedBackend` of a :class:`~basalseg.foundation.base.BatchedFoundationBackend`:
+    ``encode`` and ``predict_on`` are timed too (and the runner batches through them)."""
+
+    def encode(self, images):
+        self.encoder_passes += len(images)
+        return self._timed("encoder", self.inner.encode, images)
+
+    def predict_on(self, embedding, boxes, points=None, point_labels=None):
         self.decoder_calls += 1
         self.boxes += len(boxes)
         return self._timed("decoder", self.inner.predict_on, embedding, boxes, points, point_labels)
 
-    def describe(self) -> dict:
-        return self.inner.describe()
+
+def timed_backend(inner) -> TimedBackend:
+    """The timer of ``inner``: batched (:class:`TimedBatchedBackend`) when ``inner`` is a
+    :class:`~basalseg.foundation.base.BatchedFoundationBackend`, else :class:`TimedBackend`."""
+    from .foundation.base import BatchedFoundationBackend
+
+    return TimedBatchedBackend(inner) if isinstance(inner, BatchedFoundationBackend) else TimedBackend(inner)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,26 +320,6 @@ def _machine() -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _runner_options(config, stride: int, batch: int):
-    """Make ``Pipeline.segment`` use the fast runner with ``stride``/``batch``: through the
-    config when the pipeline has these options, else by swapping the runner it calls."""
-    from . import pipeline as pipeline_module
-    from .foundation.fast import run_foundation_fast
-
-    fields = getattr(type(config), "__dataclass_fields__", {})
-    if "stride" in fields and "batch" in fields:
-        config.stride, config.batch = stride, batch
-        yield
-        return
-    original = pipeline_module.run_foundation
-    pipeline_module.run_foundation = functools.partial(run_foundation_fast, stride=stride, batch=batch)
-    try:
-        yield
-    finally:
-        pipeline_module.run_foundation = original
-
-
 def run_bench(image=None, *, prompts: str = "auto", weights_dir=None, device=None, threads: int | None = None,
               encoder: str = "fused", fast_decoder: bool = True, stride: int = 1, batch: int | None = None,
               input_size: int | None = None,
@@ -338,9 +330,10 @@ def run_bench(image=None, *, prompts: str = "auto", weights_dir=None, device=Non
 
     from .data.atlas import sample_t1_path
     from .foundation import pick_device
-    from .foundation.fast import FastLiteMedSAMBackend, plan_slices, stride_masks
     from .foundation.litemedsam import LiteMedSAMBackend
-    from .foundation.runner import run_foundation
+    from .foundation.litemedsam_fast import FastLiteMedSAMBackend
+    from .foundation.runner import default_batch, run_foundation
+    from .foundation.stride import plan_slices, stride_masks
     from .imageio import load_volume
     from .pipeline import Pipeline, PipelineConfig
     from .prompter import predict_coarse
@@ -350,7 +343,7 @@ def run_bench(image=None, *, prompts: str = "auto", weights_dir=None, device=Non
     if threads:
         torch.set_num_threads(int(threads))
     dev = pick_device(device)
-    batch = int(batch) if batch else (8 if dev.type == "cuda" else 1)
+    batch = int(batch) if batch else default_batch(dev)
     meter = StageMeter(dev, python_heap=python_heap)
     report: dict = {"machine": _machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "device": str(dev), "stages": {}, "naive": {}, "notes": []}
@@ -368,8 +361,8 @@ def run_bench(image=None, *, prompts: str = "auto", weights_dir=None, device=Non
     with meter.section("setup"):
         t = time.perf_counter()
         prompter, student, trained, student_meta = _networks(weights_dir, "litemedsam", dev)
-        backend = TimedBackend(FastLiteMedSAMBackend(device=str(dev), encoder=encoder, fast_decoder=fast_decoder,
-                                                     threads=threads, input_size=input_size))
+        backend = timed_backend(FastLiteMedSAMBackend(device=str(dev), encoder=encoder, fast_decoder=fast_decoder,
+                                                      threads=threads, input_size=input_size))
         stages["setup"] = time.perf_counter() - t
     report["trained_weights"] = trained
     report["foundation"] = backend.describe()
@@ -377,10 +370,10 @@ def run_bench(image=None, *, prompts: str = "auto", weights_dir=None, device=Non
                          "input_size": backend.inner.native_size}
     if warm_up:
         _warm_up(backend.inner)
-    config = PipelineConfig(device=str(dev), threads=threads)
+    # the optimised run: Pipeline.segment, its runner options (stride, batch) through the config
+    config = PipelineConfig(device=str(dev), threads=threads, stride=stride, batch=batch)
     report["options"]["context"] = config.context  # the naive and reference runs below use it too
-    pipeline = Pipeline(config, backend=backend, prompter=prompter, student=student)
-    pipeline.student_meta = student_meta
+    pipeline = Pipeline(config, backend=backend, prompter=prompter, student=student, student_meta=student_meta)
 
     # prompter (timed whatever the prompt source). With random weights its output is noise, and
     # extracting prompts from noise costs far more than from a real structure map: the network is
@@ -425,10 +418,9 @@ def run_bench(image=None, *, prompts: str = "auto", weights_dir=None, device=Non
 
     # the optimised run: Pipeline.segment
     meter.mark("bench")  # the prompt set-up above is the benchmark's own work: start the stages clean
-    with _runner_options(config, stride, batch):
-        t = time.perf_counter()
-        result = pipeline.segment(volume, prompts=run_prompts, progress=meter.progress)
-        seg_total = time.perf_counter() - t
+    t = time.perf_counter()
+    result = pipeline.segment(volume, prompts=run_prompts, progress=meter.progress)
+    seg_total = time.perf_counter() - t
     meter.mark("resample")
     for key in ("prepare", "foundation", "sdm", "student", "resample"):
         stages[key] = result.timings[key]
@@ -484,7 +476,7 @@ def run_bench(image=None, *, prompts: str = "auto", weights_dir=None, device=Non
     # the naive foundation stage
     if naive:
         naive_prompts = spread_subset(full, naive_slices if naive_slices is not None else slices)
-        plain = TimedBackend(LiteMedSAMBackend(device=str(dev)))
+        plain = timed_backend(LiteMedSAMBackend(device=str(dev)))
         if warm_up:
             _warm_up(plain.inner)
         with meter.section("naive_foundation"):
@@ -551,8 +543,8 @@ def _efficiency(backend: TimedBackend, dev) -> dict:
     import torch
 
     from .foundation.efficiency import encoder_flops, gemm_gflops
-    from .foundation.fast import resize_encoder
     from .foundation.litemedsam import LiteMedSAMBackend
+    from .foundation.litemedsam_encoder import resize_encoder
 
     size = int(backend.native_size)
     plain = LiteMedSAMBackend(device=str(dev)).net.image_encoder
@@ -670,9 +662,9 @@ def run_levers(n_slices: int = 4, repeats: int = 2, device=None, threads: int | 
 
     from .data.atlas import sample_t1_path
     from .foundation import pick_device
-    from .foundation.fast import FastLiteMedSAMBackend, _prompt_arrays
     from .foundation.litemedsam import LiteMedSAMBackend
-    from .foundation.runner import _roi, slice_image
+    from .foundation.litemedsam_fast import FastLiteMedSAMBackend
+    from .foundation.runner import prompt_arrays, slice_image, slice_roi
     from .imageio import load_volume
     from .intensity import normalize01
     from .spatial import to_canonical
@@ -686,10 +678,10 @@ def run_levers(n_slices: int = 4, repeats: int = 2, device=None, threads: int | 
     work = []
     for k in prompts.slices():
         on = prompts.on_slice(k)
-        x0, y0, x1, y1 = _roi(on, image01.shape[:2], 16)
-        boxes, _, _ = _prompt_arrays(on, x0, y0)
+        x0, y0, x1, y1 = slice_roi(on, image01.shape[:2], 16)
+        boxes, _, _ = prompt_arrays(on, x0, y0)
         work.append((slice_image(image01, k)[y0:y1, x0:x1], boxes, slice_image(image01, k),
-                     _prompt_arrays(on, 0, 0)[0]))
+                     prompt_arrays(on, 0, 0)[0]))
     n_boxes = sum(len(w[1]) for w in work)
     backends = {"plain": LiteMedSAMBackend(device=dev)}
     variants = {"fused (BN folded)": dict(encoder="fused", band=None, nhwc=False),

@@ -1,7 +1,7 @@
 """Choices shared by the pipeline and the command line, in one torch-free place.
 
 The command-line parsers (:mod:`basalseg.commands`) offer these values and the modules that
-implement them (:mod:`basalseg.foundation.fast`, :mod:`basalseg.prompts`) import them from here,
+implement them (:mod:`basalseg.foundation.litemedsam_fast`, :mod:`basalseg.prompts`) import them from here,
 so there is one list of each and building a parser never imports torch.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 __all__ = ["DEVICES", "ENCODERS", "FOUNDATIONS", "PLANES", "PROGRESS_MODES", "LOCALISE_MODES"]
 
-#: LiteMedSAM encoder implementations (:class:`basalseg.foundation.fast.FastLiteMedSAMBackend`).
+#: LiteMedSAM encoder implementations (:class:`basalseg.foundation.litemedsam_fast.FastLiteMedSAMBackend`).
 ENCODERS = ("fused", "onnx", "compile", "torch")
 
 #: foundation planes -> the array axis a slice of that plane is taken along, in the fixed order

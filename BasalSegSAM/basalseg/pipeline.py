@@ -10,14 +10,14 @@ Networks and the backend are passed in or loaded lazily, so tests can use small 
 Structures the prompt generator does not find get no prompts and are left empty in the output
 (never invented by the student); when it finds none at all, :class:`NothingFoundError` says so.
 
-Two options change stage 3-4 (``docs/CONTEXT_AND_PLANES.md``; both off by default until the
-held-out evaluation says they help):
+Two options change stage 3-4 (``docs/CONTEXT_AND_PLANES.md``):
 
-* ``context`` (``--context``): the foundation model's 3 colour channels are slices
-  ``k-1, k, k+1`` instead of slice ``k`` repeated (:mod:`basalseg.foundation.runner`).
-* ``planes`` (``--planes axial,coronal,sagittal``): the foundation model also runs on coronal
-  and sagittal slices, prompted from the prompt generator's labelmap along those axes
-  (:func:`basalseg.prompts.prompts_from_classes` with ``axis``); each plane's masks give SDM
+* ``context`` (on by default, ``--no-context`` turns it off; it improved the held-out Dice and
+  HD95 on both cohorts): the foundation model's 3 colour channels are slices ``k-1, k, k+1``
+  instead of slice ``k`` repeated (:mod:`basalseg.foundation.slices`).
+* ``planes`` (axial only by default; ``--planes axial,coronal,sagittal``): the foundation model
+  also runs on coronal and sagittal slices, prompted from the prompt generator's labelmap along
+  those axes (:func:`basalseg.prompts.plane_prompt_sets`, as the training cache); each plane's masks give SDM
   channels and the student reads their per-structure mean (:func:`basalseg.sdm.fused_sdm_channels`;
   still 8 channels). ``SegmentResult.masks`` (QC, foundation/student agreement) is the per-structure
   majority vote of the planes (:func:`basalseg.sdm.majority_vote`). ``prompts.json`` stays the
@@ -29,6 +29,7 @@ held-out evaluation says they help):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
 import time
@@ -41,13 +42,12 @@ import torch
 from . import __version__
 from .errors import BasalSegError, Cancelled, CheckpointError, PromptsError
 from .foundation import FoundationBackend, SliceMaskCache, make_backend, pick_device
-from .foundation.fast import run_foundation_fast
-from .foundation.runner import run_planes
+from .foundation.runner import default_batch, run_planes
 from .imageio import Volume
 from .inputcheck import check_t1_like
 from .intensity import normalize01
 from .prompter import generate_prompts, predict_coarse
-from .prompts import PLANES, PromptSet, normalise_planes, prompts_from_classes
+from .prompts import PromptSet, normalise_planes, plane_prompt_sets
 from .sdm import DEFAULT_BAND, majority_vote
 from .spatial import Grid, resample_to_grid, to_canonical
 from .structures import STRUCTURES, classes_to_labels
@@ -80,7 +80,7 @@ class PipelineConfig:
         band: SDM band half-width in voxels; None = the band the student was trained with.
         crop: crop each slice to its region of interest before the foundation encoder.
         stride: encode every ``stride``-th prompted slice (plus each structure's first and last)
-            and interpolate the others (1 = every slice; see :func:`basalseg.foundation.fast.plan_slices`).
+            and interpolate the others (1 = every slice; see :func:`basalseg.foundation.stride.plan_slices`).
         batch: slices per encoder batch; None = 1 on CPU (batches are slower there), 8 on CUDA.
         threads: torch CPU threads (None = torch's default).
         min_prompt_pixels: a structure needs this many prompter pixels on a slice to get a prompt.
@@ -170,10 +170,14 @@ class Pipeline:
         config: options.
         backend: a foundation backend instance (else built from ``config``).
         prompter, student: networks (else loaded from the weights manifest or checkpoint files).
+        student_meta: the ``meta`` record of a ``student`` passed in (its input mode, SDM band and
+            calibration, :meth:`student_mode`, :meth:`student_offsets`); a student loaded here
+            brings its own.
     """
 
     def __init__(self, config: PipelineConfig | None = None, backend: FoundationBackend | None = None,
-                 prompter: torch.nn.Module | None = None, student: torch.nn.Module | None = None):
+                 prompter: torch.nn.Module | None = None, student: torch.nn.Module | None = None,
+                 student_meta: dict | None = None):
         self.config = config or PipelineConfig()
         try:
             self.planes = normalise_planes(self.config.planes)
@@ -194,7 +198,16 @@ class Pipeline:
         self._backend = backend
         self._prompter = prompter
         self._student = student
+        self.student_meta: dict = dict(student_meta or {})
         self.weights_info: dict = {}
+
+    def with_config(self, config: PipelineConfig) -> "Pipeline":
+        """A pipeline with other options that shares this one's backend and networks (those loaded
+        so far), with their metadata: for comparing options without loading the models again."""
+        other = Pipeline(config, backend=self._backend, prompter=self._prompter, student=self._student,
+                         student_meta=self.student_meta)
+        other.weights_info = dict(self.weights_info)
+        return other
 
     # -- lazily loaded parts -------------------------------------------------------------
     @property
@@ -212,13 +225,13 @@ class Pipeline:
         net, info = load_model(kind, foundation, self.config.weights_dir, checkpoint, device=self.device)
         self.weights_info[kind] = {k: info[k] for k in ("file", "sha256", "trained")}
         if kind == "student":
-            self.student_meta = info["meta"]
+            self.student_meta = dict(info.get("meta") or {})
         return net
 
     def student_mode(self) -> tuple[str, float]:
         """The student's input mode and SDM band. The band is ``config.band`` when set, else the one
         the student was trained with (recorded in its checkpoint), else :data:`DEFAULT_BAND`."""
-        meta = getattr(self, "student_meta", {}) or {}
+        meta = self.student_meta
         mode = meta.get("input_mode", "sdm")
         trained = meta.get("band")
         band = float(self.config.band if self.config.band is not None else (trained or DEFAULT_BAND))
@@ -233,7 +246,7 @@ class Pipeline:
         if not self.config.calibrate:
             return None
         try:
-            return offsets_from_meta(getattr(self, "student_meta", {}))
+            return offsets_from_meta(self.student_meta)
         except ValueError as exc:
             raise CheckpointError(f"student checkpoint: {exc}") from exc
 
@@ -358,129 +371,93 @@ class Pipeline:
             NothingFoundError: no structure found. PromptsError: prompts for another grid.
             Cancelled: ``should_stop`` returned True.
         """
-        report = progress or (lambda stage, fraction: None)
-        stop = should_stop or (lambda: False)
-        timings: dict[str, float] = {}
-
-        def checkpoint(stage: str) -> None:
-            if stop():
-                raise Cancelled(f"cancelled before the {stage} stage")
+        stages = _Stages(progress, should_stop)
+        report, timings = stages.report, stages.timings
 
         t0 = time.perf_counter()
         report("prepare", 0.0)
         # Load every network first: a missing or corrupt checkpoint fails in seconds, not after
         # minutes of foundation-model work.
-        other_planes = [p for p in self.planes if p != "axial"]
-        if prompts is None or other_planes:  # coronal/sagittal prompts always come from the prompter
-            _ = self.prompter
-        _ = self.student, self.backend
-        timings["load"] = time.perf_counter() - t0
-        t = time.perf_counter()
-        image01, grid = self.prepare(volume)
-        timings["prepare"] = time.perf_counter() - t
-        report("prepare", 1.0)
+        with stages.timed("load"):
+            other_planes = [p for p in self.planes if p != "axial"]
+            if prompts is None or other_planes:  # coronal/sagittal prompts always come from the prompter
+                _ = self.prompter
+            _ = self.student, self.backend
+        with stages.stage("prepare"):
+            image01, grid = self.prepare(volume)
 
         coarse = None
         given = prompts is not None
-        checkpoint("prompter")
-        t = time.perf_counter()
-        if prompts is None:
-            report("prompter", 0.0)
-            prompts, coarse, _, _ = self.generate_prompts(volume, (image01, grid))
-            report("prompter", 1.0)
-        else:
-            prompts.check_grid(grid)
-            if prompts.axis != 2:
-                raise BasalSegError(f"given prompts must be axial, got {prompts.plane} prompts")
-        found = prompts.structures_found()
-        missing = [s.key for s in STRUCTURES if s.key not in found]
-        if not found and given:
-            raise PromptsError("the given prompts hold no prompt for any structure (an empty prompts file?); "
-                               "add prompts or run without --prompts to use the prompt generator")
-        if not found:
-            raise NothingFoundError(
-                "the prompt generator found none of the 8 structures in this image; is it a brain T1 "
-                "that covers the basal ganglia and thalamus?")
-        if missing:
-            log.warning("no prompts for %s: left empty", ", ".join(missing))
-        plane_prompts, plane_note = self._plane_prompts(prompts, coarse, image01, grid, found)
-        timings["prompter"] = time.perf_counter() - t
+        with stages.stage("prompter", begin=not given, end=not given):
+            if prompts is None:
+                prompts, coarse, _, _ = self.generate_prompts(volume, (image01, grid))
+            else:
+                prompts.check_grid(grid)
+                if prompts.axis != 2:
+                    raise BasalSegError(f"given prompts must be axial, got {prompts.plane} prompts")
+            found = prompts.structures_found()
+            missing = [s.key for s in STRUCTURES if s.key not in found]
+            if not found and given:
+                raise PromptsError("the given prompts hold no prompt for any structure (an empty prompts file?); "
+                                   "add prompts or run without --prompts to use the prompt generator")
+            if not found:
+                raise NothingFoundError(
+                    "the prompt generator found none of the 8 structures in this image; is it a brain T1 "
+                    "that covers the basal ganglia and thalamus?")
+            if missing:
+                log.warning("no prompts for %s: left empty", ", ".join(missing))
+            plane_prompts, plane_note = self._plane_prompts(prompts, coarse, image01)
 
-        checkpoint("foundation")
-        t = time.perf_counter()
-        batch = self.config.batch or (8 if self.device.type == "cuda" else 1)
         plane_timings: dict = {}
-        stacked = run_planes(self.backend, image01, [plane_prompts[p] for p in self.planes], runner=run_foundation_fast,
-                             progress=lambda done, total: report("foundation", done / max(total, 1)),
-                             timings=plane_timings, crop=self.config.crop, batch=batch, stride=self.config.stride,
-                             cache=cache, should_stop=stop, context=bool(self.config.context))
-        multi = len(self.planes) > 1
-        masks = majority_vote(stacked) if multi else stacked[0]
-        timings["foundation"] = time.perf_counter() - t
+        with stages.stage("foundation", end=False):  # the runner reports the slices done
+            stacked = run_planes(self.backend, image01, [plane_prompts[p] for p in self.planes],
+                                 progress=lambda done, total: report("foundation", done / max(total, 1)),
+                                 timings=plane_timings, crop=self.config.crop,
+                                 batch=self.config.batch or default_batch(self.device), stride=self.config.stride,
+                                 cache=cache, should_stop=stages.stop, context=bool(self.config.context))
+            multi = len(self.planes) > 1
+            masks = majority_vote(stacked) if multi else stacked[0]
 
-        checkpoint("sdm")
-        t = time.perf_counter()
-        student = self.student
-        mode, band = self.student_mode()
-        roi = student_roi(stacked, _box_mask(prompts) if coarse is None else coarse)
-        # one plane: its (8, ...) masks; several: (P, 8, ...), fused into 8 SDM channels
-        foundation_input = stacked[(slice(None), slice(None)) + roi] if multi else masks[(slice(None),) + roi]
-        inputs = build_student_input(image01[roi], foundation_input, mode, band)
-        timings["sdm"] = time.perf_counter() - t
-        report("sdm", 1.0)
+        with stages.stage("sdm"):
+            student = self.student
+            mode, band = self.student_mode()
+            roi = student_roi(stacked, _box_mask(prompts) if coarse is None else coarse)
+            # one plane: its (8, ...) masks; several: (P, 8, ...), fused into 8 SDM channels
+            foundation_input = stacked[(slice(None), slice(None)) + roi] if multi else masks[(slice(None),) + roi]
+            inputs = build_student_input(image01[roi], foundation_input, mode, band)
 
-        checkpoint("student")
-        t = time.perf_counter()
-        report("student", 0.0)
-        mode_u = self.config.uncertainty or "none"
-        if mode_u not in UNCERTAINTY_MODES:
-            raise BasalSegError(f"uncertainty must be one of {', '.join(UNCERTAINTY_MODES)}; got {mode_u!r}")
-        offsets = self.student_offsets()
-        crop_probs = None
-        if keep_probabilities or mode_u != "none":
-            crop_classes, crop_probs = predict_student(student, inputs, self.device, logit_offsets=offsets,
-                                                       return_probabilities=True)
-        else:
-            crop_classes = predict_student(student, inputs, self.device, logit_offsets=offsets)
-        missing_idx = [s.class_index for s in STRUCTURES if s.key in missing]
-        for c in missing_idx:  # never invent a structure the prompter did not find
-            crop_classes[crop_classes == c] = 0
-            if crop_probs is not None:
-                crop_probs[0] += crop_probs[c]
-                crop_probs[c] = 0.0
-        probs = crop_probs if mode_u != "none" else None
-        classes = np.zeros(grid.shape, dtype=np.uint8)
-        classes[roi] = crop_classes
-        timings["student"] = time.perf_counter() - t
+        with stages.stage("student", begin=True, end=False):  # ends after the uncertainty below
+            mode_u = self.config.uncertainty or "none"
+            if mode_u not in UNCERTAINTY_MODES:
+                raise BasalSegError(f"uncertainty must be one of {', '.join(UNCERTAINTY_MODES)}; got {mode_u!r}")
+            offsets = self.student_offsets()
+            crop_probs = None
+            if keep_probabilities or mode_u != "none":
+                crop_classes, crop_probs = predict_student(student, inputs, self.device, logit_offsets=offsets,
+                                                           return_probabilities=True)
+            else:
+                crop_classes = predict_student(student, inputs, self.device, logit_offsets=offsets)
+            missing_idx = [s.class_index for s in STRUCTURES if s.key in missing]
+            for c in missing_idx:  # never invent a structure the prompter did not find
+                crop_classes[crop_classes == c] = 0
+                if crop_probs is not None:
+                    crop_probs[0] += crop_probs[c]
+                    crop_probs[c] = 0.0
+            probs = crop_probs if mode_u != "none" else None
+            classes = np.zeros(grid.shape, dtype=np.uint8)
+            classes[roi] = crop_classes
         uncertainty = None
         if probs is not None:
-            t = time.perf_counter()
-            voxel_ml = float(abs(np.linalg.det(grid.affine[:3, :3]))) / 1000.0
-            raw = softmax_measures(probs, crop_classes, missing_idx, voxel_ml=voxel_ml)
-            del probs
-            if mode_u == "flip":
-                flip = flip_probabilities(student, inputs, self.device, logit_offsets=offsets)
-                flip_classes = flip.argmax(0)
-                del flip
-                for c in missing_idx:
-                    flip_classes[flip_classes == c] = 0
-                for c, entry in raw.items():
-                    v_flip = int(np.count_nonzero(flip_classes == c)) * voxel_ml
-                    entry["flip_ml"] = v_flip
-                    entry["flip_half_diff_ml"] = 0.5 * abs(v_flip - entry["voxels"] * voxel_ml)
-            names = {s.class_index: s.name for s in STRUCTURES}
-            timings["uncertainty"] = time.perf_counter() - t
-            uncertainty = {"mode": mode_u, "measures": {names[c]: v for c, v in raw.items()},
-                           "seconds": timings["uncertainty"]}
+            with stages.timed("uncertainty"):
+                uncertainty = self._uncertainty(student, inputs, probs, crop_classes, missing_idx, grid, offsets, mode_u)
+            uncertainty["seconds"] = timings["uncertainty"]
         report("student", 1.0)
 
-        checkpoint("resample")
-        t = time.perf_counter()
-        labels_c = classes_to_labels(classes)
-        labels = resample_to_grid(labels_c, grid.affine, Grid(volume.shape, volume.affine), order=0)
-        timings["resample"] = time.perf_counter() - t
+        with stages.stage("resample", end=False):
+            labels_c = classes_to_labels(classes)
+            labels = resample_to_grid(labels_c, grid.affine, Grid(volume.shape, volume.affine), order=0)
         timings["total"] = time.perf_counter() - t0
-        if stop():
+        if stages.stop():
             raise Cancelled("cancelled during the resample stage")
         report("resample", 1.0)
         from .metrics import foundation_student_dice
@@ -504,18 +481,36 @@ class Pipeline:
                              plane_prompts=plane_prompts, uncertainty=uncertainty,
                              probabilities=crop_probs if keep_probabilities else None, roi=roi)
 
-    def _plane_prompts(self, prompts: PromptSet, coarse: np.ndarray | None, image01: np.ndarray, grid: Grid,
-                       found: list[str]) -> tuple[dict[str, PromptSet], str]:
-        """The prompts of every plane in ``config.planes``, and a note on where they come from.
+    def _uncertainty(self, student, inputs, probs, crop_classes, missing_idx, grid, offsets, mode) -> dict:
+        """The volume-uncertainty record (:mod:`basalseg.uncertainty`) from the student's
+        probabilities on its crop; ``"flip"`` also runs one mirrored student pass."""
+        voxel_ml = float(abs(np.linalg.det(grid.affine[:3, :3]))) / 1000.0
+        raw = softmax_measures(probs, crop_classes, missing_idx, voxel_ml=voxel_ml)
+        if mode == "flip":
+            flip = flip_probabilities(student, inputs, self.device, logit_offsets=offsets)
+            flip_classes = flip.argmax(0)
+            del flip
+            for c in missing_idx:
+                flip_classes[flip_classes == c] = 0
+            for c, entry in raw.items():
+                v_flip = int(np.count_nonzero(flip_classes == c)) * voxel_ml
+                entry["flip_ml"] = v_flip
+                entry["flip_half_diff_ml"] = 0.5 * abs(v_flip - entry["voxels"] * voxel_ml)
+        names = {s.class_index: s.name for s in STRUCTURES}
+        return {"mode": mode, "measures": {names[c]: v for c, v in raw.items()}}
+
+    def _plane_prompts(self, prompts: PromptSet, coarse: np.ndarray | None, image01: np.ndarray
+                       ) -> tuple[dict[str, PromptSet], str]:
+        """The prompts of every plane in ``config.planes`` (:func:`basalseg.prompts.plane_prompt_sets`,
+        the training cache's derivation), and a note on where they come from.
 
         Axial: ``prompts`` (generated or given). Coronal/sagittal: drawn from the prompt
-        generator's labelmap along that axis (run here when the prompts were given), keeping only
-        the structures the axial prompts have, so every plane agrees on which structures exist.
+        generator's labelmap ``coarse`` along that axis (the prompter is run here when the prompts
+        were given), keeping only the structures the axial prompts have.
         """
-        out = {"axial": prompts}
         others = [p for p in self.planes if p != "axial"]
         if not others:
-            return out, "axial prompts only"
+            return {"axial": prompts}, "axial prompts only"
         if coarse is None:
             log.warning("multi-plane fusion with given prompts: they are used on the axial slices; the %s "
                         "prompts come from the prompt generator (edits apply to the axial plane only)",
@@ -525,13 +520,7 @@ class Pipeline:
                     "(edits apply to the axial plane only; structures absent from the given prompts left out)")
         else:
             note = "all planes from the prompt generator's labelmap"
-        keep = set(found)
-        for plane in others:
-            ps = prompts_from_classes(coarse, grid, min_pixels=self.config.min_prompt_pixels, axis=PLANES[plane])
-            ps.prompts = [q for q in ps.prompts if q.structure in keep]
-            ps.source = {"generator": "prompter", "plane": plane}
-            out[plane] = ps
-        return out, note
+        return plane_prompt_sets(prompts, coarse, self.planes, min_pixels=self.config.min_prompt_pixels), note
 
     def provenance(self) -> dict:
         import monai
@@ -557,6 +546,37 @@ class Pipeline:
 def _prompt_localisation(loc) -> dict:
     """What a localised image's prompts record of the localisation (``PromptSet.template_to_input``)."""
     return {k: v for k, v in loc.to_dict().items() if k in ("applied", "template_to_input", "rotation_deg", "reason")}
+
+
+class _Stages:
+    """The bookkeeping around :meth:`Pipeline.segment_as_given`'s stages: seconds per stage
+    (``timings``), the progress callback (``report(stage, fraction)``) and the cancel check
+    (``stop()``)."""
+
+    def __init__(self, progress: ProgressFn | None, should_stop: Callable[[], bool] | None):
+        self.report: ProgressFn = progress or (lambda stage, fraction: None)
+        self.stop: Callable[[], bool] = should_stop or (lambda: False)
+        self.timings: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def timed(self, key: str):
+        """Record the seconds the block takes as ``timings[key]`` (when it does not raise)."""
+        t = time.perf_counter()
+        yield
+        self.timings[key] = time.perf_counter() - t
+
+    @contextlib.contextmanager
+    def stage(self, name: str, *, begin: bool = False, end: bool = True):
+        """One stage: raise :class:`Cancelled` when ``stop()`` says so, report ``(name, 0.0)`` when
+        ``begin``, time the block as ``timings[name]``, report ``(name, 1.0)`` when ``end``."""
+        if self.stop():
+            raise Cancelled(f"cancelled before the {name} stage")
+        if begin:
+            self.report(name, 0.0)
+        with self.timed(name):
+            yield
+        if end:
+            self.report(name, 1.0)
 
 
 def _list_or_none(offsets: np.ndarray | None) -> list[float] | None:

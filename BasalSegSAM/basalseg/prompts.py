@@ -59,6 +59,7 @@ __all__ = [
     "Prompt",
     "PromptSet",
     "prompts_from_classes",
+    "plane_prompt_sets",
     "prompt_from_mask",
     "load_prompts",
     "prompts_from_dict",
@@ -345,6 +346,44 @@ def prompts_from_classes(
         for k in np.nonzero(per_slice >= min_pixels)[0]:
             prompts.append(prompt_from_mask(mask[:, :, k], s.key, int(k), n_points, box_margin))
     return PromptSet(grid=grid, prompts=prompts, axis=axis)
+
+
+def plane_prompt_sets(axial: PromptSet, classes: np.ndarray | None, planes, min_pixels: int = 4
+                      ) -> dict[str, PromptSet]:
+    """The prompts of every plane of ``planes``, as inference and the training cache both use them.
+
+    Axial: ``axial`` itself (generated or given). Coronal and sagittal: drawn from the prompt
+    generator's labelmap ``classes`` (on ``axial.grid``) across that axis
+    (:func:`prompts_from_classes` with ``min_pixels``), keeping only the structures ``axial``
+    has, so every plane agrees on which structures exist; their ``source`` is
+    ``{"generator": "prompter", "plane": name}``.
+
+    Args:
+        axial: the axial prompts.
+        classes: ``(X, Y, Z)`` class-index labelmap; only read for coronal/sagittal planes.
+        planes: plane names (:func:`normalise_planes`).
+        min_pixels: as :func:`prompts_from_classes`.
+
+    Returns:
+        ``{plane: prompts}`` in the fixed order axial, coronal, sagittal, the planes asked for only
+        (``"axial"`` always included).
+
+    Raises:
+        ValueError: an unknown plane, or coronal/sagittal planes without ``classes``.
+    """
+    planes = normalise_planes(planes)
+    out = {"axial": axial}
+    keep = set(axial.structures_found())
+    for plane in planes:
+        if plane == "axial":
+            continue
+        if classes is None:
+            raise ValueError(f"{plane} prompts need the prompt generator's labelmap")
+        ps = prompts_from_classes(classes, axial.grid, min_pixels=min_pixels, axis=PLANES[plane])
+        ps.prompts = [q for q in ps.prompts if q.structure in keep]
+        ps.source = {"generator": "prompter", "plane": plane}
+        out[plane] = ps
+    return out
 
 
 def _parse(data: object, name: str) -> PromptSet:

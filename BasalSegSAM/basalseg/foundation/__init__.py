@@ -1,4 +1,11 @@
-"""Frozen 2D foundation backends behind one interface, and the volume runner.
+"""Frozen 2D foundation backends behind one interface, and the one volume runner.
+
+* :mod:`.base`: the backend protocols (:class:`FoundationBackend`, :class:`BatchedFoundationBackend`);
+* :mod:`.runner`: :func:`run_foundation` / :func:`~.runner.run_planes`, used by training,
+  inference, the benchmark and the Slicer worker; :mod:`.slices` (slice images, planes, context),
+  :mod:`.stride` (slice stride), :mod:`.slice_cache` (:class:`SliceMaskCache` and its file);
+* backends: :mod:`.litemedsam` (plain), :mod:`.litemedsam_fast` (with the speed levers of
+  :mod:`.litemedsam_encoder` and :mod:`.litemedsam_decoder`), :mod:`.sam2_backend`.
 
 Backends are imported lazily: ``sam2`` builds Hydra state on import, and neither is needed to
 read prompts or outputs.
@@ -6,10 +13,12 @@ read prompts or outputs.
 
 from __future__ import annotations
 
-from .base import FoundationBackend, pick_device
-from .runner import SliceMaskCache, run_foundation
+from .base import BatchedFoundationBackend, FoundationBackend, pick_device
+from .runner import run_foundation
+from .slice_cache import SliceMaskCache
 
-__all__ = ["FoundationBackend", "SliceMaskCache", "run_foundation", "make_backend", "BACKENDS", "pick_device"]
+__all__ = ["FoundationBackend", "BatchedFoundationBackend", "SliceMaskCache", "run_foundation", "make_backend",
+           "BACKENDS", "pick_device"]
 
 #: names accepted by :func:`make_backend` (and ``--foundation`` on the command line).
 BACKENDS = ("litemedsam", "sam2")
@@ -29,9 +38,9 @@ def make_backend(name: str, checkpoint: str | None = None, device: str | None = 
         ValueError: unknown backend name.
     """
     if name == "litemedsam":
-        # the same model and masks as LiteMedSAMBackend, faster (basalseg.foundation.fast);
+        # the same model and masks as LiteMedSAMBackend, faster (basalseg.foundation.litemedsam_fast);
         # options={"encoder": "torch", "fast_decoder": False} gives the plain module's path
-        from .fast import FastLiteMedSAMBackend
+        from .litemedsam_fast import FastLiteMedSAMBackend
 
         return FastLiteMedSAMBackend(checkpoint=checkpoint, device=device, **options)
     if name == "sam2":

@@ -14,16 +14,24 @@ Image and prompt conventions for backends (see :mod:`basalseg.prompts` for where
   ``points`` ``(N, P, 2)`` as ``(x, y)`` pixels, ``point_labels`` ``(N, P)`` with 1 positive and
   0 negative. It returns ``(N, H, W)`` boolean masks on that image's pixel grid.
 * Calling ``predict`` before ``set_image`` raises ``RuntimeError``.
+
+A :class:`BatchedFoundationBackend` also encodes several slices in one encoder pass
+(``encode(images) -> embeddings``) and decodes the prompts of one of them
+(``predict_on(embedding, boxes, points, point_labels)``, same conventions as ``predict``); the
+runner (:func:`basalseg.foundation.runner.run_foundation`) uses that interface when a backend
+has it (``isinstance(backend, BatchedFoundationBackend)``) and ``set_image``/``predict`` otherwise.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
-__all__ = ["FoundationBackend", "resize_longest_side", "pick_device", "check_prompt_arrays"]
+__all__ = ["FoundationBackend", "BatchedFoundationBackend", "resize_longest_side", "pick_device",
+           "check_prompt_arrays"]
 
 
 @runtime_checkable
@@ -50,6 +58,27 @@ class FoundationBackend(Protocol):
 
     def describe(self) -> dict:
         """Provenance: backend name, checkpoint path and sha256, configuration."""
+        ...
+
+
+@runtime_checkable
+class BatchedFoundationBackend(FoundationBackend, Protocol):
+    """A :class:`FoundationBackend` that also encodes several slices per encoder pass (the fast
+    LiteMedSAM backend, :class:`~basalseg.foundation.litemedsam_fast.FastLiteMedSAMBackend`)."""
+
+    def encode(self, images: Sequence[np.ndarray]) -> list[Any]:
+        """One embedding per image (each as ``set_image`` takes it), encoded in one batch."""
+        ...
+
+    def predict_on(
+        self,
+        embedding: Any,
+        boxes: np.ndarray,
+        points: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Masks ``(N, H, W)`` bool for ``N`` prompts on an image encoded by :meth:`encode`
+        (the conventions of ``predict``)."""
         ...
 
 

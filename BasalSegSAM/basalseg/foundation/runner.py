@@ -1,122 +1,86 @@
-"""Run a 2D foundation backend over a volume's prompted slices and stack the masks in 3D.
+"""The one foundation runner: a 2D backend over a volume's prompted slices, masks stacked in 3D.
+
+Training (:func:`basalseg.training.foundation_cache.build_foundation_cache`), inference
+(:class:`basalseg.pipeline.Pipeline`, and through it the Slicer worker) and the benchmark
+(:mod:`basalseg.bench`) all call :func:`run_foundation` (one plane) or :func:`run_planes`
+(several planes); only the options differ.
 
 For each slice that carries prompts, the slice is cut to the region of interest (the union of
-that slice's boxes plus a margin), encoded once, and all of its boxes are decoded together.
-Masks are pasted back into one boolean volume per structure on the canonical grid.
+that slice's boxes plus a margin, :func:`slice_roi`), encoded once, and all of its boxes are
+decoded together (:func:`prompt_arrays` gives them in the crop's pixels). Masks are pasted back
+into one boolean volume per structure on the canonical grid.
 
-**Planes.** The slices are those of the prompts' plane (``PromptSet.axis``: axial by default,
-coronal or sagittal for multi-plane fusion); :func:`slice_image` states each plane's row/column
-convention. :func:`run_planes` runs several planes and stacks them ``(P, 8, X, Y, Z)``.
-
-**3-slice context** (``context=True``, after SlideSAM): the image given to the backend is
-``(H, W, 3)`` whose colour channels are slices ``k-1, k, k+1`` of the same plane (clamped at
-the volume's first and last slice, where the missing neighbour is the slice itself), instead of
-slice ``k`` alone (which the backends repeat to 3 channels). Prompts and masks still belong to
-slice ``k``.
-
-A :class:`SliceMaskCache` remembers each slice's prompts and masks, so a rerun after prompt
-edits only recomputes the slices whose prompts changed (the Slicer module's Segment button).
-Its entries are keyed by plane and slice and tagged with the backend name and the context
-setting (:func:`cache_tag`), so masks made with context are never reused without it and
-vice versa.
+* **Backends.** A :class:`~basalseg.foundation.base.BatchedFoundationBackend` (the fast
+  LiteMedSAM) is given ``batch`` slices per encoder pass (``encode``) and decodes each with
+  ``predict_on``; any other :class:`~basalseg.foundation.base.FoundationBackend` (SAM-2, the plain
+  LiteMedSAM, test fakes) is run one slice at a time with ``set_image``/``predict``. With
+  ``batch=1`` both give the same masks for the same model.
+* **Planes and context**: the slices are those of the prompts' plane (``PromptSet.axis``);
+  ``context`` gives the backend slices ``k-1, k, k+1`` as its 3 channels
+  (:mod:`basalseg.foundation.slices`).
+* **Stride** (changes the masks): only the slices of
+  :func:`~basalseg.foundation.stride.plan_slices` are run, the others interpolated.
+* **Cache**: a :class:`~basalseg.foundation.slice_cache.SliceMaskCache` gives back the masks of
+  slices whose prompts did not change, and receives the new ones.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import dataclass, field
+import time
 from typing import Callable
 
 import numpy as np
+import torch
 
 from ..errors import Cancelled
-from ..prompts import Prompt, PromptSet, plane_axes, plane_name
+from ..prompts import Prompt, PromptSet
 from ..structures import STRUCTURES
-from .base import FoundationBackend
+from .base import BatchedFoundationBackend, FoundationBackend
+from .slice_cache import SliceMaskCache, cache_tag, prompt_signature
+from .slices import plane_view, slice_image
+from .stride import fill_between, plan_slices
 
-__all__ = ["run_foundation", "run_planes", "SliceMaskCache", "slice_image", "prompt_signature", "cache_tag",
-           "plane_view"]
+__all__ = ["run_foundation", "run_planes", "slice_roi", "prompt_arrays", "default_batch",
+           # re-exported from the modules that own them
+           "SliceMaskCache", "cache_tag", "prompt_signature", "plane_view", "slice_image"]
 
 ProgressFn = Callable[[int, int], None]
 
 
-def plane_view(array: np.ndarray, axis: int) -> np.ndarray:
-    """A view of ``array`` (``(..., X, Y, Z)``) whose last three axes are ``(x, y, slice)`` of the
-    plane across ``axis``: ``[..., x, y, k]`` addresses the voxel at slice ``k``, pixel ``(x, y)``
-    (axial: unchanged; coronal: ``(i, k, j)``; sagittal: ``(j, k, i)``). Writes go through to
-    ``array``."""
-    plane_axes(axis)
-    return np.moveaxis(array, array.ndim - 3 + axis, -1)
+def default_batch(device: str | torch.device | None) -> int:
+    """Slices per encoder batch when not told: 8 on CUDA, 1 on CPU (batches are slower there)."""
+    return 8 if device is not None and torch.device(device).type == "cuda" else 1
 
 
-def slice_image(volume01: np.ndarray, k: int, axis: int = 2, context: bool = False) -> np.ndarray:
-    """Slice ``k`` across ``axis`` as the 2D image backends see (rows ``y``, columns ``x``):
-
-    * axial (``axis=2``, default): ``volume[:, :, k].T``, shape ``(Y, X)``: rows ``j``, columns ``i``;
-    * coronal (``axis=1``): ``volume[:, k, :].T``, shape ``(Z, X)``: rows ``k``, columns ``i``;
-    * sagittal (``axis=0``): ``volume[k, :, :].T``, shape ``(Z, Y)``: rows ``k``, columns ``j``.
-
-    With ``context`` the result is ``(H, W, 3)``: channels are slices ``k-1, k, k+1`` of the
-    same plane, clamped at the ends (slice 0 gives channels ``0, 0, 1``; the last slice ``n-1``
-    gives ``n-2, n-1, n-1``).
-    """
-    view = plane_view(volume01, axis)
-    if not context:
-        return np.ascontiguousarray(view[:, :, k].T)
-    last = view.shape[2] - 1
-    ks = (max(k - 1, 0), k, min(k + 1, last))
-    return np.ascontiguousarray(np.stack([view[:, :, n].T for n in ks], axis=-1))
-
-
-def cache_tag(backend_name: str, context: bool = False) -> str:
-    """What a :class:`SliceMaskCache` entry records besides the prompts: the backend's name, plus
-    ``+context3`` for masks made with the 3-slice context."""
-    return f"{backend_name}+context3" if context else backend_name
-
-
-def prompt_signature(prompts: list[Prompt]) -> str:
-    """A stable hash of one slice's prompts (structure, box, points, labels)."""
-    payload = json.dumps([p.to_dict() for p in sorted(prompts, key=lambda p: p.structure)], sort_keys=True)
-    return hashlib.sha1(payload.encode()).hexdigest()
-
-
-@dataclass
-class SliceMaskCache:
-    """Masks already computed, per slice: ``{key: (signature, tag, {structure_key: (x0, y0, mask_xy)})}``.
-
-    ``key`` is the slice index ``k`` for an axial slice (as before planes existed, so caches
-    saved by the Slicer worker stay valid) and ``(plane, k)`` for a coronal or sagittal one
-    (:meth:`key`). ``tag`` is :func:`cache_tag` of the backend name and the context setting: an
-    entry is reused only for the same prompts, backend and context. ``mask_xy`` is a boolean
-    array indexed ``[x, y]`` placed at offset ``(x0, y0)`` of the slice.
-    """
-
-    entries: dict = field(default_factory=dict)
-
-    @staticmethod
-    def key(k: int, axis: int = 2):
-        """The entry key of slice ``k`` across ``axis``."""
-        return int(k) if axis == 2 else (plane_name(axis), int(k))
-
-    def get(self, k: int, signature: str, backend: str, *, context: bool = False, axis: int = 2):
-        entry = self.entries.get(self.key(k, axis))
-        if entry is not None and entry[0] == signature and entry[1] == cache_tag(backend, context):
-            return entry[2]
-        return None
-
-    def put(self, k: int, signature: str, backend: str, masks: dict, *, context: bool = False, axis: int = 2) -> None:
-        self.entries[self.key(k, axis)] = (signature, cache_tag(backend, context), masks)
-
-
-def _roi(prompts: list[Prompt], shape_xy: tuple[int, int], margin: int) -> tuple[int, int, int, int]:
-    """Crop ``(x0, y0, x1, y1)`` (half-open) covering all boxes on a slice plus ``margin``."""
+def slice_roi(prompts: list[Prompt], shape_xy: tuple[int, int], margin: int) -> tuple[int, int, int, int]:
+    """The crop ``(x0, y0, x1, y1)`` (half-open, in the slice's ``(x, y)`` pixels) covering every
+    box of one slice's ``prompts`` plus ``margin``, clipped to a slice of ``shape_xy = (nx, ny)``."""
     boxes = np.array([p.box for p in prompts], dtype=float)
     x0 = max(int(np.floor(boxes[:, 0].min())) - margin, 0)
     y0 = max(int(np.floor(boxes[:, 1].min())) - margin, 0)
     x1 = min(int(np.ceil(boxes[:, 2].max())) + 1 + margin, shape_xy[0])
     y1 = min(int(np.ceil(boxes[:, 3].max())) + 1 + margin, shape_xy[1])
     return x0, y0, x1, y1
+
+
+def prompt_arrays(on_slice: list[Prompt], x0: int = 0, y0: int = 0
+                  ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """One slice's prompts as the arrays a backend's ``predict`` takes, in the pixels of a crop
+    whose corner is ``(x0, y0)``: ``boxes`` ``(N, 4)`` XYXY float32, ``points`` ``(N, P, 2)``
+    ``(x, y)`` float32 and ``labels`` ``(N, P)`` int64 (None when no prompt has points). A prompt
+    with fewer than ``P`` points is padded with label -1, SAM's "not a point"."""
+    offset = np.array([x0, y0, x0, y0], dtype=np.float32)
+    boxes = np.array([p.box for p in on_slice], dtype=np.float32) - offset
+    n_pts = max((len(p.points) for p in on_slice), default=0)
+    points = labels = None
+    if n_pts:
+        points = np.zeros((len(on_slice), n_pts, 2), dtype=np.float32)
+        labels = np.full((len(on_slice), n_pts), -1, dtype=np.int64)
+        for n, p in enumerate(on_slice):
+            if p.points:
+                points[n, : len(p.points)] = np.asarray(p.points, dtype=np.float32) - offset[:2]
+                labels[n, : len(p.points)] = p.point_labels
+    return boxes, points, labels
 
 
 def run_foundation(
@@ -127,25 +91,37 @@ def run_foundation(
     crop: bool = True,
     crop_margin: int = 16,
     one_pass_per_slice: bool = True,
+    batch: int = 1,
+    stride: int = 1,
     cache: SliceMaskCache | None = None,
     progress: ProgressFn | None = None,
     should_stop: Callable[[], bool] | None = None,
     context: bool = False,
 ) -> np.ndarray:
-    """Foundation masks for every prompted slice, stacked in 3D.
+    """Foundation masks for every prompted slice of one plane, stacked in 3D.
 
     Args:
-        backend: any :class:`~basalseg.foundation.base.FoundationBackend`.
+        backend: any :class:`~basalseg.foundation.base.FoundationBackend`; a
+            :class:`~basalseg.foundation.base.BatchedFoundationBackend` is encoded ``batch``
+            slices at a time.
         volume01: ``(X, Y, Z)`` image on the canonical grid, intensities in [0, 1].
         prompts: prompts on the same grid; their ``axis`` says which plane's slices are run.
         crop: cut each slice to the union of its boxes plus ``crop_margin`` before encoding
             (more encoder pixels on the structures); ``False`` encodes the whole slice.
         one_pass_per_slice: encode each slice once for all its structures; ``False`` re-encodes
-            the slice for every structure (the naive baseline the benchmark compares against).
+            the slice for every structure through ``set_image`` (the naive baseline the benchmark
+            compares against; same masks).
+        batch: slices per encoder pass for a batched backend (ignored for the others);
+            :func:`default_batch` is what the pipeline uses when not told.
+        stride: run every ``stride``-th prompted slice plus each structure's first and last and
+            interpolate the others (:func:`~basalseg.foundation.stride.plan_slices`; changes the
+            masks); 1 runs every prompted slice.
         cache: reuse masks of slices whose prompts did not change; updated in place.
-        progress: called with ``(slices_done, slices_total)``.
-        should_stop: polled between slices; returning True raises :class:`~basalseg.errors.Cancelled`.
-        context: give the backend slices ``k-1, k, k+1`` as its 3 channels (module docstring).
+        progress: called with ``(slices_done, slices_total)``: once for the slices the cache
+            gave, then after each computed slice.
+        should_stop: polled before each encoder batch; returning True raises
+            :class:`~basalseg.errors.Cancelled`.
+        context: give the backend slices ``k-1, k, k+1`` as its 3 channels.
 
     Returns:
         ``(8, X, Y, Z)`` boolean masks in structure (class index) order.
@@ -153,25 +129,69 @@ def run_foundation(
     if volume01.shape != tuple(prompts.grid.shape):
         raise ValueError(f"image shape {volume01.shape} does not match the prompts' grid {tuple(prompts.grid.shape)}")
     axis = prompts.axis
+    nx, ny, _ = prompts.plane_shape()
     out = np.zeros((len(STRUCTURES),) + volume01.shape, dtype=bool)
     view = plane_view(out, axis)
     index = {s.key: s.class_index - 1 for s in STRUCTURES}
-    slices = prompts.slices()
-    for done, k in enumerate(slices):
+    plan = plan_slices(prompts, stride)
+    batched = one_pass_per_slice and isinstance(backend, BatchedFoundationBackend)
+    batch = max(int(batch), 1) if batched else 1
+    results: dict[int, dict] = {}
+    todo: list[int] = []
+    for k, on_slice in plan.items():
+        cached = None
+        if cache is not None:
+            cached = cache.get(k, prompt_signature(on_slice), backend.name, context=context, axis=axis)
+        if cached is not None:
+            results[k] = cached
+        else:
+            todo.append(k)
+    done, total = len(results), len(plan)
+    if done and progress is not None:
+        progress(done, total)
+    for start in range(0, len(todo), batch):
         if should_stop is not None and should_stop():
             raise Cancelled("cancelled during the foundation model")
-        on_slice = prompts.on_slice(k)
-        signature = prompt_signature(on_slice)
-        cached = cache.get(k, signature, backend.name, context=context, axis=axis) if cache is not None else None
-        if cached is None:
-            cached = _segment_slice(backend, volume01, k, on_slice, crop, crop_margin, one_pass_per_slice, axis, context)
+        chunk = todo[start : start + batch]
+        rois = [slice_roi(plan[k], (nx, ny), crop_margin) if crop else (0, 0, nx, ny) for k in chunk]
+        images = [slice_image(volume01, k, axis, context)[y0:y1, x0:x1] for k, (x0, y0, x1, y1) in zip(chunk, rois)]
+        embeddings = backend.encode(images) if batched else [None] * len(chunk)
+        for k, (x0, y0, _, _), image, embedding in zip(chunk, rois, images, embeddings):
+            on_slice = plan[k]
+            boxes, points, labels = prompt_arrays(on_slice, x0, y0)
+            if batched:
+                masks = backend.predict_on(embedding, boxes, points, labels)
+            elif one_pass_per_slice:
+                backend.set_image(image)
+                masks = backend.predict(boxes, points, labels)
+            else:
+                masks = _one_pass_per_structure(backend, image, boxes, points, labels)
+            entry = {p.structure: (x0, y0, np.ascontiguousarray(m.T)) for p, m in zip(on_slice, masks)}
+            results[k] = entry
             if cache is not None:
-                cache.put(k, signature, backend.name, cached, context=context, axis=axis)
-        for key, (x0, y0, mask_xy) in cached.items():
+                cache.put(k, prompt_signature(on_slice), backend.name, entry, context=context, axis=axis)
+            done += 1
+            if progress is not None:
+                progress(done, total)
+    for k, entry in results.items():
+        for key, (x0, y0, mask_xy) in entry.items():
             view[index[key], x0 : x0 + mask_xy.shape[0], y0 : y0 + mask_xy.shape[1], k] |= mask_xy
-        if progress is not None:
-            progress(done + 1, len(slices))
+    if stride > 1:
+        fill_between(out, prompts, plan, index)
+        if progress is not None:  # the interpolation is part of the stage: report its end
+            progress(total, total)
     return out
+
+
+def _one_pass_per_structure(backend: FoundationBackend, image: np.ndarray, boxes: np.ndarray,
+                            points: np.ndarray | None, labels: np.ndarray | None) -> np.ndarray:
+    """The naive way: the slice encoded again for each structure, one box per decoder call."""
+    masks = []
+    for n in range(len(boxes)):
+        backend.set_image(image)
+        masks.append(backend.predict(boxes[n : n + 1], None if points is None else points[n : n + 1],
+                                     None if labels is None else labels[n : n + 1])[0])
+    return np.stack(masks)
 
 
 def run_planes(
@@ -179,29 +199,24 @@ def run_planes(
     volume01: np.ndarray,
     prompt_sets: list[PromptSet],
     *,
-    runner: Callable | None = None,
     progress: ProgressFn | None = None,
     timings: dict | None = None,
     **options,
 ) -> np.ndarray:
-    """Run the foundation model on each plane's prompts and stack the results.
+    """:func:`run_foundation` on each plane's prompts, results stacked.
 
     Args:
         backend: any backend.
         volume01: ``(X, Y, Z)`` canonical image in [0, 1].
-        prompt_sets: one :class:`PromptSet` per plane (their ``axis`` picks the plane).
-        runner: :func:`run_foundation` (default) or
-            :func:`~basalseg.foundation.fast.run_foundation_fast` (or a ``functools.partial`` of it).
+        prompt_sets: one prompt set per plane (their ``axis`` differ).
         progress: ``(slices_done, slices_total)`` over all planes.
         timings: when given, filled with ``{plane: {"seconds": s, "slices": n}}``.
-        options: passed to the runner (``crop``, ``context``, ``cache``, ``should_stop``, ...).
+        options: passed to :func:`run_foundation` (``crop``, ``context``, ``batch``, ``stride``,
+            ``cache``, ``should_stop``, ...).
 
     Returns:
         ``(P, 8, X, Y, Z)`` boolean masks, planes in the order given.
     """
-    import time
-
-    runner = runner or run_foundation
     totals = [len(ps.slices()) for ps in prompt_sets]
     total = max(sum(totals), 1)
     out = None
@@ -211,7 +226,7 @@ def run_planes(
         if progress is not None:
             report = lambda done, _t, before=before: progress(before + done, total)
         t = time.perf_counter()
-        masks = runner(backend, volume01, ps, progress=report, **options)
+        masks = run_foundation(backend, volume01, ps, progress=report, **options)
         if len(prompt_sets) == 1:
             out = masks[None]  # one plane (the default): a view, no copy
         else:
@@ -224,33 +239,3 @@ def run_planes(
     if out is None:
         raise ValueError("run_planes needs at least one prompt set")
     return out
-
-
-def _segment_slice(backend, volume01, k, on_slice, crop, crop_margin, one_pass_per_slice, axis=2, context=False):
-    u, v = plane_axes(axis)
-    nx, ny = volume01.shape[u], volume01.shape[v]
-    x0, y0, x1, y1 = _roi(on_slice, (nx, ny), crop_margin) if crop else (0, 0, nx, ny)
-    image = slice_image(volume01, k, axis, context)[y0:y1, x0:x1]
-    offset = np.array([x0, y0, x0, y0], dtype=np.float32)
-    boxes = np.array([p.box for p in on_slice], dtype=np.float32) - offset
-    n_pts = max((len(p.points) for p in on_slice), default=0)
-    points = labels = None
-    if n_pts:
-        # Prompts with fewer points are padded with label -1, SAM's "not a point".
-        points = np.zeros((len(on_slice), n_pts, 2), dtype=np.float32)
-        labels = np.full((len(on_slice), n_pts), -1, dtype=np.int64)
-        for n, p in enumerate(on_slice):
-            if p.points:
-                points[n, : len(p.points)] = np.asarray(p.points, dtype=np.float32) - offset[:2]
-                labels[n, : len(p.points)] = p.point_labels
-    if one_pass_per_slice:
-        backend.set_image(image)
-        masks = backend.predict(boxes, points, labels)
-    else:
-        masks = []
-        for n in range(len(on_slice)):
-            backend.set_image(image)
-            masks.append(backend.predict(boxes[n : n + 1], None if points is None else points[n : n + 1],
-                                         None if labels is None else labels[n : n + 1])[0])
-        masks = np.stack(masks)
-    return {p.structure: (x0, y0, np.ascontiguousarray(m.T)) for p, m in zip(on_slice, masks)}

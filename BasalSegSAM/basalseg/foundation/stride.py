@@ -12,7 +12,7 @@ import numpy as np
 
 from ..prompts import Prompt, PromptSet
 from ..structures import STRUCTURES
-from .runner import plane_view
+from .slices import plane_view
 
 __all__ = ["fill_between", "interpolate_mask", "plan_slices", "stride_masks"]
 
@@ -42,10 +42,10 @@ def plan_slices(prompts: PromptSet, stride: int = 1) -> dict[int, list[Prompt]]:
 
 
 def stride_masks(masks: np.ndarray, prompts: PromptSet, stride: int) -> np.ndarray:
-    """What :func:`run_foundation_fast` with ``stride`` returns, given the all-slices masks
-    ``(8, X, Y, Z)`` of the same backend: the run slices are kept and the others interpolated. (A
-    run slice's masks do not depend on the stride, see :func:`plan_slices`.) Used to measure the
-    quality cost of a stride without running the model again."""
+    """What :func:`~basalseg.foundation.runner.run_foundation` with ``stride`` returns, given the
+    all-slices masks ``(8, X, Y, Z)`` of the same backend: the run slices are kept and the others
+    interpolated. (A run slice's masks do not depend on the stride, see :func:`plan_slices`.) Used
+    to measure the quality cost of a stride without running the model again."""
     plan = plan_slices(prompts, stride)
     out = np.zeros_like(masks)
     view, src = plane_view(out, prompts.axis), plane_view(masks, prompts.axis)

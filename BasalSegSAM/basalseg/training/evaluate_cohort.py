@@ -15,7 +15,7 @@ the canonical 1 mm grid (the grid the networks work on), with the metrics of
   pipeline runs it, and the first student also without it (``<name> (uncalibrated)``);
 * with ``--stride K`` (or several, ``--stride 2,3``): ``foundation alone (stride K)`` and
   ``<first student> (stride K)`` for each K, what a ``basalseg segment --stride K`` run gives,
-  derived exactly from the cached all-slices masks (:func:`basalseg.foundation.fast.stride_masks`):
+  derived exactly from the cached all-slices masks (:func:`basalseg.foundation.stride.stride_masks`):
   the speed lever's quality check.
 
 The foundation model runs once per case from the prompter's prompts without jitter, and the
@@ -62,9 +62,9 @@ def _full(crop: np.ndarray, start: tuple[int, ...], shape: tuple[int, ...]) -> n
 
 def _strided(case, stride: int) -> np.ndarray:
     """The case's cached (all-slices) masks as a ``stride`` run would have given them, on the case's
-    crop (:func:`basalseg.foundation.fast.stride_masks` works on the full canonical grid, where the
+    crop (:func:`basalseg.foundation.stride.stride_masks` works on the full canonical grid, where the
     prompts' slice numbers live)."""
-    from ..foundation.fast import stride_masks
+    from ..foundation.stride import stride_masks
 
     full = _full(case.masks, case.roi_start, case.full_shape)
     out = stride_masks(full, case.prompts, stride)

@@ -7,7 +7,8 @@ costs ~2 s per slice on a CPU. For each prepared case:
 2. for training scans each box corner is jittered by up to ``jitter`` pixels (uniform integer,
    seeded per case), so the student sees foundation masks from imperfect prompts, as it will
    on new scans; held-out scans use ``jitter=0``;
-3. the backend runs on the prompted slices (:func:`basalseg.foundation.run_foundation`);
+3. the backend runs on the prompted slices through the runner inference uses
+   (:func:`basalseg.foundation.runner.run_planes`, one encoder pass per slice, no stride);
 4. the student's crop (:func:`basalseg.student.student_roi`) of image, labels, foundation masks
    and the prompter's labelmap is saved to ``<cache>/<name>.npz``, with the prompts and the
    backend's description.
@@ -17,8 +18,9 @@ resumes.
 
 **Variants** (``docs/CONTEXT_AND_PLANES.md``): ``context=True`` runs the foundation model with
 the 3-slice context; ``planes=("axial", "coronal", "sagittal")`` also runs it on coronal and
-sagittal slices, prompted from the prompter's labelmap along those axes (the structures of the
-axial prompts only, as in the pipeline; each plane's boxes jittered like the axial ones). A
+sagittal slices, prompted from the prompter's labelmap along those axes
+(:func:`basalseg.prompts.plane_prompt_sets`, the pipeline's derivation: the structures of the
+axial prompts only; each plane's boxes jittered like the axial ones). A
 multi-plane case stores its masks per plane, ``(P, 8, X, Y, Z)``, and the student reads their
 fused SDM (:func:`basalseg.student.build_student_input`); :attr:`CachedCase.foundation_masks`
 is the majority vote. Give each variant its own cache folder (:func:`variant_name`).
@@ -41,11 +43,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..foundation import FoundationBackend, run_foundation
+from ..foundation import FoundationBackend
 from ..foundation.runner import run_planes
 from ..outputs import atomic_write_bytes
 from ..prompter import generate_prompts
-from ..prompts import PLANES, PromptSet, normalise_planes, prompts_from_classes, prompts_from_dict
+from ..prompts import PLANES, PromptSet, normalise_planes, plane_prompt_sets, prompts_from_dict
 from ..sdm import majority_vote
 from ..student import student_roi
 from .prepare import load_prepared
@@ -147,17 +149,12 @@ def build_foundation_cache(prepared: list[str | os.PathLike], prompter: torch.nn
         prompter_s = time.perf_counter() - t
         rng = np.random.default_rng([seed, zlib.crc32(case.name.encode())])
         prompts = jitter_prompts(prompts, jitter, rng)  # axial first: the default variant's draws are unchanged
-        found = set(prompts.structures_found())
-        sets = {"axial": prompts}
-        for plane in planes:
-            if plane != "axial":
-                ps = prompts_from_classes(coarse, case.grid, axis=PLANES[plane])
-                ps.prompts = [q for q in ps.prompts if q.structure in found]
-                ps.source = {"generator": "prompter", "plane": plane}
-                sets[plane] = jitter_prompts(ps, jitter, rng)
+        # the other planes' prompts as the pipeline draws them, each jittered in plane order
+        sets = {plane: ps if plane == "axial" else jitter_prompts(ps, jitter, rng)
+                for plane, ps in plane_prompt_sets(prompts, coarse, planes).items()}
         plane_timing: dict = {}
-        stacked = run_planes(backend, case.image01, [sets[p] for p in planes], runner=run_foundation,
-                             timings=plane_timing, crop=crop, context=bool(context))
+        stacked = run_planes(backend, case.image01, [sets[p] for p in planes], timings=plane_timing, crop=crop,
+                             context=bool(context))
         timing = {"foundation_s": round(sum(v["seconds"] for v in plane_timing.values()), 4),
                   "prompter_s": round(prompter_s, 4),
                   "planes": {p: {"seconds": round(v["seconds"], 4), "slices": v["slices"]} for p, v in plane_timing.items()},

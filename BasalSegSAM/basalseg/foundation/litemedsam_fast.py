@@ -1,23 +1,22 @@
-"""The fast LiteMedSAM backend and the volume runner (measured in ``benchmarks/README.md``).
+"""The fast LiteMedSAM backend: LiteMedSAM with the speed levers (measured in ``benchmarks/README.md``).
 
-:class:`FastLiteMedSAMBackend` is LiteMedSAM with the speed levers; the levers themselves live in
+:class:`FastLiteMedSAMBackend` is a :class:`~basalseg.foundation.base.BatchedFoundationBackend`
+(``encode`` several slices per pass, ``predict_on`` one of them) with the same masks as
+:class:`~basalseg.foundation.litemedsam.LiteMedSAMBackend`. Its levers live in
 
 * :mod:`~basalseg.foundation.litemedsam_encoder` (the TinyViT encoder: BatchNorm folded, the
-  first stage in row bands, ONNX Runtime, ...),
+  first stage in row bands, :class:`FusedTinyViT`, ONNX Runtime, ``torch.compile``,
+  :func:`resize_encoder`),
 * :mod:`~basalseg.foundation.litemedsam_decoder` (:class:`FastMaskDecoder`, the re-associated
-  mask decoder),
-* :mod:`~basalseg.foundation.stride` (the optional slice stride, which changes the masks).
+  mask decoder).
 
-Their names are re-exported here. :func:`run_foundation_fast` runs any plane (the prompts'
-``axis``), batches slices through the encoder when asked (slower on CPU, meant for CUDA) and
-takes ``context`` (the 3-slice context, see :mod:`basalseg.foundation.runner`);
-:class:`FastLiteMedSAMBackend` accepts ``(H, W)`` and ``(H, W, 3)`` images like
-:class:`~basalseg.foundation.litemedsam.LiteMedSAMBackend`.
+The volume runner (crop, batches, stride, context, planes, cache) is
+:func:`basalseg.foundation.runner.run_foundation`, the same for every backend.
 
-Levers that change the masks (off by default, quality measured by the benchmark): ``stride``
-(:func:`plan_slices`) and ``input_size`` below 256 (:func:`resize_encoder`; Dice 0.81 against
-the 256 masks at 192). Options that keep the masks but only pay off in long runs:
-``encoder="compile"`` (``torch.compile``) and ``encoder="onnx"``.
+Levers that change the masks (off by default, quality measured by the benchmark): ``input_size``
+below 256 (:func:`resize_encoder`; Dice 0.81 against the 256 masks at 192) and the runner's
+``stride``. Options that keep the masks but only pay off in long runs: ``encoder="compile"``
+(``torch.compile``) and ``encoder="onnx"``.
 
 On CUDA the encoder and decoder run under ``torch.inference_mode`` with bf16 autocast (``amp``)
 and channels-last tensors.
@@ -27,43 +26,23 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import BackendUnavailableError, Cancelled
+from ..errors import BackendUnavailableError
 from ..options import ENCODERS
-from ..prompts import Prompt, PromptSet
-from ..structures import STRUCTURES
+from .base import check_prompt_arrays
 from .litemedsam import LiteMedSAMBackend
 from .litemedsam_decoder import FastMaskDecoder, SliceEmbedding
-from .litemedsam_encoder import (BandedMBConv, FusedTinyViT, OrtEncoder, fold_batchnorm, onnx_cache_path,
-                                 optimise_encoder, resize_encoder)
-from .runner import SliceMaskCache, _roi, plane_view, prompt_signature, slice_image
-from .stride import fill_between, interpolate_mask, plan_slices, stride_masks
+from .litemedsam_encoder import OrtEncoder, fold_batchnorm, optimise_encoder, resize_encoder
 
-__all__ = [
-    "ENCODERS",
-    "BandedMBConv",
-    "FastLiteMedSAMBackend",
-    "FastMaskDecoder",
-    "FusedTinyViT",
-    "SliceEmbedding",
-    "fold_batchnorm",
-    "interpolate_mask",
-    "onnx_cache_path",
-    "optimise_encoder",
-    "plan_slices",
-    "resize_encoder",
-    "run_foundation_fast",
-    "stride_masks",
-]
+__all__ = ["ENCODERS", "FastLiteMedSAMBackend"]
 
 log = logging.getLogger("basalseg")
 
-ProgressFn = Callable[[int, int], None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,8 +51,9 @@ ProgressFn = Callable[[int, int], None]
 
 
 class FastLiteMedSAMBackend(LiteMedSAMBackend):
-    """LiteMedSAM with the speed levers; a drop-in :class:`~basalseg.foundation.base.FoundationBackend`
-    (same ``name``, so slice caches and students trained with ``litemedsam`` stay valid).
+    """LiteMedSAM with the speed levers; a drop-in
+    :class:`~basalseg.foundation.base.BatchedFoundationBackend` (same ``name``, so slice caches and
+    students trained with ``litemedsam`` stay valid).
 
     Args:
         checkpoint, device, use_points, threshold: as :class:`LiteMedSAMBackend`.
@@ -172,8 +152,6 @@ class FastLiteMedSAMBackend(LiteMedSAMBackend):
     def predict_on(self, sl: SliceEmbedding, boxes: np.ndarray, points: np.ndarray | None = None,
                    point_labels: np.ndarray | None = None) -> np.ndarray:
         """Masks ``(N, H, W)`` for N prompts on an encoded slice (see ``predict``)."""
-        from .base import check_prompt_arrays
-
         boxes, points, point_labels = check_prompt_arrays(boxes, points, point_labels)
         h, w = sl.image_hw
         if len(boxes) == 0:
@@ -198,104 +176,3 @@ class FastLiteMedSAMBackend(LiteMedSAMBackend):
         crop = low[:, None, : int(round(nh * size / self.native_size)), : int(round(nw * size / self.native_size))]
         logits = F.interpolate(crop.float(), size=(h, w), mode="bilinear", align_corners=False)
         return (logits[:, 0] > self.threshold).cpu().numpy()
-
-
-# ---------------------------------------------------------------------------------------------
-# runner: batched slices, optional slice stride
-# ---------------------------------------------------------------------------------------------
-
-
-def run_foundation_fast(
-    backend,
-    volume01: np.ndarray,
-    prompts: PromptSet,
-    *,
-    crop: bool = True,
-    crop_margin: int = 16,
-    batch: int = 1,
-    stride: int = 1,
-    cache: SliceMaskCache | None = None,
-    progress: ProgressFn | None = None,
-    should_stop: Callable[[], bool] | None = None,
-    context: bool = False,
-) -> np.ndarray:
-    """:func:`~basalseg.foundation.runner.run_foundation` with slices encoded ``batch`` at a time
-    and an optional slice ``stride`` (:func:`plan_slices`). With ``batch=1, stride=1`` and the same
-    backend it gives the same masks as ``run_foundation`` (one encoder pass per slice).
-
-    The slices are those of the prompts' plane (``prompts.axis``); ``context`` gives the backend
-    slices ``k-1, k, k+1`` as its 3 channels (:func:`~basalseg.foundation.runner.slice_image`).
-
-    Backends without ``encode``/``predict_on`` (any :class:`FoundationBackend`) are run one slice
-    at a time with ``set_image``/``predict``.
-    """
-    if volume01.shape != tuple(prompts.grid.shape):
-        raise ValueError(f"image shape {volume01.shape} does not match the prompts' grid {tuple(prompts.grid.shape)}")
-    axis = prompts.axis
-    nx, ny, _ = prompts.plane_shape()
-    out = np.zeros((len(STRUCTURES),) + volume01.shape, dtype=bool)
-    view = plane_view(out, axis)
-    index = {s.key: s.class_index - 1 for s in STRUCTURES}
-    plan = plan_slices(prompts, stride)
-    batched = hasattr(backend, "encode") and hasattr(backend, "predict_on")
-    batch = max(int(batch), 1) if batched else 1
-    todo: list[int] = []
-    results: dict[int, dict] = {}
-    for k, on_slice in plan.items():
-        signature = prompt_signature(on_slice)
-        cached = cache.get(k, signature, backend.name, context=context, axis=axis) if cache is not None else None
-        if cached is not None:
-            results[k] = cached
-        else:
-            todo.append(k)
-    done = len(results)
-    total = len(plan)
-    for start in range(0, len(todo), batch):
-        if should_stop is not None and should_stop():
-            raise Cancelled("cancelled during the foundation model")
-        chunk = todo[start : start + batch]
-        rois, images = [], []
-        for k in chunk:
-            x0, y0, x1, y1 = _roi(plan[k], (nx, ny), crop_margin) if crop else (0, 0, nx, ny)
-            rois.append((x0, y0, x1, y1))
-            images.append(slice_image(volume01, k, axis, context)[y0:y1, x0:x1])
-        embeddings = backend.encode(images) if batched else [None] * len(chunk)
-        for k, (x0, y0, _, _), image, emb in zip(chunk, rois, images, embeddings):
-            on_slice = plan[k]
-            boxes, points, labels = _prompt_arrays(on_slice, x0, y0)
-            if batched:
-                masks = backend.predict_on(emb, boxes, points, labels)
-            else:
-                backend.set_image(image)
-                masks = backend.predict(boxes, points, labels)
-            entry = {p.structure: (x0, y0, np.ascontiguousarray(m.T)) for p, m in zip(on_slice, masks)}
-            results[k] = entry
-            if cache is not None:
-                cache.put(k, prompt_signature(on_slice), backend.name, entry, context=context, axis=axis)
-            done += 1
-            if progress is not None:
-                progress(done, total)
-    for k, entry in results.items():
-        for key, (x0, y0, mask_xy) in entry.items():
-            view[index[key], x0 : x0 + mask_xy.shape[0], y0 : y0 + mask_xy.shape[1], k] |= mask_xy
-    if stride > 1:
-        fill_between(out, prompts, plan, index)
-        if progress is not None:  # the interpolation is part of the stage: report its end
-            progress(total, total)
-    return out
-
-
-
-def _prompt_arrays(on_slice: list[Prompt], x0: int, y0: int):
-    offset = np.array([x0, y0, x0, y0], dtype=np.float32)
-    boxes = np.array([p.box for p in on_slice], dtype=np.float32) - offset
-    n_pts = max((len(p.points) for p in on_slice), default=0)
-    points = labels = None
-    if n_pts:
-        points = np.zeros((len(on_slice), n_pts, 2), dtype=np.float32)
-        labels = np.full((len(on_slice), n_pts), -1, dtype=np.int64)
-        for n, p in enumerate(on_slice):
-            if p.points:
-                points[n, : len(p.points)] = np.asarray(p.points, dtype=np.float32) - offset[:2]
-                labels[n, : len(p.points)] = p.point_labels
-    return boxes, points, labels
