@@ -183,6 +183,49 @@ def layer_violations(every: dict[str, list[tuple[str, int]]], modules: dict[str,
     return problems
 
 
+#: the layers of docs/ARCHITECTURE.md, lowest first: a module may import its own layer and the
+#: layers below, never one above. A module is placed by its longest listed prefix; a new module
+#: outside every prefix fails the test until it is given a layer (here and in the doc).
+LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("base", ("basalseg", "errors", "options", "structures", "spatial", "imageio", "intensity", "metrics",
+              "progress", "staging", "outputs", "download", "catalogue", "data.atlas", "data.cohort",
+              "data.settings")),
+    ("stages", ("prompter", "prompts", "foundation", "sdm", "student", "networks", "weights", "calibration",
+                "uncertainty", "localise", "inputcheck", "scan_qc", "cohortqc", "icv")),
+    ("pipeline", ("pipeline",)),
+    ("results", ("results", "qc")),
+    ("workflows", ("bids", "batch", "cluster", "longitudinal", "report", "evaluation", "bench", "data",
+                   "training")),
+    ("commands", ("commands", "__main__")),
+)
+
+
+def layer_of(module: str) -> int | None:
+    """Index in :data:`LAYERS` of a ``basalseg`` module (None: not placed)."""
+    name = module[len("basalseg."):] if module.startswith("basalseg.") else module
+    best, length = None, -1
+    for index, (_, prefixes) in enumerate(LAYERS):
+        for prefix in prefixes:
+            if (name == prefix or name.startswith(prefix + ".")) and len(prefix) > length:
+                best, length = index, len(prefix)
+    return best
+
+
+def upward_imports(edges: dict[str, set[str]]) -> list[str]:
+    """Imports from a lower layer into a higher one, and modules no layer holds."""
+    problems = []
+    for m in sorted(edges):
+        here = layer_of(m)
+        if here is None:
+            problems.append(f"{m} is in no layer (add it to LAYERS and docs/ARCHITECTURE.md)")
+            continue
+        for target in sorted(edges[m]):
+            there = layer_of(target)
+            if there is not None and there > here:
+                problems.append(f"{m} ({LAYERS[here][0]}) imports {target} ({LAYERS[there][0]}), a layer above it")
+    return problems
+
+
 # ---------------------------------------------------------------------------------------------
 # the tests
 # ---------------------------------------------------------------------------------------------
@@ -221,6 +264,17 @@ def test_only_the_command_layer_knows_the_command_line():
         assert name in modules, name
 
 
+def test_imports_run_down_the_layers():
+    edges, _ = import_graph()
+    assert layer_of("basalseg.foundation.runner") == 1 and layer_of("basalseg.data.atlas") == 0
+    assert layer_of("basalseg.data.synth") == 4 and layer_of("basalseg.commands.segment") == 5
+    problems = upward_imports(edges)
+    assert not problems, "\n".join(problems)
+    assert upward_imports({"basalseg.spatial": {"basalseg.pipeline"}, "basalseg.new_thing": set()}) == [
+        "basalseg.new_thing is in no layer (add it to LAYERS and docs/ARCHITECTURE.md)",
+        "basalseg.spatial (base) imports basalseg.pipeline (pipeline), a layer above it"]
+
+
 if __name__ == "__main__":  # pragma: no cover - a report for any tree
     folder = Path(sys.argv[1]) if len(sys.argv) > 1 else PACKAGE_DIR
     graph, imports = import_graph(folder)
@@ -228,3 +282,5 @@ if __name__ == "__main__":  # pragma: no cover - a report for any tree
         print("cycle:", " -> ".join(c))
     for problem in layer_violations(imports, module_names(folder)):
         print("layer:", problem)
+    for problem in upward_imports(graph):
+        print("layers:", problem)
