@@ -27,7 +27,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from .processrunner import CANCELLED, FAILED, RUNNING, SUCCEEDED, ProcessRunner, RunnerEvent
+from .processrunner import CANCELLED, FAILED, RUNNING, SUCCEEDED, ProcessRunner, RunnerEvent, pollUntilFinished
 
 __all__ = ["JobResult", "BasalSegJob", "pythonExecutable", "moduleDirectory", "childEnvironment",
            "defaultCommandPrefix", "makeWorkDir", "JOB_KINDS"]
@@ -205,17 +205,7 @@ class BasalSegJob:
 
     def wait(self, timeout: Optional[float] = None, onEvent: Optional[Callable[[RunnerEvent], None]] = None) -> str:
         """Poll until the job is over (or ``timeout``); return the state."""
-        import time
-
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self.finished:
-            for event in self.poll():
-                if onEvent is not None:
-                    onEvent(event)
-            if self.finished or (deadline is not None and time.monotonic() > deadline):
-                break
-            time.sleep(0.05)
-        return self.state
+        return pollUntilFinished(self, timeout, onEvent=onEvent)
 
     def details(self) -> str:
         return self.runner.details()

@@ -42,6 +42,7 @@ from typing import Callable, Optional, Protocol, Sequence
 __all__ = [
     "RunnerEvent",
     "ProcessRunner",
+    "pollUntilFinished",
     "PopenLike",
     "defaultLauncher",
     "killProcessTree",
@@ -354,15 +355,7 @@ class ProcessRunner:
     def wait(self, timeout: Optional[float] = None, pollInterval: float = 0.05,
              onEvent: Optional[Callable[[RunnerEvent], None]] = None) -> str:
         """Poll until the run is over (or ``timeout`` seconds passed); return the state."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self.finished:
-            for event in self.poll():
-                if onEvent is not None:
-                    onEvent(event)
-            if self.finished or (deadline is not None and time.monotonic() > deadline):
-                break
-            time.sleep(pollInterval)
-        return self.state
+        return pollUntilFinished(self, timeout, pollInterval, onEvent)
 
     def details(self) -> str:
         """The command and the last standard-error lines (for an error dialog's details)."""
@@ -380,3 +373,19 @@ def _unit(value) -> float:
         return min(1.0, max(0.0, float(value)))
     except (TypeError, ValueError):
         return 0.0
+
+
+def pollUntilFinished(job, timeout: Optional[float] = None, pollInterval: float = 0.05,
+                      onEvent: Optional[Callable[[RunnerEvent], None]] = None) -> str:
+    """Call ``job.poll()`` (a :class:`ProcessRunner` or anything with ``poll``, ``finished`` and
+    ``state``) until ``job.finished`` or ``timeout`` seconds; hand every event to ``onEvent``;
+    return ``job.state``."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not job.finished:
+        for event in job.poll():
+            if onEvent is not None:
+                onEvent(event)
+        if job.finished or (deadline is not None and time.monotonic() > deadline):
+            break
+        time.sleep(pollInterval)
+    return job.state

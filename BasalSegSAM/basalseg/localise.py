@@ -53,7 +53,7 @@ from functools import lru_cache
 import numpy as np
 from scipy import ndimage
 
-from .data.atlas import _FLIP, _to_sitk  # the atlas warp's canonical-array <-> SimpleITK conversion
+from .data.atlas import _FLIP, _sitk_affine_to_ras, _to_sitk  # the atlas warp's canonical-array <-> SimpleITK conversion
 from .errors import BasalSegError
 from .imageio import Volume
 from .spatial import Grid, canonical_grid, resample_to_grid, to_canonical
@@ -267,13 +267,7 @@ def register_rigid(volume: Volume, threads: int = 1) -> tuple[np.ndarray, float]
     finally:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous)
     value, tr = best
-    a = np.asarray(tr.GetMatrix(), dtype=np.float64).reshape(3, 3)
-    centre = np.asarray(tr.GetCenter(), dtype=np.float64)
-    offset = centre + np.asarray(tr.GetTranslation(), dtype=np.float64) - a @ centre
-    matrix = np.eye(4)
-    matrix[:3, :3] = _FLIP @ a @ _FLIP
-    matrix[:3, 3] = _FLIP @ offset
-    return matrix, float(value)
+    return _sitk_affine_to_ras(tr), float(value)
 
 
 def _rotation_angles(m: np.ndarray) -> list[float]:

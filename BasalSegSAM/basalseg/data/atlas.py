@@ -328,6 +328,18 @@ def _sitk():
     return sitk
 
 
+def _sitk_affine_to_ras(transform) -> np.ndarray:
+    """A SimpleITK affine/Euler transform (LPS physical space, about its centre) as the 4x4 RAS
+    world matrix it applies (fixed world -> moving world)."""
+    a = np.asarray(transform.GetMatrix(), dtype=np.float64).reshape(3, 3)
+    centre = np.asarray(transform.GetCenter(), dtype=np.float64)
+    offset = centre + np.asarray(transform.GetTranslation(), dtype=np.float64) - a @ centre
+    matrix = np.eye(4)
+    matrix[:3, :3] = _FLIP @ a @ _FLIP
+    matrix[:3, 3] = _FLIP @ offset
+    return matrix
+
+
 def _to_sitk(sitk, data: np.ndarray, grid: Grid):
     """A canonical (RAS, axis-aligned) array as a SimpleITK image in its LPS physical space."""
     img = sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(data, dtype=np.float32).transpose(2, 1, 0)))
@@ -390,12 +402,7 @@ def _register(fixed: Volume, moving: Volume, threads: int) -> TemplateWarp:
         disp_lps = sitk.GetArrayFromImage(field).transpose(2, 1, 0, 3)
     finally:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous)
-    a = np.asarray(affine.GetMatrix(), dtype=np.float64).reshape(3, 3)
-    center = np.asarray(affine.GetCenter(), dtype=np.float64)
-    offset = center + np.asarray(affine.GetTranslation(), dtype=np.float64) - a @ center
-    matrix = np.eye(4)
-    matrix[:3, :3] = _FLIP @ a @ _FLIP
-    matrix[:3, 3] = _FLIP @ offset
+    matrix = _sitk_affine_to_ras(affine)
     disp_affine = np.diag([p["level_mm"]] * 3 + [1.0])
     disp_affine[:3, 3] = fgrid.affine[:3, 3]
     displacement = (disp_lps * np.diag(_FLIP)).astype(np.float32)
