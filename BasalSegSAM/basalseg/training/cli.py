@@ -49,6 +49,10 @@ def register(sub) -> None:
     p.add_argument("--mode", default="sdm", choices=["sdm", "mask", "t1"], help="student input (ablations: mask, t1)")
     p.add_argument("--band", type=float, default=10.0, help="SDM band half-width in voxels")
     p.add_argument("--jitter", type=int, default=2, help="box jitter (pixels) for the foundation cache")
+    p.add_argument("--context", action="store_true", help="foundation cache with the 3-slice context (the pipeline's "
+                   "default at inference; own cache folder WORK/foundation/<backend>-ctx3)")
+    p.add_argument("--init", type=Path, default=None, metavar="CHECKPOINT",
+                   help="student stage: start from this student checkpoint's weights (fine-tuning; same input mode)")
     p.add_argument("--shard", default="0/1", help="K/N: the cache stage does every N-th case from the K-th "
                    "(run N processes with K=0..N-1 to use N cores)")
     p.add_argument("--boundary-weight", type=float, default=0.5, help="final weight of the boundary loss")
@@ -68,6 +72,10 @@ def register(sub) -> None:
     p.add_argument("--head", action="store_true",
                    help="head-like subjects: skull, fat, muscle, neck around the brain, any pose, any axis code, "
                         "0.8-1.5 mm voxels, thick slices (basalseg.data.head)")
+    p.add_argument("--localised", action="store_true",
+                   help="with --head: write the heads to OUT/source and, into OUT, each one put through the "
+                        "inference's brain localisation with its labels (basalseg.data.localised; failed "
+                        "registrations dropped)")
     p.add_argument("--prefix", default="synth", help="case names are PREFIX_0000, PREFIX_0001, ...")
     p.add_argument("--image-dtype", default="int16", choices=["int16", "float32"],
                    help="int16 stores intensity x 1000 (3x smaller files)")
@@ -123,7 +131,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         print("training the prompt generator:", train_prompter([prepared[n] for n in train_names],
                                                                 [prepared[n] for n in val_names],
                                                                 prompter_dir, cfg, args.resume, str(device)))
-    cache_dir = work / "foundation" / args.foundation
+    from .foundation_cache import variant_name
+
+    cache_dir = work / "foundation" / variant_name(args.foundation, args.context)
     if "cache" in stages:
         prompter, _ = load_checkpoint(prompter_dir / "prompter.pt", "prompter", device)
         backend = make_backend(args.foundation, args.checkpoint, str(device))
@@ -135,7 +145,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         mine = sorted(names)[k::n_shards]
         bar = tqdm(total=len(mine), desc=f"foundation cache ({args.foundation}, shard {args.shard})", unit="case")
         build_foundation_cache([prepared[n] for n in mine], prompter, backend, cache_dir, jitter=args.jitter,
-                               seed=args.seed, device=device,
+                               seed=args.seed, device=device, context=args.context,
                                progress=lambda done, total: bar.update(done - bar.n))
         bar.close()
     run_dir = work / _run_name(args.mode, args.band, args.foundation)
@@ -144,7 +154,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print("training the student:", train_student([cache_dir / f"{n}.npz" for n in train_names],
                                                      [cache_dir / f"{n}.npz" for n in val_names], run_dir, cfg,
                                                      args.mode, args.band, args.resume, str(device),
-                                                     a_max=args.boundary_weight, patch=args.patch))
+                                                     a_max=args.boundary_weight, patch=args.patch, init=args.init))
     if args.export:
         export_weights(prompter_dir / "prompter.pt", run_dir / "student.pt", args.export, args.foundation,
                        cohorts=[str(c) for c in args.cohort])
@@ -205,11 +215,20 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     if args.rescans < 0:
         raise BasalSegError(f"--rescans must be >= 0, got {args.rescans}")
+    if args.localised and not args.head:
+        raise BasalSegError("--localised needs --head")
+    out = args.out / "source" if args.localised else args.out
     bar = tqdm(total=args.n * (args.rescans + 1), desc=f"synth {args.out.name}", unit="scan")
-    paths = generate_cohort(args.out, n=args.n, seed=args.seed, templates=args.template or ["mni152"],
+    paths = [] if args.localised and (out / "dataset.json").is_file() else generate_cohort(out, n=args.n, seed=args.seed, templates=args.template or ["mni152"],
                             config=SynthConfig(contrast=args.contrast), prefix=args.prefix, image_dtype=args.image_dtype,
                             progress=lambda done, total: bar.update(done - bar.n), rescans=args.rescans,
                             head=HeadConfig() if args.head else None)
     bar.close()
+    if args.localised:
+        from ..data.localised import localise_cohort
+
+        bar = tqdm(total=args.n, desc=f"localise {args.out.name}", unit="scan")
+        paths = localise_cohort(out, args.out, progress=lambda done, total: bar.update(done - bar.n))
+        bar.close()
     print(f"wrote {len(paths)} synthetic subjects to {args.out}")
     return 0
