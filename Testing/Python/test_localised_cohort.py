@@ -122,3 +122,11 @@ def test_low_label_overlap_is_dropped(posed_case, tmp_path):
     assert not case_paths(tmp_path / "strict", "good")[0].exists()
     with pytest.raises(ValueError, match="already holds"):
         localise_cohort(tmp_path / "other", tmp_path / "strict")
+
+
+def test_synth_localised_needs_head(tmp_path, capsys):
+    from basalseg.cli import main
+
+    assert main(["synth", "--out", str(tmp_path / "c"), "--n", "1", "--localised"]) != 0
+    assert "--localised needs --head" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
