@@ -74,7 +74,16 @@ if [ "${LOCALISED_RETRAIN:-0}" = 1 ]; then
   $B train $LT --stage cache --jitter 2 --context
   $B train $LT --stage student --context --init BasalSegSAM/basalseg/weights/student_litemedsam.pt --mode sdm --band 10 \
     --lr 5e-4 --student-steps 300 --max-minutes 26 --steps-per-epoch 50 --patch 80 --resume
+  # its volume calibration on its 2 validation heads (context masks; NOT shipped: see README)
+  $B calibrate --cohort "$W/cohorts/train_lhead_tpl" --cohort "$W/cohorts/train_lhead_gmm" --validation-split "$W/train_loc/split.json" \
+    --work "$W/calibration_loc" --prompter BasalSegSAM/basalseg/weights/prompter.pt \
+    --student "$W/train_loc/student-sdm-band10-litemedsam/student.pt" --out "$W/train_loc/student_calibrated.pt" --threads "${THREADS:-2}"
   $B evaluate-cohort --cohort "$W/cohorts/heldout_head_localised" --work "$W/eval_loc" --prompter BasalSegSAM/basalseg/weights/prompter.pt \
     --student "shipped (T1+SDM band 10)=BasalSegSAM/basalseg/weights/student_litemedsam.pt" \
     --student "fine-tuned on localised heads=$W/train_loc/student-sdm-band10-litemedsam/student.pt" --out "$W/report_loc"
+  $B evaluate-cohort --cohort "$W/cohorts/heldout_head_localised" --cohort "$W/cohorts/heldout_mni_seed" --work "$W/eval_loc" \
+    --prompter BasalSegSAM/basalseg/weights/prompter.pt --student "fine-tuned, calibrated=$W/train_loc/student_calibrated.pt" \
+    --student "shipped (T1+SDM band 10)=BasalSegSAM/basalseg/weights/student_litemedsam.pt" --out "$W/report_loc_calibrated"
+  # (the run of 2026-12-02 scored the 8 localised heads in two halves of 4, and only heldout_mni_seed_0000 of the
+  #  skull-stripped cohorts, for lack of time)
 fi
