@@ -81,7 +81,7 @@ if [ "${LOCALISED_RETRAIN:-0}" = 1 ]; then
   $B evaluate-cohort --cohort "$W/cohorts/heldout_head_localised" --work "$W/eval_loc" --prompter BasalSegSAM/basalseg/weights/prompter.pt \
     --student "shipped (T1+SDM band 10)=BasalSegSAM/basalseg/weights/student_litemedsam.pt" \
     --student "fine-tuned on localised heads=$W/train_loc/student-sdm-band10-litemedsam/student.pt" --out "$W/report_loc"
-  $B evaluate-cohort --cohort "$W/cohorts/heldout_head_localised" --cohort "$W/cohorts/heldout_mni_seed" --work "$W/eval_loc" \
+  $B evaluate-cohort --cohort "$W/cohorts/heldout_head_localised" --cohort "$W/cohorts/heldout_mni_seed" --cohort "$W/cohorts/heldout_icbm" --work "$W/eval_loc" \
     --prompter BasalSegSAM/basalseg/weights/prompter.pt --student "fine-tuned, calibrated=$W/train_loc/student_calibrated.pt" \
     --student "shipped (T1+SDM band 10)=BasalSegSAM/basalseg/weights/student_litemedsam.pt" --out "$W/report_loc_calibrated"
   # (the run of 2026-12-02 scored the 8 localised heads in two halves of 4, and only the first 2 cases of each
