@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from basalseg.data import atlas, synth
+from basalseg.data import atlas, generate, synth
 from basalseg.data.head import HeadConfig, brain_config_for_heads, random_orientation, synthesize_head
 from basalseg.imageio import Volume
 from basalseg.spatial import bounding_box
@@ -133,7 +133,7 @@ def test_head_cohort_records_its_config(tmp_path, config):
     affine[:3, 3] = affine[:3, :3] @ np.array([b.start for b in box], float) + affine[:3, 3]
     crop = Volume(np.ascontiguousarray(template.data[box]), affine)
     head = HeadConfig(neck_prob=0.0, eyes_prob=0.0, spacing_mm=(1.4, 1.5), thick_slice_prob=0.0)
-    cases = synth.generate_cohort(tmp_path / "c", 1, seed=3, templates=[("mni", crop, np.ascontiguousarray(labels[box]))],
+    cases = generate.generate_cohort(tmp_path / "c", 1, seed=3, templates=[("mni", crop, np.ascontiguousarray(labels[box]))],
                                   config=config, head=head)
     meta = json.loads((tmp_path / "c" / "dataset.json").read_text())
     assert meta["basalseg_synth"]["head"] == head.to_dict()

@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from basalseg.data import atlas, cohort, synth
+from basalseg.data import atlas, cohort, generate, synth
 from basalseg.imageio import Volume
 from basalseg.spatial import Grid, bounding_box, resample_to_grid
 from basalseg.structures import STRUCTURES, labels_to_classes
@@ -232,7 +232,7 @@ def test_gmm_contrast_runs_and_config_is_validated(source, config):
 @pytest.fixture(scope="module")
 def written(tmp_path_factory, crop, config):
     root = tmp_path_factory.mktemp("cohort")
-    cases = synth.generate_cohort(root, 2, seed=4, templates=[("mni152_crop", *crop)], config=config)
+    cases = generate.generate_cohort(root, 2, seed=4, templates=[("mni152_crop", *crop)], config=config)
     return root, cases
 
 
@@ -250,7 +250,7 @@ def test_cohort_written_and_read_back(written, crop, config):
     assert np.allclose(image.data, regenerated[0].data) and np.allclose(image.affine, regenerated[0].affine)
     assert not list(root.rglob("*.part"))
     with pytest.raises(ValueError, match="overwrite"):
-        synth.generate_cohort(root, 1, templates=[("x", *crop)], config=config)
+        generate.generate_cohort(root, 1, templates=[("x", *crop)], config=config)
 
 
 def _copy_cohort(src, dst):

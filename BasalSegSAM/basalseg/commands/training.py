@@ -29,6 +29,10 @@ def register(sub) -> None:
     p.add_argument("--mode", default="sdm", choices=["sdm", "mask", "t1"], help="student input (ablations: mask, t1)")
     p.add_argument("--band", type=float, default=10.0, help="SDM band half-width in voxels")
     p.add_argument("--jitter", type=int, default=2, help="box jitter (pixels) for the foundation cache")
+    p.add_argument("--context", action="store_true", help="foundation cache with the 3-slice context (the pipeline's "
+                   "default at inference; own cache folder WORK/foundation/<backend>-ctx3)")
+    p.add_argument("--init", type=Path, default=None, metavar="CHECKPOINT",
+                   help="student stage: start from this student checkpoint's weights (fine-tuning; same input mode)")
     p.add_argument("--shard", default="0/1", help="K/N: the cache stage does every N-th case from the K-th "
                    "(run N processes with K=0..N-1 to use N cores)")
     p.add_argument("--boundary-weight", type=float, default=0.5, help="final weight of the boundary loss")
@@ -48,6 +52,10 @@ def register(sub) -> None:
     p.add_argument("--head", action="store_true",
                    help="head-like subjects: skull, fat, muscle, neck around the brain, any pose, any axis code, "
                         "0.8-1.5 mm voxels, thick slices (basalseg.data.head)")
+    p.add_argument("--localised", action="store_true",
+                   help="with --head: write the heads to OUT/source and, into OUT, each one put through the "
+                        "inference's brain localisation with its labels (basalseg.data.localised; failed "
+                        "registrations dropped)")
     p.add_argument("--prefix", default="synth", help="case names are PREFIX_0000, PREFIX_0001, ...")
     p.add_argument("--image-dtype", default="int16", choices=["int16", "float32"],
                    help="int16 stores intensity x 1000 (3x smaller files)")
@@ -66,7 +74,7 @@ def run_train(args: argparse.Namespace) -> int:
           prompter_steps=args.prompter_steps, student_steps=args.student_steps, steps_per_epoch=args.steps_per_epoch,
           lr=args.lr, max_minutes=args.max_minutes, mode=args.mode, band=args.band, jitter=args.jitter,
           shard=args.shard, boundary_weight=args.boundary_weight, patch=args.patch, seed=args.seed,
-          resume=args.resume, export=args.export)
+          resume=args.resume, export=args.export, context=args.context, init=args.init)
     return 0
 
 
@@ -74,16 +82,28 @@ def run_synth(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..data.head import HeadConfig
-    from ..data.synth import SynthConfig, generate_cohort
+    from ..data.generate import generate_cohort
+    from ..data.synth import SynthConfig
     from ..errors import BasalSegError
 
     if args.rescans < 0:
         raise BasalSegError(f"--rescans must be >= 0, got {args.rescans}")
-    bar = tqdm(total=args.n * (args.rescans + 1), desc=f"synth {args.out.name}", unit="scan")
-    paths = generate_cohort(args.out, n=args.n, seed=args.seed, templates=args.template or ["mni152"],
-                            config=SynthConfig(contrast=args.contrast), prefix=args.prefix, image_dtype=args.image_dtype,
-                            progress=lambda done, total: bar.update(done - bar.n), rescans=args.rescans,
-                            head=HeadConfig() if args.head else None)
-    bar.close()
+    if args.localised and not args.head:
+        raise BasalSegError("--localised needs --head")
+    out = args.out / "source" if args.localised else args.out
+    paths = []
+    if not (args.localised and (out / "dataset.json").is_file()):  # a localised cohort's heads are made once
+        bar = tqdm(total=args.n * (args.rescans + 1), desc=f"synth {args.out.name}", unit="scan")
+        paths = generate_cohort(out, n=args.n, seed=args.seed, templates=args.template or ["mni152"],
+                                config=SynthConfig(contrast=args.contrast), prefix=args.prefix,
+                                image_dtype=args.image_dtype, progress=lambda done, total: bar.update(done - bar.n),
+                                rescans=args.rescans, head=HeadConfig() if args.head else None)
+        bar.close()
+    if args.localised:
+        from ..data.localised import localise_cohort
+
+        bar = tqdm(total=args.n, desc=f"localise {args.out.name}", unit="scan")
+        paths = localise_cohort(out, args.out, progress=lambda done, total: bar.update(done - bar.n))
+        bar.close()
     print(f"wrote {len(paths)} synthetic subjects to {args.out}")
     return 0

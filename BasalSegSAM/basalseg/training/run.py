@@ -14,7 +14,7 @@ Validation cases (``--val N``, default 4) are taken out of the training cases by
 shuffle and used only to pick the best epoch.
 
 The command line is :mod:`basalseg.commands.training` (also ``basalseg synth``, a synthetic cohort
-from :func:`basalseg.data.synth.generate_cohort`).
+from :func:`basalseg.data.generate.generate_cohort`).
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ def _run_name(mode: str, band: float, foundation: str) -> str:
 def train(cohorts: list[Path], work: Path, *, label_mapping: str | None, stage: str, val: int, foundation: str,
           checkpoint: str | None, device: str | None, threads: int | None, prompter_steps: int, student_steps: int,
           steps_per_epoch: int, lr: float, max_minutes: float | None, mode: str, band: float, jitter: int, shard: str,
-          boundary_weight: float, patch: int, seed: int, resume: bool, export: Path | None) -> None:
+          boundary_weight: float, patch: int, seed: int, resume: bool, export: Path | None, context: bool = False,
+          init: Path | None = None) -> None:
     """Run the training stages (module docstring) on ``cohorts`` in the working folder ``work``.
 
     Args:
@@ -55,6 +56,9 @@ def train(cohorts: list[Path], work: Path, *, label_mapping: str | None, stage: 
         device: ``"cpu"``, ``"cuda"`` or None (CUDA when available).
         shard: ``"K/N"``: the cache stage does every N-th case from the K-th.
         export: a weights folder to copy the trained networks into, with its manifest (None: none).
+        context: build the foundation cache with the 3-slice context (the pipeline's default at
+            inference), in its own folder ``work/foundation/<backend>-ctx3``.
+        init: a student checkpoint to start the student from (fine-tuning; same input mode).
         The others are ``basalseg train``'s options of the same names (``--help``).
 
     Raises:
@@ -93,7 +97,9 @@ def train(cohorts: list[Path], work: Path, *, label_mapping: str | None, stage: 
         print("training the prompt generator:", train_prompter([prepared[n] for n in train_names],
                                                                 [prepared[n] for n in val_names],
                                                                 prompter_dir, cfg, resume, str(device)))
-    cache_dir = work / "foundation" / foundation
+    from .foundation_cache import variant_name
+
+    cache_dir = work / "foundation" / variant_name(foundation, context)
     if "cache" in stages:
         prompter, _ = load_checkpoint(prompter_dir / "prompter.pt", "prompter", device)
         backend = make_backend(foundation, checkpoint, str(device))
@@ -105,7 +111,7 @@ def train(cohorts: list[Path], work: Path, *, label_mapping: str | None, stage: 
         mine = sorted(names)[k::n_shards]
         bar = tqdm(total=len(mine), desc=f"foundation cache ({foundation}, shard {shard})", unit="case")
         build_foundation_cache([prepared[n] for n in mine], prompter, backend, cache_dir, jitter=jitter,
-                               seed=seed, device=device,
+                               seed=seed, device=device, context=context,
                                progress=lambda done, total: bar.update(done - bar.n))
         bar.close()
     run_dir = work / _run_name(mode, band, foundation)
@@ -114,7 +120,7 @@ def train(cohorts: list[Path], work: Path, *, label_mapping: str | None, stage: 
         print("training the student:", train_student([cache_dir / f"{n}.npz" for n in train_names],
                                                      [cache_dir / f"{n}.npz" for n in val_names], run_dir, cfg,
                                                      mode, band, resume, str(device),
-                                                     a_max=boundary_weight, patch=patch))
+                                                     a_max=boundary_weight, patch=patch, init=init))
     if export:
         export_weights(prompter_dir / "prompter.pt", run_dir / "student.pt", export, foundation,
                        cohorts=[str(c) for c in cohorts])

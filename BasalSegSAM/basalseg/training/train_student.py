@@ -57,7 +57,7 @@ def student_transforms(seed: int, has_prior: bool, patch: tuple[int, int, int] =
 
 def train_student(train_paths: list, val_paths: list, run_dir: str | Path, config: TrainConfig, mode: str = "sdm",
                   band: float = 10.0, resume: bool = False, device: str = "cpu", a_max: float = 0.5,
-                  patch: int = STUDENT_ROI[0], show_progress: bool = True) -> dict:
+                  patch: int = STUDENT_ROI[0], show_progress: bool = True, init: str | Path | None = None) -> dict:
     """Train a student and save ``<run_dir>/student.pt`` (best validation epoch, else last).
 
     Args:
@@ -67,6 +67,8 @@ def train_student(train_paths: list, val_paths: list, run_dir: str | Path, confi
         a_max: final boundary-loss weight (see :mod:`basalseg.training.losses`).
         patch: side of the cubic training patches (inference windows stay :data:`STUDENT_ROI`;
             the network is fully convolutional).
+        init: a student checkpoint to start from (fine-tuning): its weights, not its optimiser
+            state; its input mode must be ``mode``. Ignored when resuming from ``last.pt``.
     """
     cases = []
     foundation = None
@@ -110,6 +112,14 @@ def train_student(train_paths: list, val_paths: list, run_dir: str | Path, confi
 
     arch = student_architecture(mode)
     net = build_network(arch)
+    if init is not None:
+        from ..errors import BasalSegError
+        from ..networks import load_checkpoint
+
+        start, init_meta = load_checkpoint(init, "student")
+        if init_meta.get("input_mode", mode) != mode:
+            raise BasalSegError(f"--init {init}: a {init_meta.get('input_mode')!r} student, not {mode!r}")
+        net.load_state_dict(start.state_dict())
     summary = train_loop(net, batches(), step, run_dir, config, validate if val else None, resume, device,
                          desc=f"student[{mode}{'' if mode != 'sdm' else f' band {band:g}'}]", show_progress=show_progress)
     best = Path(run_dir) / "best.pt"
@@ -117,6 +127,7 @@ def train_student(train_paths: list, val_paths: list, run_dir: str | Path, confi
     net.load_state_dict(state["net"])
     meta = {"trained": True, "foundation": foundation, "input_mode": mode, "band": band,
             "training": {"cases": [Path(p).stem for p in train_paths], "validation": [Path(p).stem for p in val_paths],
-                         "config": config.to_dict(), "boundary_a_max": a_max, "patch": patch, "summary": summary}}
+                         "config": config.to_dict(), "boundary_a_max": a_max, "patch": patch, "summary": summary,
+                         **({"init": Path(init).name} if init is not None else {})}}
     save_checkpoint(Path(run_dir) / "student.pt", "student", arch, net, meta)
     return summary
