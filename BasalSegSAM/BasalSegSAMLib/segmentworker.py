@@ -13,7 +13,7 @@ the cache (:class:`DiskCache`)::
 
 Before the ``done`` event it writes one extra JSON line::
 
-    {"event": "cache", "slices": 31, "reused": 29, "computed": 2}
+    {"event": "cache", "slices": 31, "reused": 29, "computed": 2, "saved": true}
 
 A cache is only reused for the same image (voxels and affine), foundation backend, checkpoint
 and crop setting (see :func:`cacheKey`); otherwise it starts empty. The file is an ``.npz``

@@ -49,7 +49,7 @@ def test_segment_with_prompts_then_again_reusing_the_foundation_masks(mrml_scene
     seg, table, first = logic.segment(t1, options, prompts, timeout=180, onEvent=events.append)
     stages = {e.data.get("stage") for e in events if e.kind == "progress"}
     assert {"prepare", "foundation", "student", "resample"} <= stages
-    assert first.cache == {"event": "cache", "slices": 1, "reused": 0, "computed": 1}
+    assert first.cache == {"event": "cache", "slices": 1, "reused": 0, "computed": 1, "saved": True}
     assert seg.GetSegmentation().GetNumberOfSegments() == 8
     assert mrml_scene.GetNumberOfNodes() > before
     labels = mrmlbridge.labelsFromSegmentation(seg, t1)
@@ -70,5 +70,5 @@ def test_segment_with_prompts_then_again_reusing_the_foundation_masks(mrml_scene
         signal.signal(signal.SIGTERM, handler)
     assert status == 0
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
-    assert {"event": "cache", "slices": 1, "reused": 1, "computed": 0} in events  # the child's masks, reused
+    assert {"event": "cache", "slices": 1, "reused": 1, "computed": 0, "saved": True} in events  # the child's masks, reused
     assert np.array_equal(np.asarray(nib.load(str(out / "segmentation.nii.gz")).dataobj), first.labels)
