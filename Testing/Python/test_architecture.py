@@ -194,7 +194,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
                 "uncertainty", "localise", "inputcheck", "scan_qc", "cohortqc", "icv")),
     ("pipeline", ("pipeline",)),
     ("results", ("results", "qc")),
-    ("workflows", ("bids", "batch", "cluster", "longitudinal", "report", "evaluation", "bench", "data",
+    ("workflows", ("bids", "batch", "cluster", "longitudinal", "report", "evaluation", "bench", "bench_levers",
+                   "benchmeter", "data",
                    "training")),
     ("commands", ("commands", "__main__")),
 )

