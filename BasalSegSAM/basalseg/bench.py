@@ -105,6 +105,7 @@ def dice_per_structure(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     from .metrics import dice
     from .structures import STRUCTURES
 
+    a, b = np.asarray(a), np.asarray(b)  # boxed masks: the full arrays once
     return {s.key: float(dice(a[s.class_index - 1], b[s.class_index - 1])) for s in STRUCTURES}
 
 

@@ -41,7 +41,7 @@ def dice_per_class(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> np.nd
     return np.array([dice(pred == c, ref == c) for c in range(1, num_classes)])
 
 
-def foundation_student_dice(masks: np.ndarray, classes: np.ndarray, prompts) -> dict[str, float | None]:
+def foundation_student_dice(masks: np.ndarray, classes: np.ndarray, prompts, first_slice: int = 0) -> dict[str, float | None]:
     """Per structure (key), Dice between the stacked foundation masks and the student's labels,
     over the axial slices that carried a prompt for that structure (the only slices where the
     foundation model produced anything). None when the structure had no prompts, or neither
@@ -51,10 +51,12 @@ def foundation_student_dice(masks: np.ndarray, classes: np.ndarray, prompts) -> 
         masks: ``(8, X, Y, Z)`` boolean foundation masks (``SegmentResult.masks``).
         classes: ``(X, Y, Z)`` student class indices on the same canonical grid (``SegmentResult.classes``).
         prompts: the :class:`~basalseg.prompts.PromptSet` used.
+        first_slice: the axial slice index of the arrays' first slice, when they are a crop of the
+            grid (``masks`` and ``classes`` of one region holding all of both; the pipeline's).
     """
     out: dict[str, float | None] = {}
     for s in STRUCTURES:
-        ks = sorted({p.slice for p in prompts.for_structure(s.key)})
+        ks = sorted({p.slice - int(first_slice) for p in prompts.for_structure(s.key)})
         if not ks:
             out[s.key] = None
             continue

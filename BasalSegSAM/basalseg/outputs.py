@@ -58,11 +58,10 @@ def volume_rows(labels: np.ndarray, voxel_volume_mm3: float) -> list[dict]:
         labels: labelmap with FreeSurfer values (any shape).
         voxel_volume_mm3: volume of one voxel.
     """
-    values, counts = np.unique(np.asarray(labels), return_counts=True)
-    count = dict(zip(values.tolist(), counts.tolist()))
+    labels = np.asarray(labels)
     rows = []
-    for s in STRUCTURES:
-        n = int(count.get(s.label, 0))
+    for s in STRUCTURES:  # one comparison per structure: no sorted or int64 copy of a large labelmap
+        n = int(np.count_nonzero(labels == s.label))
         mm3 = n * float(voxel_volume_mm3)
         rows.append({"structure": s.name, "label": s.label, "voxels": n,
                      "volume_mm3": round(mm3, 3), "volume_ml": round(mm3 / 1000.0, 6)})
@@ -127,7 +126,7 @@ def seg_nrrd_bytes(labels: np.ndarray, affine_ras: np.ndarray) -> bytes:
 
     from .imageio import LPS_TO_RAS
 
-    present = set(np.unique(labels).tolist())
+    labels = np.asarray(labels)
     segmentation = {
         "voxels": np.asarray(labels, dtype=np.int16),
         "ijkToLPS": LPS_TO_RAS @ np.asarray(affine_ras, dtype=np.float64),
@@ -135,8 +134,8 @@ def seg_nrrd_bytes(labels: np.ndarray, affine_ras: np.ndarray) -> bytes:
     }
     for s in STRUCTURES:
         segment = {"id": s.name, "name": s.name, "color": list(s.color_float), "labelValue": s.label, "layer": 0}
-        if s.label in present:
-            idx = np.nonzero(labels == s.label)
+        idx = np.nonzero(labels == s.label)  # per structure: no sorted copy of a large labelmap
+        if len(idx[0]):
             segment["extent"] = [int(v) for pair in zip([i.min() for i in idx], [i.max() for i in idx]) for v in pair]
         segmentation["segments"].append(segment)
     with tempfile.TemporaryDirectory() as tmp:

@@ -42,6 +42,7 @@ import torch
 from . import __version__
 from .errors import BasalSegError, Cancelled, CheckpointError, PromptsError
 from .foundation import FoundationBackend, SliceMaskCache, make_backend, pick_device
+from .foundation.boxed import BoxedMasks, hull
 from .foundation.runner import default_batch, run_planes
 from .imageio import Volume
 from .inputcheck import check_t1_like
@@ -132,12 +133,14 @@ class SegmentResult:
         image01: canonical image in [0, 1].
         classes: canonical class-index labelmap (the student's output).
         coarse: the prompter's canonical labelmap.
-        masks: ``(8, X, Y, Z)`` stacked foundation masks.
+        masks: ``(8, X, Y, Z)`` stacked foundation masks, as
+            :class:`~basalseg.foundation.boxed.BoxedMasks` (stored in the box of the slices' crops;
+            ``np.asarray(result.masks)`` gives the full array).
         prompts: the prompts used.
         timings: seconds per stage.
         provenance: versions, backend, weights, options.
         missing: structure keys that got no prompts (left empty).
-        plane_masks: with several planes, ``(P, 8, X, Y, Z)`` masks per plane (in
+        plane_masks: with several planes, ``(P, 8, X, Y, Z)`` boxed masks per plane (in
             ``PipelineConfig.planes`` order; ``masks`` is then their majority vote); else None.
         plane_prompts: the prompts of each plane run (``{"axial": prompts, "coronal": ...}``).
         uncertainty: raw per-structure volume-uncertainty measures on the canonical grid
@@ -341,7 +344,7 @@ class Pipeline:
             result.prompts.source["localisation"] = _prompt_localisation(loc)
             t = time.perf_counter()
             classes_in = map_back(result.probabilities, result.roi, loc, volume)
-            result.labels = classes_to_labels(classes_in).astype(np.int16)
+            result.labels = classes_to_labels(classes_in).astype(np.int16, copy=False)
             result.volume = volume
             result.timings["map_back"] = time.perf_counter() - t
         result.timings["localise"] = loc.seconds
@@ -413,16 +416,16 @@ class Pipeline:
                                  progress=lambda done, total: report("foundation", done / max(total, 1)),
                                  timings=plane_timings, crop=self.config.crop,
                                  batch=self.config.batch or default_batch(self.device), stride=self.config.stride,
-                                 cache=cache, should_stop=stages.stop, context=bool(self.config.context))
-            multi = len(self.planes) > 1
-            masks = majority_vote(stacked) if multi else stacked[0]
+                                 cache=cache, should_stop=stages.stop, context=bool(self.config.context), boxed=True)
+            multi = len(self.planes) > 1  # stacked: BoxedMasks (P, 8, ...), stored in the box of the slices' crops
+            masks = BoxedMasks(majority_vote(stacked.data), stacked.box, grid.shape) if multi else stacked.channel(0)
 
         with stages.stage("sdm"):
             student = self.student
             mode, band = self.student_mode()
-            roi = student_roi(stacked, _box_mask(prompts) if coarse is None else coarse)
+            roi = student_roi(stacked, coarse, region=_prompt_region(prompts) if coarse is None else None)
             # one plane: its (8, ...) masks; several: (P, 8, ...), fused into 8 SDM channels
-            foundation_input = stacked[(slice(None), slice(None)) + roi] if multi else masks[(slice(None),) + roi]
+            foundation_input = stacked.crop(roi) if multi else masks.crop(roi)
             inputs = build_student_input(image01[roi], foundation_input, mode, band)
 
         with stages.stage("student", begin=True, end=False):  # ends after the uncertainty below
@@ -453,8 +456,8 @@ class Pipeline:
         report("student", 1.0)
 
         with stages.stage("resample", end=False):
-            labels_c = classes_to_labels(classes)
-            labels = resample_to_grid(labels_c, grid.affine, Grid(volume.shape, volume.affine), order=0)
+            # nearest neighbour commutes with the class -> label map: resample the uint8 classes
+            labels = classes_to_labels(resample_to_grid(classes, grid.affine, Grid(volume.shape, volume.affine), order=0))
         timings["total"] = time.perf_counter() - t0
         if stages.stop():
             raise Cancelled("cancelled during the resample stage")
@@ -462,7 +465,9 @@ class Pipeline:
         from .metrics import foundation_student_dice
 
         provenance = self.provenance()
-        provenance["foundation_student_dice"] = foundation_student_dice(masks, classes, prompts)
+        region = hull(masks.box, roi)  # masks and classes are empty outside it
+        provenance["foundation_student_dice"] = foundation_student_dice(masks.crop(region), classes[region], prompts,
+                                                                        first_slice=region[2].start)
         if self.planes != ("axial",):
             provenance["multi_plane"] = {
                 "planes": list(self.planes),
@@ -474,7 +479,7 @@ class Pipeline:
                 # the axial prompts are prompts.json; the others are internal (not editable)
                 "prompts": {p: ps.to_dict() for p, ps in plane_prompts.items() if p != "axial"},
             }
-        return SegmentResult(volume=volume, labels=labels.astype(np.int16), grid=grid, image01=image01,
+        return SegmentResult(volume=volume, labels=labels.astype(np.int16, copy=False), grid=grid, image01=image01,
                              classes=classes, coarse=coarse, masks=masks, prompts=prompts, timings=timings,
                              provenance=provenance, missing=missing, plane_masks=stacked if multi else None,
                              plane_prompts=plane_prompts, uncertainty=uncertainty,
@@ -582,10 +587,14 @@ def _list_or_none(offsets: np.ndarray | None) -> list[float] | None:
     return None if offsets is None else [round(float(v), 4) for v in offsets]
 
 
-def _box_mask(prompts: PromptSet) -> np.ndarray:
-    """Boolean canonical volume that is True inside every prompt box (for the student's crop)."""
-    mask = np.zeros(prompts.grid.shape, dtype=bool)
-    for p in prompts.prompts:
-        x0, y0, x1, y1 = (int(round(v)) for v in p.box)
-        mask[x0 : x1 + 1, y0 : y1 + 1, p.slice] = True
-    return mask
+def _prompt_region(prompts: PromptSet) -> tuple[slice, ...] | None:
+    """Slices of the canonical grid around every prompt box (axial prompts; for the student's crop)."""
+    if not prompts.prompts:
+        return None
+    shape = prompts.grid.shape
+    x0 = min(int(round(p.box[0])) for p in prompts.prompts)
+    y0 = min(int(round(p.box[1])) for p in prompts.prompts)
+    x1 = max(int(round(p.box[2])) for p in prompts.prompts) + 1
+    y1 = max(int(round(p.box[3])) for p in prompts.prompts) + 1
+    z0, z1 = min(p.slice for p in prompts.prompts), max(p.slice for p in prompts.prompts) + 1
+    return tuple(slice(max(a, 0), min(b, n)) for a, b, n in zip((x0, y0, z0), (x1, y1, z1), shape))

@@ -31,7 +31,7 @@ def scan_flags(labels: np.ndarray, voxel_volume_mm3: float, missing: list[str], 
     from .cohortqc import PAIRS, Thresholds
 
     t = Thresholds()
-    vol = {s.key: float((labels == s.label).sum()) * voxel_volume_mm3 / 1000.0 for s in STRUCTURES}
+    vol = {s.key: float(np.count_nonzero(labels == s.label)) * voxel_volume_mm3 / 1000.0 for s in STRUCTURES}
     out: list[dict] = []
 
     def flag(kind: str, message: str, structure: str | None = None) -> None:

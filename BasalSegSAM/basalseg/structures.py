@@ -134,4 +134,11 @@ def classes_to_labels(classes: np.ndarray) -> np.ndarray:
     classes = np.asarray(classes)
     if classes.size and (classes.min() < 0 or classes.max() >= NUM_CLASSES):
         raise ValueError(f"class indices must lie in 0..{NUM_CLASSES - 1}")
-    return class_to_label_lut()[classes.astype(np.intp)]
+    lut = class_to_label_lut()
+    if classes.ndim == 0:
+        return lut[int(classes)]
+    out = np.empty(classes.shape, dtype=lut.dtype)
+    step = max(1, (1 << 22) // max(int(np.prod(classes.shape[1:])), 1))  # ~4 M voxels a block: bounded index copies
+    for i in range(0, classes.shape[0], step):
+        out[i : i + step] = lut[classes[i : i + step].astype(np.intp)]
+    return out

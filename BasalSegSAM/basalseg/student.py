@@ -60,14 +60,24 @@ def build_student_input(image01: np.ndarray, masks: np.ndarray, mode: str = "sdm
     raise ValueError(f"unknown student input mode {mode!r}; expected one of {INPUT_MODES}")
 
 
-def student_roi(masks: np.ndarray, coarse: np.ndarray | None = None, margin: int = STUDENT_MARGIN) -> tuple[slice, ...] | None:
+def student_roi(masks, coarse: np.ndarray | None = None, margin: int = STUDENT_MARGIN,
+                region: tuple[slice, ...] | None = None) -> tuple[slice, ...] | None:
     """Crop (slices) around the foundation masks ``(8, X, Y, Z)`` (or ``(P, 8, X, Y, Z)``: every
-    plane's) and the prompter's regions; None when both are empty."""
-    masks = np.asarray(masks)
-    union = masks.reshape((-1,) + masks.shape[-3:]).any(axis=0)
-    if coarse is not None:
-        union = union | (coarse > 0)
-    return bounding_box(union, margin)
+    plane's; a full array or :class:`~basalseg.foundation.boxed.BoxedMasks`), the prompter's
+    regions (``coarse > 0``) and ``region`` (slices, e.g. the prompt boxes'), grown by ``margin``
+    and clipped to the grid; None when all are empty."""
+    from .foundation.boxed import BoxedMasks, hull
+
+    if isinstance(masks, BoxedMasks):
+        found, shape = masks.bounding_box(), masks.grid_shape
+    else:
+        masks = np.asarray(masks)
+        shape = masks.shape[-3:]
+        found = bounding_box(masks.reshape((-1,) + shape).any(axis=0))
+    box = hull(found, None if coarse is None else bounding_box(coarse > 0), region)
+    if box is None:
+        return None
+    return tuple(slice(max(b.start - margin, 0), min(b.stop + margin, n)) for b, n in zip(box, shape))
 
 
 @torch.inference_mode()

@@ -746,23 +746,22 @@ def test_row_large_volume_memory_is_bounded(big_run):
     per-structure float copies of the canonical volume kept alive). The measure is tracemalloc's
     (numpy's allocations: deterministic, an upper bound of what becomes resident); the kernel's
     VmHWM in this long-lived process depends on what earlier tests left in the heap, so it is only
-    printed (a 512^3 run in a fresh process measured 2.9 GB, see docs/RELIABILITY.md)."""
+    printed (a 512^3 run in a fresh process: docs/RELIABILITY.md)."""
     print(f"\nlarge volume: {big_run}")
     assert 0 < big_run["traced_peak_bytes_per_voxel"] < 40
     assert all(r["seconds"] < 60 for r in big_run["runs"])
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN (memory): numpy allocations still peak at about 28 bytes per voxel, "
-                   "3.7 GB predicted for 512^3 (2.4-2.9 GB resident in a fresh process), over the 2.5 GB target: "
-                   "the full-size (8, X, Y, Z) bool foundation masks take 8 B/voxel (the float64 copies are fixed)")
 def test_row_large_volume_fits_the_512_cubed_budget(big_run):
+    """The 512^3 peak that the 160^3 and 224^3 runs predict stays under the 2.5 GB target (issue 14).
+    It was 28 B/voxel, 3.7 GB, while the (8, X, Y, Z) foundation masks were stored full size; they
+    are now kept in the box of the slices' crops (basalseg.foundation.boxed) and the labelmap is made
+    from the resampled uint8 classes, without int64 index copies."""
     assert big_run["traced_peak_512_gb"] < 2.5
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("BASALSEG_SLOW_TESTS") != "1", reason="set BASALSEG_SLOW_TESTS=1 (512^3: ~80 s, 3 GB)")
-@pytest.mark.xfail(strict=True, reason="KNOWN (memory): 512^3 peaks at 2.4-2.9 GB resident (target 2.5 GB) now that "
-                   "the float64 copies are gone; the full-size (8, X, Y, Z) foundation masks are the rest")
+@pytest.mark.skipif(os.environ.get("BASALSEG_SLOW_TESTS") != "1", reason="set BASALSEG_SLOW_TESTS=1 (512^3: ~20-80 s, 2 GB)")
 def test_row_512_cubed_for_real(weights_dir, tmp_path):
     """The real thing, in a fresh interpreter (resident memory there does not depend on what earlier
     tests left in this process's heap)."""

@@ -33,16 +33,17 @@ import numpy as np
 import torch
 
 from ..errors import Cancelled
-from ..prompts import Prompt, PromptSet
+from ..prompts import Prompt, PromptSet, plane_axes
 from ..structures import STRUCTURES
 from .base import BatchedFoundationBackend, FoundationBackend
+from .boxed import BoxedMasks, hull
 from .slice_cache import SliceMaskCache, cache_tag, prompt_signature
 from .slices import plane_view, slice_image
 from .stride import fill_between, plan_slices
 
 __all__ = ["run_foundation", "run_planes", "slice_roi", "prompt_arrays", "default_batch",
            # re-exported from the modules that own them
-           "SliceMaskCache", "cache_tag", "prompt_signature", "plane_view", "slice_image"]
+           "SliceMaskCache", "cache_tag", "prompt_signature", "plane_view", "slice_image", "BoxedMasks"]
 
 ProgressFn = Callable[[int, int], None]
 
@@ -97,7 +98,8 @@ def run_foundation(
     progress: ProgressFn | None = None,
     should_stop: Callable[[], bool] | None = None,
     context: bool = False,
-) -> np.ndarray:
+    boxed: bool = False,
+) -> np.ndarray | BoxedMasks:
     """Foundation masks for every prompted slice of one plane, stacked in 3D.
 
     Args:
@@ -122,16 +124,17 @@ def run_foundation(
         should_stop: polled before each encoder batch; returning True raises
             :class:`~basalseg.errors.Cancelled`.
         context: give the backend slices ``k-1, k, k+1`` as its 3 channels.
+        boxed: return :class:`~basalseg.foundation.boxed.BoxedMasks` holding only the box of the
+            slices' crops (the masks are empty outside it; what the pipeline uses, so that a
+            large input does not carry a full-size stack), instead of the full array.
 
     Returns:
-        ``(8, X, Y, Z)`` boolean masks in structure (class index) order.
+        ``(8, X, Y, Z)`` boolean masks in structure (class index) order (boxed or full).
     """
     if volume01.shape != tuple(prompts.grid.shape):
         raise ValueError(f"image shape {volume01.shape} does not match the prompts' grid {tuple(prompts.grid.shape)}")
     axis = prompts.axis
     nx, ny, _ = prompts.plane_shape()
-    out = np.zeros((len(STRUCTURES),) + volume01.shape, dtype=bool)
-    view = plane_view(out, axis)
     index = {s.key: s.class_index - 1 for s in STRUCTURES}
     plan = plan_slices(prompts, stride)
     batched = one_pass_per_slice and isinstance(backend, BatchedFoundationBackend)
@@ -173,14 +176,28 @@ def run_foundation(
             done += 1
             if progress is not None:
                 progress(done, total)
+    # the box of every slice's crop, in the plane's (x, y, slice) pixels, then on the canonical grid
+    pieces = [(k, x0, y0, m.shape) for k, entry in results.items() for x0, y0, m in entry.values()]
+    if pieces:  # one pixel of background around the crops, so 2D distance maps of the stride fill are the full plane's
+        plane_box = (slice(max(min(x0 for _, x0, _, _ in pieces) - 1, 0), min(max(x0 + sh[0] for _, x0, _, sh in pieces) + 1, nx)),
+                     slice(max(min(y0 for _, _, y0, _ in pieces) - 1, 0), min(max(y0 + sh[1] for _, _, y0, sh in pieces) + 1, ny)),
+                     slice(min(k for k, *_ in pieces), max(k for k, *_ in pieces) + 1))
+    else:
+        plane_box = (slice(0, 1),) * 3
+    box = [None, None, None]
+    u, v = plane_axes(axis)
+    box[u], box[v], box[axis] = plane_box
+    out = BoxedMasks.empty((len(STRUCTURES),), tuple(box), volume01.shape)
+    view = plane_view(out.data, axis)
+    bx, by, bk = (s.start for s in plane_box)
     for k, entry in results.items():
         for key, (x0, y0, mask_xy) in entry.items():
-            view[index[key], x0 : x0 + mask_xy.shape[0], y0 : y0 + mask_xy.shape[1], k] |= mask_xy
+            view[index[key], x0 - bx : x0 - bx + mask_xy.shape[0], y0 - by : y0 - by + mask_xy.shape[1], k - bk] |= mask_xy
     if stride > 1:
-        fill_between(out, prompts, plan, index)
+        fill_between(out.data, prompts, plan, index, first_slice=bk)
         if progress is not None:  # the interpolation is part of the stage: report its end
             progress(total, total)
-    return out
+    return out if boxed else out.to_array()
 
 
 def _one_pass_per_structure(backend: FoundationBackend, image: np.ndarray, boxes: np.ndarray,
@@ -201,8 +218,9 @@ def run_planes(
     *,
     progress: ProgressFn | None = None,
     timings: dict | None = None,
+    boxed: bool = False,
     **options,
-) -> np.ndarray:
+) -> np.ndarray | BoxedMasks:
     """:func:`run_foundation` on each plane's prompts, results stacked.
 
     Args:
@@ -211,31 +229,30 @@ def run_planes(
         prompt_sets: one prompt set per plane (their ``axis`` differ).
         progress: ``(slices_done, slices_total)`` over all planes.
         timings: when given, filled with ``{plane: {"seconds": s, "slices": n}}``.
+        boxed: return :class:`~basalseg.foundation.boxed.BoxedMasks` ``(P, 8, ...)`` in the hull
+            of the planes' boxes instead of the full array.
         options: passed to :func:`run_foundation` (``crop``, ``context``, ``batch``, ``stride``,
             ``cache``, ``should_stop``, ...).
 
     Returns:
-        ``(P, 8, X, Y, Z)`` boolean masks, planes in the order given.
+        ``(P, 8, X, Y, Z)`` boolean masks, planes in the order given (boxed or full).
     """
+    if not prompt_sets:
+        raise ValueError("run_planes needs at least one prompt set")
     totals = [len(ps.slices()) for ps in prompt_sets]
     total = max(sum(totals), 1)
-    out = None
+    planes: list[BoxedMasks] = []
     before = 0
     for n, ps in enumerate(prompt_sets):
         report = None
         if progress is not None:
             report = lambda done, _t, before=before: progress(before + done, total)
         t = time.perf_counter()
-        masks = run_foundation(backend, volume01, ps, progress=report, **options)
-        if len(prompt_sets) == 1:
-            out = masks[None]  # one plane (the default): a view, no copy
-        else:
-            if out is None:
-                out = np.zeros((len(prompt_sets),) + masks.shape, dtype=bool)
-            out[n] = masks
+        planes.append(run_foundation(backend, volume01, ps, progress=report, boxed=True, **options))
         if timings is not None:
             timings[ps.plane] = {"seconds": time.perf_counter() - t, "slices": totals[n]}
         before += totals[n]
-    if out is None:
-        raise ValueError("run_planes needs at least one prompt set")
-    return out
+    box = hull(*(m.box for m in planes))
+    data = planes[0].data[None] if len(planes) == 1 else np.stack([m.rebox(box).data for m in planes])
+    out = BoxedMasks(data, box, volume01.shape)
+    return out if boxed else out.to_array()

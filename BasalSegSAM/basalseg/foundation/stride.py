@@ -70,9 +70,15 @@ def interpolate_mask(lower: np.ndarray, upper: np.ndarray, t: float) -> np.ndarr
     return d < 0
 
 
-def fill_between(out: np.ndarray, prompts: PromptSet, plan: dict[int, list[Prompt]], index: dict[str, int]) -> None:
-    """Interpolate each structure's prompted slices that were not run (``stride`` > 1), in the prompts' plane."""
+def fill_between(out: np.ndarray, prompts: PromptSet, plan: dict[int, list[Prompt]], index: dict[str, int],
+                 first_slice: int = 0) -> None:
+    """Interpolate each structure's prompted slices that were not run (``stride`` > 1), in the prompts' plane.
+
+    ``out`` holds the slices from ``first_slice`` on (a boxed stack's data: slice ``z`` is
+    ``out[..., z - first_slice]`` in the plane's view); every slice filled lies between two run
+    slices of the same structure, so inside any box that holds the run ones."""
     out = plane_view(out, prompts.axis)
+    k0 = int(first_slice)
     for s in STRUCTURES:
         own = [p.slice for p in prompts.for_structure(s.key)]
         run = [z for z in own if z in plan]
@@ -81,5 +87,5 @@ def fill_between(out: np.ndarray, prompts: PromptSet, plan: dict[int, list[Promp
         for lo, hi in zip(run[:-1], run[1:]):
             for z in range(lo + 1, hi):
                 if z in wanted:
-                    out[c, :, :, z] = interpolate_mask(out[c, :, :, lo], out[c, :, :, hi], (z - lo) / (hi - lo))
+                    out[c, :, :, z - k0] = interpolate_mask(out[c, :, :, lo - k0], out[c, :, :, hi - k0], (z - lo) / (hi - lo))
 
