@@ -27,7 +27,12 @@ an input segmented with given prompts (they are on the input's own grid); it reg
 checks below) but resamples only when the aligned input has **head tissue around the brain**:
 at least :data:`HEAD_FRACTION` (15 %) of the template's 8-16 mm shell outside the brain is
 brighter than a quarter of the brain's median (marrow, fat, scalp, muscle; a skull-stripped
-input has background there, noise included); otherwise the input is segmented exactly as with ``off`` (the same labelmap).
+input has background there, noise included) **or** when the registration turns the input by more
+than :data:`MAX_ROTATION_DEG` (10 deg, the angle of the rotation matrix) from the template pose (a
+skull-stripped brain in a pose of its own: segmenting it in that pose gave a mean Dice of 0.796
+against 0.834 localised, and 0.84 against 0.98 agreement with the same brain in its head, one
+posed case); otherwise (a skull-stripped brain near the template pose) the input is segmented
+exactly as with ``off`` (the same labelmap).
 
 **QC from the registration** (on the aligned input, inside the template's brain mask eroded by
 2 mm, the template's DK labels on its grid):
@@ -59,7 +64,7 @@ from .imageio import Volume
 from .spatial import Grid, canonical_grid, resample_to_grid, to_canonical
 
 __all__ = ["LOCALISE_CHOICES", "Localisation", "localise", "map_back", "looks_skull_stripped", "NoBrainFoundError",
-           "NotT1Error", "MIN_NCC", "register_rigid"]
+           "NotT1Error", "MIN_NCC", "MAX_ROTATION_DEG", "register_rigid"]
 
 log = logging.getLogger("basalseg")
 
@@ -72,6 +77,9 @@ MIN_EXTENT_MM = 100.0
 #: ``auto`` localises when at least this fraction of the 8-16 mm shell outside the aligned brain is
 #: brighter than a quarter of the brain's median intensity (skull marrow, fat, scalp: a head)
 HEAD_FRACTION = 0.15
+#: ``auto`` also localises a skull-stripped input whose registration rotates it by more than this
+#: from the template pose (the networks were trained within about +-12 deg per axis of it)
+MAX_ROTATION_DEG = 10.0
 
 
 def _extent_mm(volume: Volume) -> np.ndarray:
@@ -352,9 +360,12 @@ def localise(volume: Volume, mode: str = "auto", strip_margin_mm: float = 3.0, t
     shell = _shell()
     head_fraction = float((aligned[shell] > level).mean()) if shell.any() else 0.0
     loc.contrast["head_tissue_fraction"] = round(head_fraction, 4)
-    if mode == "auto" and template_to_input is None and head_fraction < HEAD_FRACTION:
-        loc.reason = (f"auto: no head tissue around the brain ({100 * head_fraction:.1f} % of the 8-16 mm shell above a "
-                      f"quarter of the brain's median, < {100 * HEAD_FRACTION:g} %): skull-stripped; segmented as it is")
+    rotation = loc.rotation_deg[0] if loc.rotation_deg else 0.0
+    stripped_reason = (f"no head tissue around the brain ({100 * head_fraction:.1f} % of the 8-16 mm shell above a "
+                       f"quarter of the brain's median, < {100 * HEAD_FRACTION:g} %)")
+    if mode == "auto" and template_to_input is None and head_fraction < HEAD_FRACTION and rotation <= MAX_ROTATION_DEG:
+        loc.reason = (f"auto: {stripped_reason} and {rotation:.0f} deg from the template pose "
+                      f"(<= {MAX_ROTATION_DEG:g}): skull-stripped; segmented as it is")
         loc.seconds = time.perf_counter() - t0
         return volume, loc
     mask = _strip_mask(int(round(strip_margin_mm)))
@@ -363,7 +374,9 @@ def localise(volume: Volume, mode: str = "auto", strip_margin_mm: float = 3.0, t
     loc.reason = ("the prompts' localisation (their source.localisation transform; not registered again)"
                   if template_to_input is not None else "on: always localised" if mode == "on"
                   else f"auto: head tissue around the brain ({100 * head_fraction:.0f} % of the 8-16 mm shell); "
-                       "localised to the brain template")
+                       "localised to the brain template" if head_fraction >= HEAD_FRACTION
+                  else f"auto: skull-stripped ({stripped_reason}) but {rotation:.0f} deg from the template pose "
+                       f"(> {MAX_ROTATION_DEG:g}); localised to the brain template")
     loc.grid = t_grid
     loc.seconds = time.perf_counter() - t0
     out = Volume(data, t_grid.affine.copy(), path=volume.path, meta={"localised": True})
