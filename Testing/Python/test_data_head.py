@@ -114,6 +114,20 @@ def test_orientations_cover_the_48_codes():
     assert len(codes) == 48
 
 
+def test_skull_stripped_heads_keep_the_brain_and_zero_the_rest(source, config, subject):
+    """``skull_stripped``: the same subject (draws, grid, labels), with every voxel outside its brain
+    mask 0 and the brain's voxels unchanged: a skull-stripped brain in the head's pose."""
+    from dataclasses import replace
+
+    stripped = synthesize_head(source, 5, config, replace(HEAD, skull_stripped=True))
+    mask = subject.brain_mask
+    assert np.array_equal(stripped.image.affine, subject.image.affine) and np.array_equal(stripped.labels, subject.labels)
+    assert np.array_equal(stripped.image.data[mask], subject.image.data[mask])
+    assert not stripped.image.data[~mask].any() and subject.image.data[~mask].any()
+    assert stripped.params["head"]["skull_stripped"] is True and "skull_stripped" not in subject.params["head"]
+    assert np.isin(stripped.labels[stripped.labels > 0], FS).all() and mask[stripped.labels > 0].mean() > 0.99
+
+
 def test_config_validation_and_round_trip():
     cfg = HeadConfig(spacing_mm=(1.0, 1.2))
     assert HeadConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg

@@ -118,3 +118,6 @@ def test_synth_localised_needs_head(tmp_path, capsys):
     assert main(["synth", "--out", str(tmp_path / "c"), "--n", "1", "--localised"]) != 0
     assert "--localised needs --head" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+    assert main(["synth", "--out", str(tmp_path / "c"), "--n", "1", "--skull-stripped"]) != 0
+    assert "--skull-stripped needs --head" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()

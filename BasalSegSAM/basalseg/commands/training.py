@@ -52,6 +52,9 @@ def register(sub) -> None:
     p.add_argument("--head", action="store_true",
                    help="head-like subjects: skull, fat, muscle, neck around the brain, any pose, any axis code, "
                         "0.8-1.5 mm voxels, thick slices (basalseg.data.head)")
+    p.add_argument("--skull-stripped", action="store_true",
+                   help="with --head: everything outside the brain set to 0 (skull-stripped brains in the heads' "
+                        "poses, grids and contrasts)")
     p.add_argument("--localised", action="store_true",
                    help="with --head: write the heads to OUT/source and, into OUT, each one put through the "
                         "inference's brain localisation with its labels (basalseg.data.localised; failed "
@@ -90,6 +93,8 @@ def run_synth(args: argparse.Namespace) -> int:
         raise BasalSegError(f"--rescans must be >= 0, got {args.rescans}")
     if args.localised and not args.head:
         raise BasalSegError("--localised needs --head")
+    if args.skull_stripped and not args.head:
+        raise BasalSegError("--skull-stripped needs --head (the other subjects are skull-stripped already)")
     out = args.out / "source" if args.localised else args.out
     paths = []
     if not (args.localised and (out / "dataset.json").is_file()):  # a localised cohort's heads are made once
@@ -97,7 +102,7 @@ def run_synth(args: argparse.Namespace) -> int:
         paths = generate_cohort(out, n=args.n, seed=args.seed, templates=args.template or ["mni152"],
                                 config=SynthConfig(contrast=args.contrast), prefix=args.prefix,
                                 image_dtype=args.image_dtype, progress=lambda done, total: bar.update(done - bar.n),
-                                rescans=args.rescans, head=HeadConfig() if args.head else None)
+                                rescans=args.rescans, head=HeadConfig(skull_stripped=args.skull_stripped) if args.head else None)
         bar.close()
     if args.localised:
         from ..data.localised import localise_cohort

@@ -46,6 +46,11 @@ the air gets a noise floor as real magnitude images do), and gamma ``exp(N(0, ga
 the same transform (nearest neighbour), so they stay exactly aligned with the image. The inverse
 pose (output world -> template canvas world) is returned in ``params["head"]["canvas_from_world"]``,
 and the brain on the output grid (tissue code "brain", nearest neighbour) as ``subject.brain_mask``.
+
+**5. Skull-stripped** (``skull_stripped=True``, ``basalseg synth --head --skull-stripped``): after
+all of the above, every voxel outside ``subject.brain_mask`` is set to 0: a brain extracted on the
+scanner grid, in the head's pose, as a skull-stripping tool leaves it. Nothing else changes (the
+same draws, labels and grid as the head of the same seed).
 """
 
 from __future__ import annotations
@@ -104,6 +109,7 @@ class HeadConfig(JsonSettings):
     gamma_std: float = 0.2
     profile_samples: int = 1
     fov_mm: tuple[float, float] = (220.0, 270.0)
+    skull_stripped: bool = False
 
     def __post_init__(self) -> None:
         for name in ("spacing_mm", "thick_slice_mm", "tissue_std", "noise_std", "fov_mm"):
@@ -358,10 +364,14 @@ def synthesize_head(source: SynthSource, seed: int, config: SynthConfig | None =
         "bias_std": round(bias_std, 4), "noise_std": round(sigma, 4), "gamma": round(gamma, 4),
         "canvas_from_world": canvas_from_world.round(6).tolist(), "seconds": round(time.perf_counter() - t0, 2),
     }
+    brain_mask = out_tissue == 1  # the brain on the output grid
+    if head.skull_stripped:
+        out_img = np.where(brain_mask, out_img, np.float32(0)).astype(np.float32)
+        params["head"]["skull_stripped"] = True
     volume = Volume(out_img, out_affine, meta={"synthetic": True, "template": source.name, "seed": int(seed), "head": True})
     subject = SyntheticSubject(volume, out_lab, out_full if (config is not None and config.keep_full_labels) else None,
                                params)
-    subject.brain_mask = out_tissue == 1  # type: ignore[attr-defined]  (the brain on the output grid)
+    subject.brain_mask = brain_mask  # type: ignore[attr-defined]
     return subject
 
 
