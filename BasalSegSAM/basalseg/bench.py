@@ -373,7 +373,7 @@ def _efficiency(backend: TimedBackend, dev) -> dict:
     GFLOP/s measured now, on the same threads."""
     import torch
 
-    from .foundation.efficiency import encoder_flops, gemm_gflops
+    from .foundation.efficiency import encoder_flops, machine_gemm
     from .foundation.litemedsam import LiteMedSAMBackend
     from .foundation.litemedsam_encoder import resize_encoder
 
@@ -383,9 +383,10 @@ def _efficiency(backend: TimedBackend, dev) -> dict:
         plain = resize_encoder(plain, size)
     flops = encoder_flops(plain, size=size, device=dev)
     del plain
-    gemm = gemm_gflops(2048, repeats=5, device=dev)
+    gemm = machine_gemm(2048, repeats=5, device=dev)  # the faster of torch.mm and oneDNN's linear kernel
     out = {"flops_per_pass": flops["total"], "flops_per_op": flops["per_op"], "input_size": size,
            "gemm_n": gemm["n"], "gemm_gflops": gemm["best_gflops"], "gemm_median_gflops": gemm["median_gflops"],
+           "gemm_kernel": gemm["kernel"], "gemm_kernels": gemm["kernels"],
            "threads": torch.get_num_threads(), "passes": backend.encoder_passes, "encoder_s": backend.encoder_s}
     if backend.encoder_passes and backend.encoder_s > 0:
         out["gflops"] = flops["total"] * backend.encoder_passes / backend.encoder_s / 1e9
@@ -469,7 +470,8 @@ def format_report(r: dict) -> list[str]:
         lines.append(f"  encoder efficiency: {eff['flops_per_pass'] / 1e9:.1f} GFLOP per pass (FlopCounterMode, "
                      f"{eff['input_size']} px); {eff['passes']} passes in {eff['encoder_s']:.2f} s = "
                      f"{eff['gflops']:.0f} GFLOP/s; float32 GEMM {eff['gemm_n']}^3 on {eff['threads']} thread(s) "
-                     f"in this run: {eff['gemm_gflops']:.0f} GFLOP/s (median {eff['gemm_median_gflops']:.0f}); "
+                     f"in this run: " + ", ".join(f"{k} {v:.0f}" for k, v in eff.get("gemm_kernels", {}).items())
+                     + f" GFLOP/s (best {eff['gemm_kernel']}, median {eff['gemm_median_gflops']:.0f}); "
                      f"encoder at {100 * eff['fraction_of_gemm']:.0f} % of GEMM{naive_part}")
     if nv:
         label = "extrapolated; " if any("extrapolated" in n for n in r["notes"]) else ""

@@ -124,6 +124,7 @@ def test_bench_end_to_end(small_t1, two_structure_prompts, weights_dir, tmp_path
     eff = report["efficiency"]
     assert 6e10 < eff["flops_per_pass"] < 9e10 and eff["flops_per_pass"] == sum(eff["flops_per_op"].values())
     assert eff["passes"] == 1 and eff["gemm_gflops"] > 0 and eff["gemm_gflops"] >= eff["gemm_median_gflops"]
+    assert eff["gemm_gflops"] == max(eff["gemm_kernels"].values())
     assert eff["gflops"] == pytest.approx(eff["flops_per_pass"] / eff["encoder_s"] / 1e9)
     assert eff["fraction_of_gemm"] == pytest.approx(eff["gflops"] / eff["gemm_gflops"])
     assert eff["naive_gflops"] > 0
@@ -160,5 +161,13 @@ def test_encoder_flops_counts_a_known_module_and_gemm_is_measured():
     conv = torch.nn.Conv2d(3, 8, 1)
     assert encoder_flops(conv, size=16, batch=2)["total"] == 2 * 2 * 3 * 8 * 16 * 16
     gemm = gemm_gflops(64, repeats=3)
-    assert gemm["n"] == 64 and gemm["threads"] == torch.get_num_threads()
+    assert gemm["n"] == 64 and gemm["threads"] == torch.get_num_threads() and gemm["kernel"] == "torch.mm"
     assert gemm["best_gflops"] >= gemm["median_gflops"] > 0
+    with pytest.raises(ValueError, match="kernel"):
+        gemm_gflops(64, kernel="blas")
+    from basalseg.foundation.efficiency import machine_gemm
+    from basalseg.foundation.litemedsam_encoder import _mkldnn_fusion_available
+
+    both = machine_gemm(64, repeats=3)  # every kernel this torch has; the fastest one's figures
+    assert set(both["kernels"]) == ({"torch.mm", "oneDNN"} if _mkldnn_fusion_available() else {"torch.mm"})
+    assert both["best_gflops"] == max(both["kernels"].values()) and both["kernels"][both["kernel"]] == both["best_gflops"]
