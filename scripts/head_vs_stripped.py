@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 
+from basalseg import metrics
 from basalseg.data import atlas
 from basalseg.data.head import HeadConfig, brain_config_for_heads, synthesize_head
 from basalseg.data.synth import SynthConfig, prepare_source
@@ -22,10 +23,8 @@ from basalseg.structures import STRUCTURES
 
 
 def dice(x, y):
-    out = []
-    for s in STRUCTURES:
-        pa, pb = x == s.label, y == s.label
-        out.append(2 * (pa & pb).sum() / max(pa.sum() + pb.sum(), 1))
+    """Mean and per-structure Dice of two FreeSurfer labelmaps (basalseg.metrics.dice)."""
+    out = [metrics.dice(x == s.label, y == s.label) for s in STRUCTURES]
     return round(float(np.mean(out)), 4), [round(float(d), 3) for d in out]
 
 

@@ -360,7 +360,7 @@ def localise(volume: Volume, mode: str = "auto", strip_margin_mm: float = 3.0, t
     shell = _shell()
     head_fraction = float((aligned[shell] > level).mean()) if shell.any() else 0.0
     loc.contrast["head_tissue_fraction"] = round(head_fraction, 4)
-    rotation = loc.rotation_deg[0] if loc.rotation_deg else 0.0
+    rotation = loc.rotation_deg[0]  # the angle of the registration's rotation (_rotation_angles)
     stripped_reason = (f"no head tissue around the brain ({100 * head_fraction:.1f} % of the 8-16 mm shell above a "
                        f"quarter of the brain's median, < {100 * HEAD_FRACTION:g} %)")
     if mode == "auto" and template_to_input is None and head_fraction < HEAD_FRACTION and rotation <= MAX_ROTATION_DEG:

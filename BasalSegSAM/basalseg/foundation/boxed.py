@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..spatial import bounding_box
+
 __all__ = ["BoxedMasks", "hull"]
 
 
@@ -61,17 +63,6 @@ class BoxedMasks:
         box = tuple(slice(int(s.start), int(s.stop)) for s in box)
         return cls(np.zeros(tuple(lead) + tuple(s.stop - s.start for s in box), dtype=bool), box, grid_shape)
 
-    @classmethod
-    def from_array(cls, full: np.ndarray) -> "BoxedMasks":
-        """The tightest box around a full array's True voxels (an empty one-voxel box when none)."""
-        full = np.asarray(full, dtype=bool)
-        nz = np.nonzero(full.reshape((-1,) + full.shape[-3:]).any(axis=0))
-        if len(nz[0]) == 0:
-            box = (slice(0, 1),) * 3
-        else:
-            box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in nz)
-        return cls(full[(Ellipsis,) + box], box, full.shape[-3:])
-
     # --- what the pipeline uses --------------------------------------------------------------
 
     def crop(self, region: tuple[slice, ...]) -> np.ndarray:
@@ -96,11 +87,10 @@ class BoxedMasks:
 
     def bounding_box(self) -> tuple[slice, ...] | None:
         """Slices (full grid) around the True voxels of every leading channel; None when empty."""
-        union = self.data.reshape((-1,) + self.data.shape[-3:]).any(axis=0)
-        nz = np.nonzero(union)
-        if len(nz[0]) == 0:
+        inner = bounding_box(self.data.reshape((-1,) + self.data.shape[-3:]).any(axis=0))
+        if inner is None:
             return None
-        return tuple(slice(b.start + int(i.min()), b.start + int(i.max()) + 1) for i, b in zip(nz, self.box))
+        return tuple(slice(b.start + i.start, b.start + i.stop) for i, b in zip(inner, self.box))
 
     def __len__(self) -> int:
         return self.data.shape[0]
