@@ -128,6 +128,26 @@ def test_skull_stripped_heads_keep_the_brain_and_zero_the_rest(source, config, s
     assert np.isin(stripped.labels[stripped.labels > 0], FS).all() and mask[stripped.labels > 0].mean() > 0.99
 
 
+def test_kspace_artefacts_change_only_the_image(source, config, subject):
+    """``artefact_prob=1``: Gibbs ringing and motion ghosts on the same subject (the other draws,
+    the grid and the labels unchanged, the draws recorded); the default (0) adds nothing."""
+    from dataclasses import replace
+
+    art = synthesize_head(source, 5, config, replace(HEAD, artefact_prob=1.0))
+    assert "artefacts" not in subject.params["head"]
+    rec = art.params["head"]["artefacts"]
+    assert 0.05 <= rec["ringing_alpha"] <= 0.35 and rec["ghost_period"] in (2, 3, 4) and rec["ghost_axis"] in (0, 1, 2)
+    assert np.array_equal(art.image.affine, subject.image.affine) and np.array_equal(art.labels, subject.labels)
+    for key in ("rotation_deg", "noise_std", "bias_std", "gamma", "spacing_mm"):
+        assert art.params["head"][key] == subject.params["head"][key], key
+    a, b = art.image.data, subject.image.data
+    diff = float(np.abs(a - b).mean())
+    assert diff > 0.01 * float(b.mean()), diff  # visibly changed
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.8  # but still the same head
+    with pytest.raises(ValueError, match="artefact_prob"):
+        HeadConfig(artefact_prob=1.5)
+
+
 def test_config_validation_and_round_trip():
     cfg = HeadConfig(spacing_mm=(1.0, 1.2))
     assert HeadConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg

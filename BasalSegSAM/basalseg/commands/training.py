@@ -59,6 +59,9 @@ def register(sub) -> None:
                    help="with --head: write the heads to OUT/source and, into OUT, each one put through the "
                         "inference's brain localisation with its labels (basalseg.data.localised; failed "
                         "registrations dropped)")
+    p.add_argument("--artefacts", type=float, default=0.0, metavar="P",
+                   help="with --head: probability of k-space artefacts per subject (Gibbs ringing and motion-like "
+                        "ghosts; default 0: none)")
     p.add_argument("--prefix", default="synth", help="case names are PREFIX_0000, PREFIX_0001, ...")
     p.add_argument("--image-dtype", default="int16", choices=["int16", "float32"],
                    help="int16 stores intensity x 1000 (3x smaller files)")
@@ -95,6 +98,10 @@ def run_synth(args: argparse.Namespace) -> int:
         raise BasalSegError("--localised needs --head")
     if args.skull_stripped and not args.head:
         raise BasalSegError("--skull-stripped needs --head (the other subjects are skull-stripped already)")
+    if args.artefacts and not args.head:
+        raise BasalSegError("--artefacts needs --head")
+    if not 0 <= args.artefacts <= 1:
+        raise BasalSegError(f"--artefacts is a probability in [0, 1], got {args.artefacts}")
     out = args.out / "source" if args.localised else args.out
     paths = []
     if not (args.localised and (out / "dataset.json").is_file()):  # a localised cohort's heads are made once
@@ -102,7 +109,8 @@ def run_synth(args: argparse.Namespace) -> int:
         paths = generate_cohort(out, n=args.n, seed=args.seed, templates=args.template or ["mni152"],
                                 config=SynthConfig(contrast=args.contrast), prefix=args.prefix,
                                 image_dtype=args.image_dtype, progress=lambda done, total: bar.update(done - bar.n),
-                                rescans=args.rescans, head=HeadConfig(skull_stripped=args.skull_stripped) if args.head else None)
+                                rescans=args.rescans, head=HeadConfig(skull_stripped=args.skull_stripped, artefact_prob=args.artefacts)
+                                if args.head else None)
         bar.close()
     if args.localised:
         from ..data.localised import localise_cohort

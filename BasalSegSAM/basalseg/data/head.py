@@ -41,6 +41,10 @@ a Gaussian pre-blur of sigma max(U(0, ``blur_sigma_mm``), 0.34 x voxel size), an
 sample per mm of the slab; then a bias field (``exp`` of a smooth field,
 std U(0, ``bias_std``)), Rician noise (magnitude of complex Gaussian noise of std U(``noise_std``);
 the air gets a noise floor as real magnitude images do), and gamma ``exp(N(0, gamma_std^2))``.
+With probability ``artefact_prob`` (default 0; ``basalseg synth --head --artefacts P``), before
+the noise, k-space artefacts (:func:`_kspace_artefacts`): Gibbs ringing (MONAI ``GibbsNoise``) and
+motion-like ghosts (a periodic phase error on every 2nd-4th line along a random phase-encoding
+axis), recorded in ``params["head"]["artefacts"]``.
 
 **Ground truth** is on the output grid: the labels are sampled at the output voxel centres through
 the same transform (nearest neighbour), so they stay exactly aligned with the image. The inverse
@@ -110,15 +114,20 @@ class HeadConfig(JsonSettings):
     profile_samples: int = 1
     fov_mm: tuple[float, float] = (220.0, 270.0)
     skull_stripped: bool = False
+    artefact_prob: float = 0.0
+    ringing_alpha: tuple[float, float] = (0.05, 0.35)
+    ghost_phase_rad: tuple[float, float] = (0.2, 1.2)
 
     def __post_init__(self) -> None:
-        for name in ("spacing_mm", "thick_slice_mm", "tissue_std", "noise_std", "fov_mm"):
+        if self.ringing_alpha[1] > 1:
+            raise ValueError(f"ringing_alpha must lie in [0, 1]; got {self.ringing_alpha}")
+        for name in ("spacing_mm", "thick_slice_mm", "tissue_std", "noise_std", "fov_mm", "ringing_alpha", "ghost_phase_rad"):
             lo, hi = getattr(self, name)
             if not 0 <= lo <= hi:
                 raise ValueError(f"{name} must be (low, high) with 0 <= low <= high; got {(lo, hi)}")
         if self.spacing_mm[0] <= 0:
             raise ValueError(f"spacing_mm must be positive; got {self.spacing_mm}")
-        for name in ("thick_slice_prob", "crop_prob", "eyes_prob", "neck_prob"):
+        for name in ("thick_slice_prob", "crop_prob", "eyes_prob", "neck_prob", "artefact_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must lie in [0, 1]; got {getattr(self, name)}")
         if self.profile_samples < 1:
@@ -341,6 +350,7 @@ def synthesize_head(source: SynthSource, seed: int, config: SynthConfig | None =
     bias_std = float(rng.uniform(0, head.bias_std))
     mean_sp = float(np.mean(spacing))
     out_img *= np.exp(_smooth_field(rng, out_shape, head.bias_spacing_mm / mean_sp, bias_std))
+    out_img, artefacts = _kspace_artefacts(out_img, head, seed)
     sigma = float(rng.uniform(*head.noise_std))
     if sigma > 0:
         n1 = rng.standard_normal(out_shape, dtype=np.float32) * sigma
@@ -364,6 +374,8 @@ def synthesize_head(source: SynthSource, seed: int, config: SynthConfig | None =
         "bias_std": round(bias_std, 4), "noise_std": round(sigma, 4), "gamma": round(gamma, 4),
         "canvas_from_world": canvas_from_world.round(6).tolist(), "seconds": round(time.perf_counter() - t0, 2),
     }
+    if artefacts is not None:
+        params["head"]["artefacts"] = artefacts
     brain_mask = out_tissue == 1  # the brain on the output grid
     if head.skull_stripped:
         out_img = np.where(brain_mask, out_img, np.float32(0)).astype(np.float32)
@@ -373,6 +385,40 @@ def synthesize_head(source: SynthSource, seed: int, config: SynthConfig | None =
                                params)
     subject.brain_mask = brain_mask  # type: ignore[attr-defined]
     return subject
+
+
+def _kspace_artefacts(image: np.ndarray, head: HeadConfig, seed: int) -> tuple[np.ndarray, dict | None]:
+    """Step 4b (module docstring): Gibbs ringing and motion ghosts, with probability ``artefact_prob``.
+
+    Draws come from their own stream (``SeedSequence([seed, 13])``), so every other draw of the
+    subject, and the whole subject when the artefacts are off, stay as without them.
+    Ringing: MONAI's ``GibbsNoise`` (k-space truncation; alpha U(``ringing_alpha``)). Ghosts: along
+    a random phase-encoding axis, every 2nd-4th k-space line gets a phase error U(``ghost_phase_rad``)
+    (as from periodic motion), which copies the head at shifts of N/period voxels; the magnitude
+    image is kept. Returns the image (float32) and the draws (None when off).
+    """
+    if head.artefact_prob <= 0:
+        return image, None
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 13]))
+    if rng.uniform() >= head.artefact_prob:
+        return image, None
+    from monai.transforms import GibbsNoise
+    from scipy import fft
+
+    alpha = float(rng.uniform(*head.ringing_alpha))
+    axis, period = int(rng.integers(3)), int(rng.integers(2, 5))
+    phase = float(rng.uniform(*head.ghost_phase_rad))
+    if alpha > 0:
+        image = np.asarray(GibbsNoise(alpha)(image[None]).numpy()[0], dtype=np.float32)
+    if phase > 0:
+        k = fft.fft(image, axis=axis, workers=1)
+        shape = [1, 1, 1]
+        shape[axis] = image.shape[axis]
+        lines = (np.arange(image.shape[axis]) % period == 0).reshape(shape)
+        k = np.where(lines, k * np.complex64(np.exp(1j * phase)), k)
+        image = np.abs(fft.ifft(k, axis=axis, workers=1)).astype(np.float32)
+    return image, {"ringing_alpha": round(alpha, 4), "ghost_axis": axis, "ghost_period": period,
+                   "ghost_phase_rad": round(phase, 4)}
 
 
 def _axcodes(orient: np.ndarray) -> str:
