@@ -40,7 +40,7 @@ def main(seed: int, max_deg: float) -> None:
     for name, vol, mode in (("head_auto", head, "auto"), ("stripped_off", stripped, "off"), ("stripped_auto", stripped, "auto")):
         t = time.time()
         r = Pipeline(PipelineConfig(threads=1, localise=mode)).segment(vol)
-        loc = r.provenance["localisation"]
+        loc = r.provenance.get("localisation") or {"applied": False}  # "off" records none
         res[name] = r.labels
         print(name, "applied", loc["applied"], "rotation", loc.get("rotation_deg"), "seconds", round(time.time() - t, 1),
               "Dice vs labels", dice(r.labels, ref), flush=True)
