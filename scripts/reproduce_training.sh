@@ -92,7 +92,8 @@ fi
 #    MNI152 subjects (the first 12 of seed 101, the first 8 of seed 102), 4 validation cases by the trainer's split;
 #    context cache; two students fine-tuned from the shipped one in parallel, one thread each (band 10 and band 5);
 #    both calibrated on an independent validation cohort of both templates (seeds 131-133, never trained on or
-#    evaluated), then scored on the held-out cohorts with the shipped student on the same foundation masks.
+#    evaluated), then scored on the held-out cohorts with the previous student on the same foundation masks
+#    (SHIP=1 also installs the band-5 student, as was done).
 if [ "${MIXED_RETRAIN:-0}" = 1 ]; then
   [ -f "$W/cohorts/train_lhead_tpl/dataset.json" ] || $B synth --out "$W/cohorts/train_lhead_tpl" --n 10 --seed 121 --template mni152 --template icbm2009c --contrast template --head --localised --prefix lhead_tpl
   [ -f "$W/cohorts/train_lhead_gmm/dataset.json" ] || $B synth --out "$W/cohorts/train_lhead_gmm" --n 10 --seed 122 --template mni152 --template icbm2009c --contrast t1_gmm --head --localised --prefix lhead_gmm
@@ -102,11 +103,15 @@ if [ "${MIXED_RETRAIN:-0}" = 1 ]; then
   [ -f "$W/cohorts/val_icbm/dataset.json" ] || $B synth --out "$W/cohorts/val_icbm" --n 2 --seed 132 --template icbm2009c --contrast template --prefix val_icbm
   [ -f "$W/cohorts/val_mni/dataset.json" ] || $B synth --out "$W/cohorts/val_mni" --n 2 --seed 133 --template mni152 --contrast t1_gmm --prefix val_mni
   [ -f "$W/cohorts/heldout_head_localised/dataset.json" ] || .venv/bin/python -c "from basalseg.data.localised import localise_cohort as l; l('$W/cohorts/heldout_head', '$W/cohorts/heldout_head_localised')"
+  # the student it started from and is compared with: the one shipped until 2026-12-03 (git history), not the
+  # one shipped now (which this step made)
+  PREV="$W/previous_student.pt"
+  [ -f "$PREV" ] || git show bed3f37:BasalSegSAM/basalseg/weights/student_litemedsam.pt > "$PREV"
   MT="--cohort $W/cohorts/train_lhead_tpl --cohort $W/cohorts/train_lhead_gmm --cohort $W/cohorts/train_tpl12 --cohort $W/cohorts/train_gmm8 --work $W/train_mix --val 4"
   mkdir -p "$W/train_mix/prompter" && cp -n BasalSegSAM/basalseg/weights/prompter.pt "$W/train_mix/prompter/prompter.pt"
   $B train $MT --threads 2 --stage prepare
   $B train $MT --threads 1 --stage cache --jitter 2 --context --shard 0/2 & $B train $MT --threads 1 --stage cache --jitter 2 --context --shard 1/2; wait
-  MS="--stage student --context --init BasalSegSAM/basalseg/weights/student_litemedsam.pt --mode sdm --lr 5e-4 --student-steps 1500 --max-minutes 65 --steps-per-epoch 100 --patch 80 --resume --threads 1"
+  MS="--stage student --context --init $PREV --mode sdm --lr 5e-4 --student-steps 1500 --max-minutes 65 --steps-per-epoch 100 --patch 80 --resume --threads 1"
   $B train $MT $MS --band 10 & $B train $MT $MS --band 5; wait
   V="--cohort $W/cohorts/val_lhead --cohort $W/cohorts/val_icbm --cohort $W/cohorts/val_mni"
   for b in 10 5; do
@@ -116,5 +121,15 @@ if [ "${MIXED_RETRAIN:-0}" = 1 ]; then
   $B evaluate-cohort --cohort "$W/cohorts/heldout_mni_seed" --cohort "$W/cohorts/heldout_icbm" --cohort "$W/cohorts/heldout_head_localised" \
     --work "$W/eval2" --prompter BasalSegSAM/basalseg/weights/prompter.pt --threads "${THREADS:-2}" \
     --student "retrained band 10, calibrated=$W/train_mix/student_b10_cal.pt" --student "retrained band 5, calibrated=$W/train_mix/student_b5_cal.pt" \
-    --student "shipped (band 10, calibrated)=BasalSegSAM/basalseg/weights/student_litemedsam.pt" --out "$W/report2"
+    --student "shipped (band 10, calibrated)=$PREV" --out "$W/report2"
+  # shipping the band-5 student (chosen by the trainer's validation Dice, WORK/student-*/log.jsonl): the student
+  # only (the prompter's manifest entry stays), then its calibration written into the weights folder and manifest.
+  # (The manifest names the skull-stripped cohorts train_tpl / train_gmm: the run of 2026-12-03 used those folder
+  #  names for the same 12 / 8 cases.) Then refit weights/repeatability.json (docs/UNCERTAINTY.md).
+  if [ "${SHIP:-0}" = 1 ]; then
+    .venv/bin/python -c "from pathlib import Path; from basalseg.training.run import export_weights; export_weights(None, Path('$W/train_mix/student-sdm-band5-litemedsam/student.pt'), Path('BasalSegSAM/basalseg/weights'), 'litemedsam', cohorts=['$W/cohorts/train_lhead_tpl', '$W/cohorts/train_lhead_gmm', '$W/cohorts/train_tpl12', '$W/cohorts/train_gmm8'])"
+    $B calibrate $V --work "$W/calib2" --prompter BasalSegSAM/basalseg/weights/prompter.pt \
+      --student "$W/train_mix/student-sdm-band5-litemedsam/student.pt" --out BasalSegSAM/basalseg/weights/student_litemedsam.pt \
+      --overwrite --manifest BasalSegSAM/basalseg/weights --threads "${THREADS:-2}"
+  fi
 fi

@@ -103,3 +103,8 @@ def test_export_records_what_the_cohort_was_not_its_path(weights_dir, tmp_path):
         assert described[1] == {"name": "real_cohort"}
         assert str(tmp_path) not in json.dumps(e.info)
     assert entries["student-litemedsam"].foundation == "litemedsam"
+    # prompter=None: the student only; the folder's prompter entry is left as it was
+    export_weights(None, weights_dir / "student_litemedsam.pt", out, "litemedsam", cohorts=[str(plain)])
+    again = {e.name: e for e in read_manifest(out)}
+    assert again["prompter"].info == entries["prompter"].info
+    assert again["student-litemedsam"].info["training"]["cohorts"] == [{"name": "real_cohort"}]

@@ -412,10 +412,9 @@ def _kspace_artefacts(image: np.ndarray, head: HeadConfig, seed: int) -> tuple[n
         image = np.asarray(GibbsNoise(alpha)(image[None]).numpy()[0], dtype=np.float32)
     if phase > 0:
         k = fft.fft(image, axis=axis, workers=1)
-        shape = [1, 1, 1]
-        shape[axis] = image.shape[axis]
-        lines = (np.arange(image.shape[axis]) % period == 0).reshape(shape)
-        k = np.where(lines, k * np.complex64(np.exp(1j * phase)), k)
+        lines = [slice(None)] * 3
+        lines[axis] = slice(0, None, period)  # every period-th k-space line, in place
+        k[tuple(lines)] *= np.complex64(np.exp(1j * phase))
         image = np.abs(fft.ifft(k, axis=axis, workers=1)).astype(np.float32)
     return image, {"ringing_alpha": round(alpha, 4), "ghost_axis": axis, "ghost_period": period,
                    "ghost_phase_rad": round(phase, 4)}

@@ -149,8 +149,11 @@ def describe_cohort(folder: str | Path) -> dict:
     return out
 
 
-def export_weights(prompter: Path, student: Path, folder: Path, foundation: str, cohorts: list[str]) -> None:
-    """Copy trained networks into a weights folder and record them in its manifest."""
+def export_weights(prompter: Path | None, student: Path, folder: Path, foundation: str, cohorts: list[str]) -> None:
+    """Copy trained networks into a weights folder and record them in its manifest.
+
+    ``prompter=None`` exports the student only (the folder's prompter and its manifest entry stay).
+    """
     from ..networks import load_checkpoint
     from ..weights import write_manifest_entry
 
@@ -158,7 +161,7 @@ def export_weights(prompter: Path, student: Path, folder: Path, foundation: str,
     date = datetime.date.today().isoformat()
     for kind, src, name, file in (("prompter", prompter, "prompter", "prompter.pt"),
                                   ("student", student, f"student-{foundation}", f"student_{foundation}.pt")):
-        if not src.is_file():
+        if src is None or not src.is_file():
             continue
         _, meta = load_checkpoint(src, kind)
         shutil.copyfile(src, folder / f".{file}.tmp")
