@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "BasalSegSAM"))
 
 import basalseg.localise as L  # noqa: E402
-from basalseg.data.generate import _load_sources  # noqa: E402
+from basalseg.data.generate import load_sources  # noqa: E402
 from basalseg.data.head import HeadConfig, brain_config_for_heads, synthesize_head  # noqa: E402
 from basalseg.data.localised import localise_case  # noqa: E402
 from basalseg.data.synth import SynthConfig, subject_seed  # noqa: E402
@@ -43,7 +43,7 @@ def main(argv=None) -> int:
         spec.loader.exec_module(other)
         versions.insert(0, ("other", other.register_rigid))
     current = L.register_rigid
-    sources = _load_sources(("mni152", "icbm2009c"), "dk", brain_config_for_heads(SynthConfig()))
+    sources = load_sources(("mni152", "icbm2009c"), "dk", brain_config_for_heads(SynthConfig()))
     failures = {name: 0 for name, _ in versions}
     for i in range(args.n):
         cfg = SynthConfig(contrast=("template", "t1_gmm")[(i // 2) % 2])

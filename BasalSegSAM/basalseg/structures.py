@@ -26,6 +26,7 @@ __all__ = [
     "NUM_CLASSES",
     "get_structure",
     "class_to_label_lut",
+    "left_right_permutation",
     "labels_to_classes",
     "classes_to_labels",
 ]
@@ -106,6 +107,19 @@ def get_structure(name: str | int) -> Structure:
         valid = ", ".join(s.key for s in STRUCTURES)
         raise UnknownStructureError(f"unknown structure {name!r}; expected one of: {valid}")
     return found
+
+
+def left_right_permutation() -> list[int]:
+    """Class-index permutation (length :data:`NUM_CLASSES`) that swaps each left structure with its
+    right twin; 0 (background) stays. Used for left-right mirroring on the RAS+ canonical grid
+    (axis 0 is left-right): the student's mirrored pass and its mirror augmentation."""
+    perm = list(range(NUM_CLASSES))
+    by_part: dict[str, list[int]] = {}
+    for s in STRUCTURES:
+        by_part.setdefault(s.key.split("_", 1)[1], []).append(s.class_index)
+    for a, b in by_part.values():
+        perm[a], perm[b] = b, a
+    return perm
 
 
 def class_to_label_lut() -> np.ndarray:

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .structures import NUM_CLASSES, STRUCTURES
+from .structures import NUM_CLASSES, STRUCTURES, left_right_permutation
 
 __all__ = ["softmax_measures", "flip_probabilities", "volume_intervals", "load_table", "UNCERTAINTY_COLUMNS",
            "UNCERTAINTY_MODES", "TABLE_NAME", "Z95", "sdc_ml", "change_test", "add_interval_columns"]
@@ -90,17 +90,6 @@ def softmax_measures(probs: np.ndarray, classes: np.ndarray, missing: list[int] 
     return out
 
 
-def _lr_permutation() -> list[int]:
-    """Class/channel permutation that swaps each left structure with its right twin (0 stays)."""
-    perm = list(range(NUM_CLASSES))
-    by_part = {}
-    for s in STRUCTURES:
-        by_part.setdefault(s.key.split("_", 1)[1], []).append(s.class_index)
-    for a, b in by_part.values():
-        perm[a], perm[b] = b, a
-    return perm
-
-
 def flip_probabilities(net, inputs: np.ndarray, device, logit_offsets=None) -> np.ndarray:
     """The student's softmax ``(9, X, Y, Z)`` for the left-right mirrored input, mapped back.
 
@@ -110,7 +99,7 @@ def flip_probabilities(net, inputs: np.ndarray, device, logit_offsets=None) -> n
     from .student import predict_student
 
     inputs = np.asarray(inputs)
-    perm = _lr_permutation()
+    perm = left_right_permutation()
     flipped = inputs[:, ::-1]
     if inputs.shape[0] == NUM_CLASSES:  # T1 + 8 structure channels (channel c+... = class c)
         flipped = flipped[[0] + [perm[c] for c in range(1, NUM_CLASSES)]]

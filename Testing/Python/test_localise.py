@@ -50,13 +50,13 @@ def test_registration_finds_a_pitched_head_whose_best_start_ranks_fourth():
     19.5 deg, IAR axes, 0.82 mm, neck and eyes) whose right start basin the metric at the starts
     ranked only 4th: with the best 3 starts optimised it ended in the skull vault (correlation 0.03,
     "no brain found"); the short 6 mm optimisation of more starts finds it."""
-    from basalseg.data.generate import _load_sources
+    from basalseg.data.generate import load_sources
     from basalseg.data.head import HeadConfig, brain_config_for_heads, synthesize_head
     from basalseg.data.localised import localise_case
     from basalseg.data.synth import SynthConfig, subject_seed
 
     config = SynthConfig()
-    (source, _), = _load_sources(("icbm2009c",), "dk", brain_config_for_heads(config))
+    (source, _), = load_sources(("icbm2009c",), "dk", brain_config_for_heads(config))
     head = synthesize_head(source, subject_seed(121, 9), config, HeadConfig())
     assert head.params["head"]["axcodes"] == "IAR"  # the generator still makes the case this test is about
     _, _, record = localise_case(head.image, head.labels)

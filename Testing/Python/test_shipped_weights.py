@@ -99,7 +99,7 @@ def test_export_records_what_the_cohort_was_not_its_path(weights_dir, tmp_path):
         described = e.info["training"]["cohorts"]
         assert described[0] == {"name": "train_x", "cases": 2, "synthetic": True, "generator_version": 1,
                                 "cohort_seed": 7, "templates": ["icbm2009c", "mni152"], "atlas": ["dk"],
-                                "contrast": "t1_gmm"}
+                                "contrast": "t1_gmm", "head": False}
         assert described[1] == {"name": "real_cohort"}
         assert str(tmp_path) not in json.dumps(e.info)
     assert entries["student-litemedsam"].foundation == "litemedsam"

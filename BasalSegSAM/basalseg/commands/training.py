@@ -33,8 +33,16 @@ def register(sub) -> None:
                    "default at inference; own cache folder WORK/foundation/<backend>-ctx3)")
     p.add_argument("--init", type=Path, default=None, metavar="CHECKPOINT",
                    help="student stage: start from this student checkpoint's weights (fine-tuning; same input mode)")
+    p.add_argument("--prompter-init", type=Path, default=None, metavar="CHECKPOINT",
+                   help="prompter stage: start from this prompter checkpoint's weights (fine-tuning)")
     p.add_argument("--shard", default="0/1", help="K/N: the cache stage does every N-th case from the K-th "
                    "(run N processes with K=0..N-1 to use N cores)")
+    p.add_argument("--split", type=Path, default=None, metavar="SPLIT_JSON",
+                   help="validate on the validation cases of this earlier run's split.json (instead of --val); "
+                        "for fine-tuning on a larger cohort")
+    p.add_argument("--mirror", type=float, default=0.0, metavar="P",
+                   help="student: probability of a left-right mirror augmentation (left/right labels and prior "
+                        "channels swapped; default 0: none)")
     p.add_argument("--boundary-weight", type=float, default=0.5, help="final weight of the boundary loss")
     p.add_argument("--patch", type=int, default=96, help="student training patch side (voxels)")
     p.add_argument("--seed", type=int, default=0)
@@ -80,7 +88,8 @@ def run_train(args: argparse.Namespace) -> int:
           prompter_steps=args.prompter_steps, student_steps=args.student_steps, steps_per_epoch=args.steps_per_epoch,
           lr=args.lr, max_minutes=args.max_minutes, mode=args.mode, band=args.band, jitter=args.jitter,
           shard=args.shard, boundary_weight=args.boundary_weight, patch=args.patch, seed=args.seed,
-          resume=args.resume, export=args.export, context=args.context, init=args.init)
+          resume=args.resume, export=args.export, context=args.context, init=args.init,
+          mirror=args.mirror, split=args.split, prompter_init=args.prompter_init)
     return 0
 
 

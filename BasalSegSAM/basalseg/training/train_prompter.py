@@ -53,8 +53,13 @@ def _low_res(case):
 
 
 def train_prompter(train_paths: list, val_paths: list, run_dir: str | Path, config: TrainConfig,
-                   resume: bool = False, device: str = "cpu", show_progress: bool = True) -> dict:
-    """Train and save ``<run_dir>/prompter.pt`` (best validation epoch, else last); return the summary."""
+                   resume: bool = False, device: str = "cpu", show_progress: bool = True,
+                   init: str | Path | None = None) -> dict:
+    """Train and save ``<run_dir>/prompter.pt`` (best validation epoch, else last); return the summary.
+
+    ``init``: a prompter checkpoint to start from (fine-tuning): its weights, not its optimiser
+    state; ignored when resuming from ``last.pt``.
+    """
     data = [_low_res(load_prepared(p)) for p in train_paths]
     val = [load_prepared(p) for p in val_paths]
     transforms = prompter_transforms(config.seed)
@@ -80,6 +85,11 @@ def train_prompter(train_paths: list, val_paths: list, run_dir: str | Path, conf
         return {"dice": float(np.mean(dices))}
 
     net = build_network(PROMPTER_ARCH)
+    if init is not None:
+        from ..networks import load_checkpoint
+
+        start, _ = load_checkpoint(init, "prompter")
+        net.load_state_dict(start.state_dict())
     summary = train_loop(net, batches(), step, run_dir, config, validate if val else None, resume, device,
                          desc="prompter", show_progress=show_progress)
     best = Path(run_dir) / "best.pt"
@@ -87,6 +97,7 @@ def train_prompter(train_paths: list, val_paths: list, run_dir: str | Path, conf
     net.load_state_dict(state["net"])
     meta = {"trained": True, "training": {"cases": [Path(p).stem for p in train_paths],
                                           "validation": [Path(p).stem for p in val_paths],
-                                          "config": config.to_dict(), "summary": summary}}
+                                          "config": config.to_dict(), "summary": summary,
+                                          **({"init": Path(init).name} if init is not None else {})}}
     save_checkpoint(Path(run_dir) / "prompter.pt", "prompter", PROMPTER_ARCH, net, meta)
     return summary

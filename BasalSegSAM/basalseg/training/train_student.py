@@ -10,7 +10,10 @@ Each step: one case, padded to at least ``patch``^3 and cut to a random ``patch`
 (96 by default, the inference window), then MONAI
 augmentations — ``RandAffined`` on image, prior channels and labels together (rotation up to
 0.15 rad, scaling +-10%; labels nearest), ``RandAdjustContrastd`` (gamma 0.7-1.5) and
-``RandGaussianNoised`` (sd 0.03) on the T1 channel only. Loss: :class:`DynamicLoss`
+``RandGaussianNoised`` (sd 0.03) on the T1 channel only; with ``mirror`` > 0, a left-right mirror
+of the patch with that probability (axis 0 of the RAS+ canonical grid; each left structure's
+prior channel and label swapped with its right twin, :func:`basalseg.structures.left_right_permutation`),
+which turns every training brain into a second, mirrored anatomy. Loss: :class:`DynamicLoss`
 (Dice+CE first, boundary loss weighted in by a sigmoid schedule).
 """
 
@@ -25,13 +28,13 @@ from monai.transforms import Compose, RandAdjustContrastd, RandAffined, RandGaus
 
 from ..networks import STUDENT_ARCH, build_network, save_checkpoint
 from ..student import STUDENT_ROI, build_student_input, predict_student
-from ..structures import NUM_CLASSES
+from ..structures import NUM_CLASSES, left_right_permutation
 from .foundation_cache import load_cached_case
 from .losses import DynamicLoss, reference_distance_maps
 from .train_prompter import dice_per_class
 from .trainer import TrainConfig, train_loop
 
-__all__ = ["train_student", "student_transforms", "student_architecture"]
+__all__ = ["train_student", "student_transforms", "student_architecture", "mirror_left_right"]
 
 
 def student_architecture(mode: str) -> dict:
@@ -55,9 +58,28 @@ def student_transforms(seed: int, has_prior: bool, patch: tuple[int, int, int] =
     return t
 
 
+def mirror_left_right(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The left-right mirror of one training sample on the RAS+ canonical grid (axis 0 of the
+    spatial axes is left-right).
+
+    Args:
+        x: ``(C, X, Y, Z)`` student input: the T1, then (``C == 9``) one prior channel per class
+            1..8, which are swapped left with right; a T1-only input (``C == 1``) is only mirrored.
+        y: ``(X, Y, Z)`` uint8 class labels; each left structure becomes its right twin.
+    """
+    perm = left_right_permutation()
+    x = np.asarray(x)[:, ::-1]
+    if x.shape[0] == NUM_CLASSES:
+        x = x[[0] + perm[1:]]
+    elif x.shape[0] != 1:
+        raise ValueError(f"student input must have 1 or {NUM_CLASSES} channels, got {x.shape[0]}")
+    return np.ascontiguousarray(x), np.asarray(perm, dtype=np.uint8)[np.asarray(y)[::-1]]
+
+
 def train_student(train_paths: list, val_paths: list, run_dir: str | Path, config: TrainConfig, mode: str = "sdm",
                   band: float = 10.0, resume: bool = False, device: str = "cpu", a_max: float = 0.5,
-                  patch: int = STUDENT_ROI[0], show_progress: bool = True, init: str | Path | None = None) -> dict:
+                  patch: int = STUDENT_ROI[0], show_progress: bool = True, init: str | Path | None = None,
+                  mirror: float = 0.0) -> dict:
     """Train a student and save ``<run_dir>/student.pt`` (best validation epoch, else last).
 
     Args:
@@ -96,6 +118,8 @@ def train_student(train_paths: list, val_paths: list, run_dir: str | Path, confi
             if has_prior:
                 x = np.concatenate([x, np.asarray(sample["prior"])], axis=0)
             y = np.asarray(sample["label"])[0].round().astype(np.uint8)
+            if mirror and rng.random() < mirror:
+                x, y = mirror_left_right(x, y)
             yield {"x": torch.as_tensor(x)[None].float(), "y": torch.as_tensor(y)[None, None].float(),
                    "phi": torch.as_tensor(reference_distance_maps(y, NUM_CLASSES))[None]}
 
@@ -127,7 +151,8 @@ def train_student(train_paths: list, val_paths: list, run_dir: str | Path, confi
     net.load_state_dict(state["net"])
     meta = {"trained": True, "foundation": foundation, "input_mode": mode, "band": band,
             "training": {"cases": [Path(p).stem for p in train_paths], "validation": [Path(p).stem for p in val_paths],
-                         "config": config.to_dict(), "boundary_a_max": a_max, "patch": patch, "summary": summary,
+                         "config": config.to_dict(), "boundary_a_max": a_max, "patch": patch, "mirror": mirror,
+                         "summary": summary,
                          **({"init": Path(init).name} if init is not None else {})}}
     save_checkpoint(Path(run_dir) / "student.pt", "student", arch, net, meta)
     return summary
