@@ -133,3 +133,32 @@ if [ "${MIXED_RETRAIN:-0}" = 1 ]; then
       --overwrite --manifest BasalSegSAM/basalseg/weights --threads "${THREADS:-2}"
   fi
 fi
+# 10. issue 11, the run of 2026-12-03 evening (ART_RETRAIN=1; needs step 9's cohorts, cache and runs): 10 more
+#     localised heads with k-space artefacts (seed 141, both templates, GMM contrast, --artefacts 0.7; the
+#     localisation dropped lhead_art_0008, a heavily ghosted head: "no brain found"), their context cache, and
+#     - the student fine-tuned again from the shipped one (band 5) on step 9's 35 training cases + these 9, with the
+#       left-right mirror augmentation, validated on step 9's 4 validation cases (--split), 2400 steps;
+#     - the prompter fine-tuned from the shipped one on the same 48 cases less 4 validation cases it never saw
+#       (2 of step 9's localised heads, 2 of the artefact heads), 2500 steps or 60 minutes;
+#     both on one thread each, in parallel.
+if [ "${ART_RETRAIN:-0}" = 1 ]; then
+  [ -f "$W/cohorts/train_lhead_art/dataset.json" ] || $B synth --out "$W/cohorts/train_lhead_art" --n 10 --seed 141 --template mni152 --template icbm2009c --contrast t1_gmm --head --localised --artefacts 0.7 --prefix lhead_art
+  # the networks it started from: those shipped before this step (git 27ff093), not what it shipped
+  S0="$W/student_before_art.pt"; P0="$W/prompter_before_art.pt"
+  [ -f "$S0" ] || git show 27ff093:BasalSegSAM/basalseg/weights/student_litemedsam.pt > "$S0"
+  [ -f "$P0" ] || git show 27ff093:BasalSegSAM/basalseg/weights/prompter.pt > "$P0"
+  C5="--cohort $W/cohorts/train_lhead_tpl --cohort $W/cohorts/train_lhead_gmm --cohort $W/cohorts/train_tpl --cohort $W/cohorts/train_gmm --cohort $W/cohorts/train_lhead_art"
+  mkdir -p "$W/train_art/cases" "$W/train_art/foundation/litemedsam-ctx3" "$W/train_art/prompter" "$W/train_prompter2/cases"
+  cp -n "$W"/train_mix/cases/*.npz "$W/train_art/cases/"; cp -n "$W"/train_mix/foundation/litemedsam-ctx3/*.npz "$W/train_art/foundation/litemedsam-ctx3/"
+  cp -n "$P0" "$W/train_art/prompter/prompter.pt"
+  AT="$C5 --work $W/train_art --split $W/train_mix/split.json"
+  $B train $AT --threads 1 --stage prepare
+  $B train $AT --threads 1 --stage cache --jitter 2 --context
+  cp -n "$W"/train_art/cases/*.npz "$W/train_prompter2/cases/"
+  echo '{"val": ["lhead_art_0004", "lhead_art_0009", "lhead_gmm_0000", "lhead_tpl_0002"]}' > "$W/prompter2_split.json"
+  $B train $C5 --work "$W/train_prompter2" --split "$W/prompter2_split.json" --threads 1 --stage prompter \
+    --prompter-init "$P0" --lr 5e-4 --prompter-steps 2500 --max-minutes 60 --steps-per-epoch 100 --resume &
+  $B train $AT --stage student --context --init "$S0" --mode sdm --band 5 --lr 5e-4 \
+    --student-steps 2400 --max-minutes 68 --steps-per-epoch 100 --patch 80 --resume --threads 1 --mirror 0.5
+  wait
+fi

@@ -11,6 +11,14 @@ voxel counts times the voxel volume):
   ``compute_hausdorff_distance`` with ``percentile=95`` and the voxel spacing); NaN when either
   is empty.
 
+* **Signed volume error** = 100 (V_P - V_R) / V_R, in %; its mean over cases is the bias (what a
+  volume calibration can remove), its SD the case-to-case error.
+* **Volume slope** and **r** (:func:`volume_agreement`, over the cases of a cohort, per
+  structure): the least-squares slope of V_P on V_R and their Pearson correlation. A slope of 1
+  means differences between subjects are measured at their size; a slope of 0.6 means a true
+  difference of 10 % reads as about 6 % (predictions shrunk toward the training anatomy), which
+  matters for following volume change over time.
+
 Means over structures skip NaNs.
 """
 
@@ -25,8 +33,8 @@ import numpy as np
 from .metrics import dice
 from .structures import STRUCTURES
 
-__all__ = ["structure_metrics", "evaluate_labelmaps", "evaluate_files", "summarise", "metrics_csv", "markdown_table",
-           "METRIC_COLUMNS"]
+__all__ = ["structure_metrics", "evaluate_labelmaps", "evaluate_files", "summarise", "volume_agreement", "metrics_csv",
+           "markdown_table", "METRIC_COLUMNS"]
 
 METRIC_COLUMNS = ["case", "structure", "dice", "volume_accuracy", "hd95_mm", "volume_pred_ml", "volume_ref_ml"]
 
@@ -120,6 +128,31 @@ def summarise(rows: list[dict]) -> dict:
         out["per_structure"][s.name] = {m: _nanmean([r[m] for r in sel]) for m in metrics}
     for m in metrics:
         out["mean"][m] = _nanmean([r[m] for r in rows])
+    return out
+
+
+def volume_agreement(rows: list[dict]) -> dict:
+    """Per structure, over the cases in ``rows`` (one variant; rows of :func:`structure_metrics`
+    with ``volume_pred_ml``/``volume_ref_ml``): ``n`` (cases with a reference volume),
+    ``signed_error_pct`` mean and ``signed_error_sd_pct``, ``slope`` (least squares of V_P on
+    V_R) and ``r`` (Pearson; NaN with fewer than 3 cases or no spread in either volume).
+    Module docstring for the definitions."""
+    out: dict = {}
+    for s in STRUCTURES:
+        pairs = np.array([(float(r["volume_ref_ml"]), float(r["volume_pred_ml"])) for r in rows
+                          if r["structure"] == s.name and float(r["volume_ref_ml"]) > 0], dtype=np.float64)
+        entry = {"n": int(len(pairs)), "signed_error_pct": float("nan"), "signed_error_sd_pct": float("nan"),
+                 "slope": float("nan"), "r": float("nan")}
+        if len(pairs):
+            err = 100.0 * (pairs[:, 1] / pairs[:, 0] - 1.0)
+            entry["signed_error_pct"] = float(err.mean())
+            entry["signed_error_sd_pct"] = float(err.std(ddof=1)) if len(err) > 1 else float("nan")
+        if len(pairs) >= 3 and pairs[:, 0].std() > 0:
+            ref, pred = pairs[:, 0] - pairs[:, 0].mean(), pairs[:, 1] - pairs[:, 1].mean()
+            entry["slope"] = float((ref * pred).sum() / (ref * ref).sum())
+            if pred.std() > 0:
+                entry["r"] = float((ref * pred).sum() / math.sqrt((ref * ref).sum() * (pred * pred).sum()))
+        out[s.name] = entry
     return out
 
 

@@ -506,6 +506,7 @@ def test_evaluate_cohort_variants_have_their_own_cache_and_timing(weights_dir, m
     assert info["variant"] == "litemedsam-3planes" and info["cost"]["heldout"]["timed"] == 1
     report = (tmp_path / "r3" / "report.md").read_text()
     assert "majority vote" in report and "Foundation stage cost" in report and "T1+SDM" in report
+    assert "| structure | Dice | volume accuracy | HD95 (mm) | signed volume error % (mean +- SD) | volume slope | r |" in report
     timing_csv = (tmp_path / "r3" / "foundation_timing.csv").read_text().splitlines()
     assert timing_csv[0] == "cohort,case,plane,seconds,slices" and len(timing_csv) == 4
     assert "foundation alone" in (tmp_path / "r3" / "metrics.csv").read_text()

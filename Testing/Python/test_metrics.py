@@ -46,3 +46,23 @@ def test_callers_agree_with_the_one_dice():
     got = foundation_student_dice(masks, classes, prompts)
     assert got[key] == pytest.approx(round(dice(ref == 1, pred == 1), 4))
     assert all(v is None for k, v in got.items() if k != key)  # no prompts: no evidence
+
+
+def test_volume_agreement_slope_r_and_signed_error():
+    from basalseg.evaluation import volume_agreement
+    from basalseg.structures import STRUCTURES
+
+    name = STRUCTURES[0].name
+    ref = [8.0, 10.0, 12.0, 14.0]
+    shrunk = [0.5 * (v - 11.0) + 11.0 for v in ref]  # differences read at half their size
+    rows = [{"structure": name, "volume_ref_ml": r, "volume_pred_ml": p} for r, p in zip(ref, shrunk)]
+    rows.append({"structure": name, "volume_ref_ml": 0.0, "volume_pred_ml": 1.0})  # no reference: skipped
+    biased = [{"structure": STRUCTURES[1].name, "volume_ref_ml": r, "volume_pred_ml": 1.1 * r} for r in ref]
+    out = volume_agreement(rows + biased)
+    a = out[name]
+    assert a["n"] == 4 and abs(a["slope"] - 0.5) < 1e-9 and abs(a["r"] - 1.0) < 1e-9
+    assert abs(a["signed_error_pct"] - np.mean([100 * (p / r - 1) for r, p in zip(ref, shrunk)])) < 1e-9
+    b = out[STRUCTURES[1].name]
+    assert abs(b["slope"] - 1.1) < 1e-9 and abs(b["signed_error_pct"] - 10.0) < 1e-9 and b["signed_error_sd_pct"] < 1e-9
+    empty = out[STRUCTURES[2].name]
+    assert empty["n"] == 0 and np.isnan(empty["slope"]) and np.isnan(empty["signed_error_pct"])

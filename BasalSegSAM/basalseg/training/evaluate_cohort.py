@@ -32,7 +32,8 @@ never overwrite each other and the default reuses the existing cache. Run the co
 variant with its own ``--out`` and compare the reports.
 
 Outputs in ``--out``: ``metrics.csv`` (case, variant, structure, metrics), ``summary.json`` and
-``report.md`` (mean per variant, per-structure table of the first student), ``foundation.json``
+``report.md`` (mean per variant; per-structure table of the first student with the signed volume
+error and the volume slope and r across cases, :func:`basalseg.evaluation.volume_agreement`), ``foundation.json``
 (the variant and the cost of its foundation stage per cohort: seconds per case, mean, median,
 total, slices per case) and ``foundation_timing.csv`` (seconds and slices per case and plane,
 as recorded in the cache when the case was computed; cases cached before timings were recorded
@@ -42,12 +43,13 @@ have none and are counted as ``untimed``).
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 
 import numpy as np
 
-from ..evaluation import evaluate_labelmaps, markdown_table, metrics_csv, structure_metrics, summarise
+from ..evaluation import evaluate_labelmaps, markdown_table, metrics_csv, structure_metrics, summarise, volume_agreement
 from ..structures import STRUCTURES
 
 __all__ = ["evaluate_cohorts", "evaluate_variants", "foundation_cost"]
@@ -193,12 +195,20 @@ def _cost_line(cost: dict) -> str:
 def _per_structure_table(rows: list[dict], variant: str) -> str:
     sel = [r for r in rows if r["variant"] == variant]
     summary = summarise(sel)
-    lines = ["| structure | Dice | volume accuracy | HD95 (mm) |", "|---|---|---|---|"]
+    agreement = volume_agreement(sel)
+    lines = ["| structure | Dice | volume accuracy | HD95 (mm) | signed volume error % (mean +- SD) | volume slope | r |",
+             "|---|---|---|---|---|---|---|"]
     for name, m in summary["per_structure"].items():
-        lines.append(f"| {name} | {m['dice']:.3f} | {m['volume_accuracy']:.3f} | {m['hd95_mm']:.2f} |")
+        a = agreement[name]
+        lines.append(f"| {name} | {m['dice']:.3f} | {m['volume_accuracy']:.3f} | {m['hd95_mm']:.2f} | "
+                     f"{a['signed_error_pct']:+.1f} +- {a['signed_error_sd_pct']:.1f} | {a['slope']:.2f} | {a['r']:.2f} |")
     m = summary["mean"]
-    lines.append(f"| **mean** | **{m['dice']:.3f}** | **{m['volume_accuracy']:.3f}** | **{m['hd95_mm']:.2f}** |")
-    return "\n".join(lines) + "\n"
+    slopes = [a["slope"] for a in agreement.values() if not math.isnan(a["slope"])]
+    mean_slope = f"{np.mean(slopes):.2f}" if slopes else "nan"
+    lines.append(f"| **mean** | **{m['dice']:.3f}** | **{m['volume_accuracy']:.3f}** | **{m['hd95_mm']:.2f}** | | "
+                 f"**{mean_slope}** | |")
+    return ("\n".join(lines) + "\n\nVolume slope and r: predicted on reference volumes over the cases "
+            "(1 = differences between subjects measured at full size; basalseg.evaluation).\n")
 
 
 def evaluate_cohorts(cohorts: list[Path], work: Path, prompter: Path, students: dict[str, str], out: Path, *,
