@@ -293,3 +293,17 @@ def test_cohort_errors(written, tmp_path):
         cohort.read_cohort(tmp_path)
     with pytest.raises(cohort.CohortError, match="does not exist"):
         cohort.read_cohort(tmp_path / "nowhere")
+
+
+def test_synth_structure_volume_range_option(tmp_path, capsys):
+    from basalseg.commands import main
+
+    out = tmp_path / "wide"
+    assert main(["synth", "--out", str(out), "--n", "2", "--seed", "3", "--structure-volume-range", "0.3"]) == 0
+    data = json.loads((out / "dataset.json").read_text())
+    assert data["basalseg_synth"]["config"]["structure_volume_range"] == 0.3
+    factors = [f for c in data["basalseg_synth"]["cases"] for f in c["params"]["structure_volume_factor"].values()]
+    assert len(factors) == 16 and all(0.7 <= f <= 1.3 for f in factors)
+    assert any(abs(f - 1) > 0.12 for f in factors)  # outside the default range (16 draws of U(0.7, 1.3))
+    assert main(["synth", "--out", str(tmp_path / "bad"), "--n", "1", "--structure-volume-range", "1.5"]) != 0
+    assert "--structure-volume-range" in capsys.readouterr().err and not (tmp_path / "bad").exists()

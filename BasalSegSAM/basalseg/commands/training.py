@@ -70,6 +70,9 @@ def register(sub) -> None:
     p.add_argument("--artefacts", type=float, default=0.0, metavar="P",
                    help="with --head: probability of k-space artefacts per subject (Gibbs ringing and motion-like "
                         "ghosts; default 0: none)")
+    p.add_argument("--structure-volume-range", type=float, default=None, metavar="R",
+                   help="each structure's own volume change is drawn from U(1 +- R) (default 0.12; wider ranges "
+                        "make subjects whose structures differ more from the template's)")
     p.add_argument("--prefix", default="synth", help="case names are PREFIX_0000, PREFIX_0001, ...")
     p.add_argument("--image-dtype", default="int16", choices=["int16", "float32"],
                    help="int16 stores intensity x 1000 (3x smaller files)")
@@ -111,12 +114,18 @@ def run_synth(args: argparse.Namespace) -> int:
         raise BasalSegError("--artefacts needs --head")
     if not 0 <= args.artefacts <= 1:
         raise BasalSegError(f"--artefacts is a probability in [0, 1], got {args.artefacts}")
+    brain = SynthConfig(contrast=args.contrast)
+    if args.structure_volume_range is not None:
+        try:
+            brain = SynthConfig(contrast=args.contrast, structure_volume_range=args.structure_volume_range)
+        except ValueError as exc:
+            raise BasalSegError(f"--structure-volume-range: {exc}") from None
     out = args.out / "source" if args.localised else args.out
     paths = []
     if not (args.localised and (out / "dataset.json").is_file()):  # a localised cohort's heads are made once
         bar = tqdm(total=args.n * (args.rescans + 1), desc=f"synth {args.out.name}", unit="scan")
         paths = generate_cohort(out, n=args.n, seed=args.seed, templates=args.template or ["mni152"],
-                                config=SynthConfig(contrast=args.contrast), prefix=args.prefix,
+                                config=brain, prefix=args.prefix,
                                 image_dtype=args.image_dtype, progress=lambda done, total: bar.update(done - bar.n),
                                 rescans=args.rescans, head=HeadConfig(skull_stripped=args.skull_stripped, artefact_prob=args.artefacts)
                                 if args.head else None)
