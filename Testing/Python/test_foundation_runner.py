@@ -106,6 +106,47 @@ def test_training_cache_and_segment_give_identical_masks(context, planes, small_
     assert np.array_equal(cached.foundation_masks, result.masks[(slice(None),) + crop])
 
 
+def test_cache_is_remade_for_another_prompter_not_silently_reused(small_lite, prepared_small, monkeypatch, tmp_path):
+    """A cached case is reused only for the prompter (weights fingerprint) and checkpoint it was made
+    with: a work folder filled with one prompter's masks must not be scored as another's."""
+    import basalseg.prompter
+    from basalseg.networks import PROMPTER_ARCH, build_network
+    from basalseg.training.foundation_cache import build_foundation_cache, network_fingerprint
+
+    volume, image01, grid, block, path = prepared_small
+    monkeypatch.setattr(basalseg.prompter, "predict_coarse", lambda net, image, device="cpu": block.copy())
+    encoded = []
+    real_encode = small_lite.encode
+    monkeypatch.setattr(small_lite, "encode", lambda images: encoded.extend(images) or real_encode(images))
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    first, second = build_network(PROMPTER_ARCH), build_network(PROMPTER_ARCH)
+    assert network_fingerprint(first) != network_fingerprint(second)
+    assert network_fingerprint(first) == network_fingerprint(first) and network_fingerprint(None) == "none"
+    cache = tmp_path / "cache"
+
+    def run(prompter):
+        before = len(encoded)
+        (out,) = build_foundation_cache([path], prompter, small_lite, cache, jitter=0, reference_in_roi=False)
+        return len(encoded) - before, out
+
+    made, out = run(first)
+    assert made == 2
+    with np.load(out) as data:
+        assert str(data["prompter"]) == network_fingerprint(first)
+    assert run(first)[0] == 0                    # same prompter: resumed, nothing recomputed
+    assert run(second)[0] == 2                   # another prompter: computed again
+    with np.load(out) as data:
+        assert str(data["prompter"]) == network_fingerprint(second)
+    # a file from before fingerprints were recorded is computed again, not trusted
+    with np.load(out) as data:
+        legacy = {k: data[k] for k in data.files if k != "prompter"}
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **legacy)
+    out.write_bytes(buffer.getvalue())
+    assert run(second)[0] == 2
+
+
 # ---------------------------------------------------------------------------------------------
 # the runner's backends and public helpers
 # ---------------------------------------------------------------------------------------------

@@ -13,8 +13,11 @@ costs ~2 s per slice on a CPU. For each prepared case:
    and the prompter's labelmap is saved to ``<cache>/<name>.npz``, with the prompts and the
    backend's description.
 
-A case already in the cache for the same backend and variant is skipped, so an interrupted run
-resumes.
+A case already in the cache for the same backend (name and checkpoint sha256), variant and
+prompter (a fingerprint of its weights, :func:`network_fingerprint`) is skipped, so an interrupted
+run resumes; one made by another prompter or checkpoint, or before these were recorded, is
+computed again rather than silently reused (evaluating a new prompter in an old work folder
+would otherwise score the old prompter's masks).
 
 **Variants** (``docs/CONTEXT_AND_PLANES.md``): ``context=True`` runs the foundation model with
 the 3-slice context; ``planes=("axial", "coronal", "sagittal")`` also runs it on coronal and
@@ -32,6 +35,7 @@ existed have none).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -53,7 +57,7 @@ from ..student import student_roi
 from .prepare import load_prepared
 
 __all__ = ["jitter_prompts", "build_foundation_cache", "CachedCase", "load_cached_case", "variant_name",
-           "read_timing"]
+           "read_timing", "network_fingerprint"]
 
 
 def variant_name(foundation: str, context: bool = False, planes=("axial",)) -> str:
@@ -117,6 +121,27 @@ def _variant_of(data) -> dict:
     return {"context": False, "planes": ["axial"]}
 
 
+def network_fingerprint(net: torch.nn.Module | None) -> str:
+    """sha256 (first 16 hex digits) of a network's weights: every state-dict entry's name, dtype,
+    shape and bytes, in order. ``None`` (tests that patch the prompter's output) gives ``"none"``."""
+    if net is None:
+        return "none"
+    digest = hashlib.sha256()
+    for name, tensor in net.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()[:16]
+
+
+def _made_by(data) -> dict:
+    """What a cached ``.npz`` was made with: backend name and checkpoint sha256, prompter fingerprint
+    (``None`` where older files did not record it)."""
+    backend = json.loads(str(data["backend"])) if "backend" in data.files else {}
+    return {"backend": backend.get("backend"), "checkpoint_sha256": backend.get("checkpoint_sha256"),
+            "prompter": str(data["prompter"]) if "prompter" in data.files else None}
+
+
 def build_foundation_cache(prepared: list[str | os.PathLike], prompter: torch.nn.Module, backend: FoundationBackend,
                            cache_dir: str | os.PathLike, jitter: int = 2, seed: int = 0, crop: bool = True,
                            device: str | torch.device = "cpu", reference_in_roi: bool = True,
@@ -132,14 +157,15 @@ def build_foundation_cache(prepared: list[str | os.PathLike], prompter: torch.nn
     cache_dir = Path(cache_dir)
     planes = normalise_planes(planes)
     variant = {"context": bool(context), "planes": list(planes)}
+    made_by = {"backend": backend.name, "checkpoint_sha256": backend.describe().get("checkpoint_sha256"),
+               "prompter": network_fingerprint(prompter)}
     paths = []
     for n, path in enumerate(prepared):
         case = load_prepared(path)
         out = cache_dir / f"{case.name}.npz"
         if out.is_file():
             with np.load(out) as existing:
-                if (json.loads(str(existing["backend"])).get("backend") == backend.name
-                        and _variant_of(existing) == variant):
+                if _made_by(existing) == made_by and _variant_of(existing) == variant:
                     paths.append(out)
                     if progress:
                         progress(n + 1, len(prepared))
@@ -175,6 +201,7 @@ def build_foundation_cache(prepared: list[str | os.PathLike], prompter: torch.nn
             prompts=np.array(json.dumps(prompts.to_dict())),
             plane_prompts=np.array(json.dumps({p: ps.to_dict() for p, ps in sets.items() if p != "axial"})),
             backend=np.array(json.dumps(backend.describe())),
+            prompter=np.array(made_by["prompter"]),
             variant=np.array(json.dumps(variant)),
             timing=np.array(json.dumps(timing)),
         )
