@@ -161,4 +161,65 @@ if [ "${ART_RETRAIN:-0}" = 1 ]; then
   $B train $AT --stage student --context --init "$S0" --mode sdm --band 5 --lr 5e-4 \
     --student-steps 2400 --max-minutes 68 --steps-per-epoch 100 --patch 80 --resume --threads 1 --mirror 0.5
   wait
+  # 10b. (SHIP=1, as was done on 2026-12-03 evening) the prompter chosen on the independent validation cohort
+  #      (the new student uncalibrated, with the old and with the new prompter's prompts; 0.839 vs 0.844), both
+  #      networks exported, the student calibrated on that cohort with the new prompter's masks; then the held-out
+  #      report (runs/report3p), the input-grid evaluations and the repeatability refit of README / UNCERTAINTY.md.
+  V="--cohort $W/cohorts/val_lhead --cohort $W/cohorts/val_icbm --cohort $W/cohorts/val_mni"
+  S10="$W/train_art/student-sdm-band5-litemedsam/student.pt"; P10="$W/train_prompter2/prompter/prompter.pt"
+  for p in old new; do
+    PP="$P0"; [ $p = new ] && PP="$P10"
+    $B evaluate-cohort $V --work "$W/eval_val_$p" --prompter "$PP" --student "new student, uncalibrated=$S10" --out "$W/report_val_prompter_$p" --threads "${THREADS:-2}"
+  done
+  if [ "${SHIP:-0}" = 1 ]; then
+    .venv/bin/python -c "from pathlib import Path; from basalseg.training.run import export_weights; export_weights(Path('$P10'), Path('$S10'), Path('BasalSegSAM/basalseg/weights'), 'litemedsam', cohorts=['$W/cohorts/train_lhead_tpl', '$W/cohorts/train_lhead_gmm', '$W/cohorts/train_tpl', '$W/cohorts/train_gmm', '$W/cohorts/train_lhead_art'])"
+    $B calibrate $V --work "$W/eval_val_new" --prompter BasalSegSAM/basalseg/weights/prompter.pt --student "$S10" \
+      --out BasalSegSAM/basalseg/weights/student_litemedsam.pt --overwrite --manifest BasalSegSAM/basalseg/weights --threads "${THREADS:-2}"
+  fi
+  $B evaluate-cohort --cohort "$W/cohorts/heldout_mni_seed" --cohort "$W/cohorts/heldout_icbm" --cohort "$W/cohorts/heldout_head_localised" \
+    --work "$W/eval3" --prompter BasalSegSAM/basalseg/weights/prompter.pt --student "shipped=BasalSegSAM/basalseg/weights/student_litemedsam.pt" \
+    --out "$W/report3p" --threads "${THREADS:-2}"
+  [ -f "$W/cohorts/heldout_stripped_posed/dataset.json" ] || $B synth --out "$W/cohorts/heldout_stripped_posed" --n 8 --seed 943 \
+    --template mni152 --template icbm2009c --contrast t1_gmm --head --skull-stripped --prefix stripped_posed
+  .venv/bin/python scripts/evaluate_heads.py --cohort "$W/cohorts/heldout_head" --out "$W/eval_heads3" --localise auto --threads 1 &
+  .venv/bin/python scripts/evaluate_heads.py --cohort "$W/cohorts/heldout_stripped_posed" --out "$W/eval_posed3" --localise auto --threads 1; wait
+  # repeatability refit: docs/UNCERTAINTY.md "Results for the networks shipped since 2026-12-03 evening" (work folder runs/rep3)
+fi
+# 11. issue 11, the run of 2026-12-04 (P2_RETRAIN=1; cohorts of steps 9-10, regenerated from their seeds if missing):
+#     the student trained on the SHIPPED prompter's foundation masks (those inference gives it): the context cache of
+#     steps 9-10's 48 training cases + 8 train_wide subjects (each structure's volume change from +-25 %) made with the
+#     shipped prompter; 1500 steps from step 10's student (its calibration removed), validated on the trainer's split of
+#     step 9's cohorts (--val 4; only picks the step); compared with step 10's student, both uncalibrated, on the
+#     independent validation cohort (the choice), calibrated there, scored on the held-out cohorts (runs/report_p2).
+if [ "${P2_RETRAIN:-0}" = 1 ]; then
+  C="$W/cohorts"
+  [ -f "$C/train_wide/dataset.json" ] || $B synth --out "$C/train_wide" --n 8 --seed 151 --template mni152 --template icbm2009c --contrast t1_gmm --structure-volume-range 0.25 --prefix train_wide
+  PREV10="$W/student_before_p2.pt"; P10="$W/prompter_p2.pt"
+  [ -f "$P10" ] || git show b2559e3:BasalSegSAM/basalseg/weights/prompter.pt > "$P10"
+  [ -f "$PREV10" ] || { git show b2559e3:BasalSegSAM/basalseg/weights/student_litemedsam.pt > "$W/student_b2559e3.pt"
+    .venv/bin/python -c "import torch; ck = torch.load('$W/student_b2559e3.pt', map_location='cpu', weights_only=False); ck['meta'].pop('calibration', None); torch.save(ck, '$PREV10')"; }
+  MT="--cohort $C/train_lhead_tpl --cohort $C/train_lhead_gmm --cohort $C/train_tpl --cohort $C/train_gmm --work $W/train_mix --val 4"
+  [ -f "$W/train_mix/split.json" ] || $B train $MT --threads 2 --stage prepare
+  P2="--cohort $C/train_lhead_tpl --cohort $C/train_lhead_gmm --cohort $C/train_tpl --cohort $C/train_gmm --cohort $C/train_lhead_art --cohort $C/train_wide --work $W/train_p2 --split $W/train_mix/split.json"
+  mkdir -p "$W/train_p2/prompter" && cp -n "$P10" "$W/train_p2/prompter/prompter.pt"
+  $B train $P2 --threads 2 --stage prepare
+  $B train $P2 --threads 1 --stage cache --jitter 2 --context --shard 0/2 & $B train $P2 --threads 1 --stage cache --jitter 2 --context --shard 1/2; wait
+  $B train $P2 --stage student --context --init "$PREV10" --mode sdm --band 5 --lr 3e-4 \
+    --student-steps 1500 --max-minutes 42 --steps-per-epoch 100 --patch 80 --resume --threads 1 --mirror 0.5
+  S11="$W/train_p2/student-sdm-band5-litemedsam/student.pt"
+  V="--cohort $C/val_lhead --cohort $C/val_icbm --cohort $C/val_mni"
+  $B evaluate-cohort $V --work "$W/eval_val" --prompter "$P10" --threads "${THREADS:-2}" \
+    --student "new, uncalibrated=$S11" --student "shipped, uncalibrated=$PREV10" --out "$W/report_val_p2"
+  $B calibrate $V --work "$W/eval_val" --prompter "$P10" --student "$S11" --out "$W/train_p2/student_cal.pt" --threads "${THREADS:-2}"
+  $B evaluate-cohort --cohort "$C/heldout_mni_seed" --cohort "$C/heldout_icbm" --cohort "$C/heldout_head_localised" --work "$W/eval3" \
+    --prompter "$P10" --threads "${THREADS:-2}" --student "new=$W/train_p2/student_cal.pt" \
+    --student "before=$W/student_b2559e3.pt" --out "$W/report_p2"
+  if [ "${SHIP:-0}" = 1 ]; then   # as was done: the student only, its calibration into the weights folder and manifest
+    .venv/bin/python -c "from pathlib import Path; from basalseg.training.run import export_weights; export_weights(None, Path('$S11'), Path('BasalSegSAM/basalseg/weights'), 'litemedsam', cohorts=['$C/train_lhead_tpl', '$C/train_lhead_gmm', '$C/train_tpl', '$C/train_gmm', '$C/train_lhead_art', '$C/train_wide'])"
+    $B calibrate $V --work "$W/eval_val" --prompter BasalSegSAM/basalseg/weights/prompter.pt --student "$S11" \
+      --out BasalSegSAM/basalseg/weights/student_litemedsam.pt --overwrite --manifest BasalSegSAM/basalseg/weights --threads "${THREADS:-2}"
+  fi
+  # input grid: scripts/evaluate_heads.py --localise auto on heldout_head / heldout_stripped_posed (eval_heads4 /
+  # eval_posed4; the weights before: --weights with a copy of the weights folder of git b2559e3); repeatability
+  # refit: docs/UNCERTAINTY.md (runs/rep4)
 fi
