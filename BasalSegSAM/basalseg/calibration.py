@@ -163,11 +163,13 @@ def _groups(tie_sides: bool) -> list[list[int]]:
     return list(pairs.values())
 
 
-def calibration_meta(offsets: np.ndarray, cases: list[str], report: dict, tie_sides: bool, context: bool) -> dict:
+def calibration_meta(offsets: np.ndarray, cases: list[str], report: dict, tie_sides: bool, context: bool,
+                     mirror_tta: bool = False) -> dict:
     """The ``meta["calibration"]`` entry written into a student checkpoint (``context``: whether the
-    foundation masks of the fit had 3-slice context)."""
+    foundation masks of the fit had 3-slice context; ``mirror_tta``: whether the fit used the
+    student's left-right test-time augmentation)."""
     import datetime
 
     return {"method": "volume matching: per-class logit offsets, mean log volume ratio to 0 on validation cases",
             "logit_offsets": [round(float(v), 4) for v in offsets], "tie_sides": bool(tie_sides), "context": bool(context),
-            "cases": list(cases), "date": datetime.date.today().isoformat(), **report}
+            "mirror_tta": bool(mirror_tta), "cases": list(cases), "date": datetime.date.today().isoformat(), **report}

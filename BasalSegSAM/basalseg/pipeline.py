@@ -100,6 +100,10 @@ class PipelineConfig:
         localise: ``"auto"``, ``"on"`` or ``"off"`` (this class's default; the command line's is
             ``auto``): brain localisation for whole-head inputs in any pose and its QC checks
             (:mod:`basalseg.localise`).
+        mirror_tta: left-right test-time augmentation of the student (the default): the mean of its
+            logits on the crop and on the crop's mirror image (:func:`basalseg.student.predict_student`),
+            one more student pass (about 0.6 s on 2 CPU cores); held-out Dice +0.001 to +0.002 and
+            HD95 lower on every cohort (README "Results").
     """
 
     foundation: str = "litemedsam"
@@ -120,6 +124,7 @@ class PipelineConfig:
     calibrate: bool = True
     uncertainty: str = "softmax"
     localise: str = "off"
+    mirror_tta: bool = True
 
 
 @dataclass
@@ -436,9 +441,10 @@ class Pipeline:
             crop_probs = None
             if keep_probabilities or mode_u != "none":
                 crop_classes, crop_probs = predict_student(student, inputs, self.device, logit_offsets=offsets,
-                                                           return_probabilities=True)
+                                                           return_probabilities=True, mirror=self.config.mirror_tta)
             else:
-                crop_classes = predict_student(student, inputs, self.device, logit_offsets=offsets)
+                crop_classes = predict_student(student, inputs, self.device, logit_offsets=offsets,
+                                               mirror=self.config.mirror_tta)
             missing_idx = [s.class_index for s in STRUCTURES if s.key in missing]
             for c in missing_idx:  # never invent a structure the prompter did not find
                 crop_classes[crop_classes == c] = 0
@@ -487,19 +493,24 @@ class Pipeline:
 
     def _uncertainty(self, student, inputs, probs, crop_classes, missing_idx, grid, offsets, mode) -> dict:
         """The volume-uncertainty record (:mod:`basalseg.uncertainty`) from the student's
-        probabilities on its crop; ``"flip"`` also runs one mirrored student pass."""
+        probabilities on its crop; ``"flip"`` also runs one mirrored student pass (and, with the
+        left-right TTA on, one unmirrored pass: the diagnostic always compares two single passes,
+        whatever the output is made of)."""
         voxel_ml = float(abs(np.linalg.det(grid.affine[:3, :3]))) / 1000.0
         raw = softmax_measures(probs, crop_classes, missing_idx, voxel_ml=voxel_ml)
         if mode == "flip":
-            flip = flip_probabilities(student, inputs, self.device, logit_offsets=offsets)
-            flip_classes = flip.argmax(0)
-            del flip
+            flip_classes = flip_probabilities(student, inputs, self.device, logit_offsets=offsets).argmax(0)
+            plain_classes = crop_classes
+            if self.config.mirror_tta:
+                plain_classes = predict_student(student, inputs, self.device, logit_offsets=offsets)
             for c in missing_idx:
                 flip_classes[flip_classes == c] = 0
+                plain_classes[plain_classes == c] = 0
             for c, entry in raw.items():
                 v_flip = int(np.count_nonzero(flip_classes == c)) * voxel_ml
+                v_plain = int(np.count_nonzero(plain_classes == c)) * voxel_ml
                 entry["flip_ml"] = v_flip
-                entry["flip_half_diff_ml"] = 0.5 * abs(v_flip - entry["voxels"] * voxel_ml)
+                entry["flip_half_diff_ml"] = 0.5 * abs(v_flip - v_plain)
         names = {s.class_index: s.name for s in STRUCTURES}
         return {"mode": mode, "measures": {names[c]: v for c, v in raw.items()}}
 
@@ -543,7 +554,7 @@ class Pipeline:
                         "min_prompt_pixels": self.config.min_prompt_pixels, "stride": self.config.stride,
                         "context": bool(self.config.context), "planes": list(self.planes),
                         "calibration": _list_or_none(self.student_offsets() if self._student is not None else None),
-                        "localise": self.config.localise},
+                        "localise": self.config.localise, "mirror_tta": bool(self.config.mirror_tta)},
         }
 
 

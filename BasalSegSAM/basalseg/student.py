@@ -14,7 +14,7 @@ from monai.inferers import sliding_window_inference
 from .spatial import bounding_box
 
 __all__ = ["student_input", "build_student_input", "student_roi", "predict_student", "STUDENT_ROI", "STUDENT_MARGIN",
-           "INPUT_MODES"]
+           "INPUT_MODES", "mirror_input", "unmirror_classes"]
 
 #: what the student reads besides the T1: "sdm" (the method), "mask" (raw foundation masks), "t1" (nothing;
 #: an ablation baseline).
@@ -80,10 +80,39 @@ def student_roi(masks, coarse: np.ndarray | None = None, margin: int = STUDENT_M
     return tuple(slice(max(b.start - margin, 0), min(b.stop + margin, n)) for b, n in zip(box, shape))
 
 
+def mirror_input(inputs: np.ndarray) -> np.ndarray:
+    """The student input ``(C, X, Y, Z)`` mirrored left-right: on the RAS+ canonical grid axis 0 is
+    left-right, so the crop is reversed along it and, for the 9-channel inputs (T1 + one channel per
+    structure, channel c = class c), each left structure's channel swapped with its right twin's
+    (:func:`basalseg.structures.left_right_permutation`); a T1-only input is only reversed."""
+    from .structures import NUM_CLASSES, left_right_permutation
+
+    inputs = np.asarray(inputs)
+    flipped = inputs[:, ::-1]
+    if inputs.shape[0] == NUM_CLASSES:
+        perm = left_right_permutation()
+        flipped = flipped[[0] + [perm[c] for c in range(1, NUM_CLASSES)]]
+    return np.ascontiguousarray(flipped)
+
+
+def unmirror_classes(channels: torch.Tensor) -> torch.Tensor:
+    """Per-class maps ``(9, X, Y, Z)`` (logits or probabilities) of a mirrored input mapped back
+    onto the unmirrored crop: class channels swapped back, axis 0 reversed."""
+    from .structures import left_right_permutation
+
+    return torch.flip(channels[left_right_permutation()], dims=(1,))
+
+
+def _logits(net: torch.nn.Module, inputs: np.ndarray, device, overlap: float) -> torch.Tensor:
+    x = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))[None].to(device)
+    return sliding_window_inference(x, STUDENT_ROI, sw_batch_size=1, predictor=net, overlap=overlap,
+                                    mode="gaussian", padding_mode="constant", cval=0.0)[0].float()
+
+
 @torch.inference_mode()
 def predict_student(net: torch.nn.Module, inputs: np.ndarray, device: torch.device | str = "cpu",
                     overlap: float = 0.25, return_probabilities: bool = False, logit_offsets: np.ndarray | None = None,
-                    return_logits: bool = False):
+                    return_logits: bool = False, mirror: bool = False):
     """Class indices (uint8, ``(X, Y, Z)``) for a ``(9, X, Y, Z)`` student input crop.
 
     Args:
@@ -92,10 +121,13 @@ def predict_student(net: torch.nn.Module, inputs: np.ndarray, device: torch.devi
         return_probabilities: also return the softmax ``(9, X, Y, Z)`` float32 (of the offset
             logits).
         return_logits: return only the raw logits ``(9, X, Y, Z)`` float32 (no offsets).
+        mirror: left-right test-time augmentation: the logits are the mean of the crop's and of
+            its mirror image's (:func:`mirror_input`, mapped back with :func:`unmirror_classes`);
+            two student passes. The offsets, if any, are added to that mean.
     """
-    x = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))[None].to(device)
-    logits = sliding_window_inference(x, STUDENT_ROI, sw_batch_size=1, predictor=net, overlap=overlap,
-                                      mode="gaussian", padding_mode="constant", cval=0.0)[0].float()
+    logits = _logits(net, inputs, device, overlap)
+    if mirror:
+        logits = 0.5 * (logits + unmirror_classes(_logits(net, mirror_input(inputs), device, overlap)))
     if return_logits:
         return logits.cpu().numpy()
     if logit_offsets is not None:

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .structures import NUM_CLASSES, STRUCTURES, left_right_permutation
+from .structures import NUM_CLASSES, STRUCTURES
 
 __all__ = ["softmax_measures", "flip_probabilities", "volume_intervals", "load_table", "UNCERTAINTY_COLUMNS",
            "UNCERTAINTY_MODES", "TABLE_NAME", "Z95", "sdc_ml", "change_test", "add_interval_columns"]
@@ -96,16 +96,13 @@ def flip_probabilities(net, inputs: np.ndarray, device, logit_offsets=None) -> n
     The canonical grid is RAS+, so axis 0 is left-right: the crop is mirrored along it, the SDM
     (or mask) channels of each left structure swapped with its right twin, the student run, and
     its output mirrored back with the class channels swapped back."""
-    from .student import predict_student
+    import torch
 
-    inputs = np.asarray(inputs)
-    perm = left_right_permutation()
-    flipped = inputs[:, ::-1]
-    if inputs.shape[0] == NUM_CLASSES:  # T1 + 8 structure channels (channel c+... = class c)
-        flipped = flipped[[0] + [perm[c] for c in range(1, NUM_CLASSES)]]
-    _, probs = predict_student(net, np.ascontiguousarray(flipped), device, return_probabilities=True,
+    from .student import mirror_input, predict_student, unmirror_classes
+
+    _, probs = predict_student(net, mirror_input(inputs), device, return_probabilities=True,
                                logit_offsets=logit_offsets)
-    return np.ascontiguousarray(probs[perm][:, ::-1])
+    return np.ascontiguousarray(unmirror_classes(torch.from_numpy(probs)).numpy())
 
 
 # ---------------------------------------------------------------------------------------------

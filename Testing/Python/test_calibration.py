@@ -196,6 +196,18 @@ def test_calibrate_command_pipeline_and_evaluation(weights_dir, monkeypatch, tmp
     assert variants.count("T1+SDM") == 8 and variants.count("T1+SDM (uncalibrated)") == 8
     assert "T1+SDM (uncalibrated)" in (tmp_path / "r" / "report.md").read_text()
 
+    # the mirror test-time augmentation: the default fit is on its logits, as the pipeline runs the
+    # student; evaluate-cohort scores the first student also without it, and not at all with --no-mirror-tta
+    assert cal["mirror_tta"] is True
+    assert variants.count("T1+SDM (no TTA)") == 8
+    assert run_cli(base + ["--out", tmp_path / "single.pt", "--no-mirror-tta"]) == 0
+    single = load_checkpoint(tmp_path / "single.pt", "student")[1]["calibration"]
+    assert single["mirror_tta"] is False and single["logit_offsets"] != cal["logit_offsets"]
+    assert run_cli(args + ["--out", tmp_path / "rt", "--no-mirror-tta"]) == 0
+    with open(tmp_path / "rt" / "metrics.csv", newline="") as fh:
+        variants = [row["variant"] for row in csv.DictReader(fh)]
+    assert variants.count("T1+SDM (no TTA)") == 0 and variants.count("T1+SDM") == 8
+
 
 def test_no_calibration_option():
     from basalseg.commands import build_parser

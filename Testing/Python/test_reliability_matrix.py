@@ -1079,8 +1079,9 @@ def _arm(stand_ins, monkeypatch, stage: str, action) -> bool:
         stand_ins.wrap(monkeypatch, basalseg.pipeline, "resample_to_grid", "resample")
     elif stage == "write":
         stand_ins.wrap(monkeypatch, basalseg.results, "seg_nrrd_bytes", "write")  # after the NIfTI was staged
-    stand_ins.hooks.actions[stage] = (
-        (lambda s, n: action(s, n) if n == 2 else None) if stage == "foundation" else action)  # second slice
+    # foundation: on the second slice; student: in its first pass (the mirror test-time augmentation runs it twice)
+    stand_ins.hooks.actions[stage] = ((lambda s, n: action(s, n) if n == 2 else None) if stage == "foundation" else
+                                      (lambda s, n: action(s, n) if n == 1 else None) if stage == "student" else action)
     return stage == "prompter"
 
 

@@ -26,6 +26,9 @@ def register(sub) -> None:
     add_overwrite_option(p, help="replace an existing --out file")
     p.add_argument("--tie-sides", action="store_true", help="one offset per left/right pair")
     add_context_option(p, help="foundation masks with 3-slice context, as the pipeline's default (--no-context: without)")
+    p.add_argument("--mirror-tta", action=argparse.BooleanOptionalAction, default=True,
+                   help="fit on the student's left-right test-time augmentation, as segment runs it (default; "
+                        "--no-mirror-tta: on single passes, for runs with --no-mirror-tta)")
     p.add_argument("--manifest", type=Path, default=None,
                    help="weights folder whose manifest.json should record the calibrated student (--out must be in it)")
     add_foundation_options(p)
@@ -41,5 +44,5 @@ def run(args: argparse.Namespace) -> int:
                       label_mapping=args.label_mapping, validation_split=args.validation_split,
                       overwrite=args.overwrite, tie_sides=args.tie_sides, context=args.context,
                       manifest=args.manifest, foundation=args.foundation, checkpoint=args.checkpoint,
-                      device=device(args), threads=args.threads)
+                      device=device(args), threads=args.threads, mirror=args.mirror_tta)
     return 0

@@ -40,6 +40,9 @@ def register(sub) -> None:
     p.add_argument("--stride", type=parse_strides, default=(1,), metavar="K[,K...]",
                    help="also score the foundation masks and the first student as a '--stride K' run gives them, "
                         "for each K given (e.g. 2,3; derived from the all-slices masks; the speed lever's quality check)")
+    p.add_argument("--mirror-tta", action=argparse.BooleanOptionalAction, default=True,
+                   help="students with left-right test-time augmentation, as segment runs them (default; the first "
+                        "also without: '<name> (no TTA)'); --no-mirror-tta: single passes")
     p.add_argument("--out", required=True, type=Path)
     p.set_defaults(handler=run)
 
@@ -56,5 +59,6 @@ def run(args: argparse.Namespace) -> int:
         students[name] = path
     evaluate_cohorts(args.cohort, args.work, args.prompter, students, args.out, label_mapping=args.label_mapping,
                      foundation=args.foundation, checkpoint=args.checkpoint, device=device(args), threads=args.threads,
-                     context=args.context, planes=args.planes, strides=args.stride)
+                     context=args.context, planes=args.planes, strides=args.stride,
+                     mirror=args.mirror_tta)
     return 0

@@ -147,6 +147,9 @@ def add_run_options(p, with_student: bool = True) -> None:
     p.add_argument("--no-calibration", action="store_true",
                    help="ignore the student's volume calibration (per-structure logit offsets fitted on "
                         "validation cases; README 'Results')")
+    p.add_argument("--mirror-tta", action=argparse.BooleanOptionalAction, default=True,
+                   help="left-right test-time augmentation: the student also reads the mirrored crop and the two "
+                        "are averaged (default; one more student pass; --no-mirror-tta: one pass, README 'Results')")
     p.add_argument("--no-uncertainty", action="store_true",
                    help="skip the per-structure 95 %% volume intervals (volumes.csv's volume_ml_low/high columns "
                         "stay blank; docs/UNCERTAINTY.md)")
@@ -193,6 +196,7 @@ _CONFIG_FIELDS = {
     "context": lambda a: bool(a.context),
     "planes": lambda a: tuple(a.planes),
     "calibrate": lambda a: not a.no_calibration,
+    "mirror_tta": lambda a: bool(a.mirror_tta),
     "localise": lambda a: a.localise or LOCALISE_DEFAULT,
 }
 

@@ -32,14 +32,15 @@ import numpy as np
 __all__ = ["calibrate_student", "student_log_probs"]
 
 
-def student_log_probs(net, case, meta: dict, device: str = "cpu") -> np.ndarray:
-    """``(9, X, Y, Z)`` log-softmax of the student on a cached case's crop (no calibration)."""
+def student_log_probs(net, case, meta: dict, device: str = "cpu", mirror: bool = False) -> np.ndarray:
+    """``(9, X, Y, Z)`` log-softmax of the student on a cached case's crop (no calibration; with
+    ``mirror``, of the left-right test-time augmentation's mean logits)."""
     import torch
 
     from ..student import build_student_input, predict_student
 
     inputs = build_student_input(case.image01, case.masks, meta.get("input_mode", "sdm"), float(meta.get("band", 10.0)))
-    logits = predict_student(net, inputs, device, return_logits=True)
+    logits = predict_student(net, inputs, device, return_logits=True, mirror=mirror)
     return torch.log_softmax(torch.from_numpy(logits), dim=0).numpy()
 
 
@@ -47,7 +48,7 @@ def calibrate_student(cohorts: list[Path], work: Path, prompter: Path, student: 
                       label_mapping: str | None = None, validation_split: Path | None = None,
                       overwrite: bool = False, tie_sides: bool = False, context: bool = True,
                       manifest: Path | None = None, foundation: str = "litemedsam", checkpoint: str | None = None,
-                      device: str | None = None, threads: int | None = None) -> None:
+                      device: str | None = None, threads: int | None = None, mirror: bool = True) -> None:
     """Fit ``student``'s volume calibration on the validation cases and write the calibrated checkpoint ``out``.
 
     Args:
@@ -62,6 +63,8 @@ def calibrate_student(cohorts: list[Path], work: Path, prompter: Path, student: 
         manifest: weights folder (holding ``out``) whose ``manifest.json`` records the calibration.
         foundation, checkpoint, device, threads: the foundation backend, its weights, the device
             (None: CUDA when available) and torch's CPU threads.
+        mirror: fit the offsets on the left-right test-time augmentation's logits, as the pipeline
+            runs the student by default (False: on single passes); recorded as ``mirror_tta``.
 
     Raises:
         BasalSegError: ``out`` exists, ``out`` outside ``manifest``, cases the student was trained on,
@@ -114,7 +117,7 @@ def calibrate_student(cohorts: list[Path], work: Path, prompter: Path, student: 
             roi = tuple(slice(s, s + n) for s, n in zip(case.roi_start, case.masks.shape[-3:]))
             out_of_crop = ref.copy()
             out_of_crop[roi] = 0
-            log_probs.append(student_log_probs(net, case, meta, str(device)))
+            log_probs.append(student_log_probs(net, case, meta, str(device), mirror=mirror))
             refs.append(ref[roi])
             outside.append(np.bincount(out_of_crop.ravel(), minlength=9)[:9])
             names.append(case.name)
@@ -126,7 +129,7 @@ def calibrate_student(cohorts: list[Path], work: Path, prompter: Path, student: 
     except ValueError as exc:
         raise BasalSegError(f"calibration failed: {exc}") from exc
     meta = dict(meta)
-    meta["calibration"] = calibration_meta(offsets, names, report, tie_sides, context=context)
+    meta["calibration"] = calibration_meta(offsets, names, report, tie_sides, context=context, mirror_tta=mirror)
     out.parent.mkdir(parents=True, exist_ok=True)
     arch = torch.load(student, map_location="cpu", weights_only=True)["architecture"]
     save_checkpoint(out, "student", arch, net, meta)
@@ -140,7 +143,7 @@ def calibrate_student(cohorts: list[Path], work: Path, prompter: Path, student: 
             print(f"  {name:16s} {before:+.3f} -> {report['log_volume_ratio_after'][name]:+.3f}")
     if entry is not None:
         entry["calibration"] = {k: meta["calibration"][k]
-                                for k in ("method", "logit_offsets", "tie_sides", "context", "cases", "date")}
+                                for k in ("method", "logit_offsets", "tie_sides", "context", "mirror_tta", "cases", "date")}
         write_manifest_entry(manifest, entry)  # recomputes the file's sha256
     print(f"wrote {out}")
 

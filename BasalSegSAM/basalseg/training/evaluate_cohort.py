@@ -16,7 +16,11 @@ the canonical 1 mm grid (the grid the networks work on), with the metrics of
 * with ``--stride K`` (or several, ``--stride 2,3``): ``foundation alone (stride K)`` and
   ``<first student> (stride K)`` for each K, what a ``basalseg segment --stride K`` run gives,
   derived exactly from the cached all-slices masks (:func:`basalseg.foundation.stride.stride_masks`):
-  the speed lever's quality check.
+  the speed lever's quality check;
+* students run with left-right test-time augmentation (mean logits of the crop and its mirror
+  image, calibration added to them), as ``segment`` does by default; the first also without it,
+  ``<first student> (no TTA)`` (``--no-mirror-tta``: single passes only, the figures before
+  2026-12-04 evening).
 
 The foundation model runs once per case from the prompter's prompts without jitter, and the
 student's crop is the one inference uses (:func:`basalseg.student.student_roi` of the masks and
@@ -74,8 +78,13 @@ def _strided(case, stride: int) -> np.ndarray:
 
 
 def evaluate_variants(cache_paths: list[Path], prepared_dir: Path, students: dict[str, str], device: str = "cpu",
-                      progress=None, stride: int | tuple[int, ...] = 1) -> list[dict]:
+                      progress=None, stride: int | tuple[int, ...] = 1, mirror: bool = True) -> list[dict]:
     """Metric rows for every case x variant (see module docstring).
+
+    ``mirror``: every student runs with left-right test-time augmentation, as ``segment`` does by
+    default (:func:`basalseg.student.predict_student` ``mirror=True``; calibration offsets added to
+    the mean logits), and the first one also without it, ``<first student> (no TTA)``. False:
+    single passes only (``--no-mirror-tta``).
 
     For each ``stride`` K > 1 (an int or a tuple of them; single-plane caches only), two more
     variants: ``foundation alone (stride K)`` and ``<first student> (stride K)``: the masks a
@@ -107,12 +116,17 @@ def evaluate_variants(cache_paths: list[Path], prepared_dir: Path, students: dic
         for name, (net, meta) in nets.items():
             # (P, 8, ...) masks of a multi-plane cache are fused into 8 SDM channels, as in the pipeline
             inputs = build_student_input(case.image01, case.masks, meta.get("input_mode", "sdm"), float(meta.get("band", 10.0)))
-            logits = predict_student(net, inputs, device, return_logits=True)
+            logits = predict_student(net, inputs, device, return_logits=True, mirror=mirror)
             pred = _full(apply_offsets(logits, offsets[name]), case.roi_start, case.full_shape)
             rows += [dict(r, variant=name) for r in evaluate_labelmaps(pred, ref, case=case.name, values="class")]
             if name == first and offsets[name] is not None:  # the same logits without the calibration
                 pred = _full(apply_offsets(logits, None), case.roi_start, case.full_shape)
                 rows += [dict(r, variant=f"{name} (uncalibrated)")
+                         for r in evaluate_labelmaps(pred, ref, case=case.name, values="class")]
+            if name == first and mirror:  # one pass, as --no-mirror-tta runs it
+                logits = predict_student(net, inputs, device, return_logits=True)
+                pred = _full(apply_offsets(logits, offsets[name]), case.roi_start, case.full_shape)
+                rows += [dict(r, variant=f"{name} (no TTA)")
                          for r in evaluate_labelmaps(pred, ref, case=case.name, values="class")]
         for stride in strides if nets else ():
             if case.masks.ndim != 4:
@@ -124,7 +138,8 @@ def evaluate_variants(cache_paths: list[Path], prepared_dir: Path, students: dic
                              **structure_metrics(mask, ref == s.class_index)})
             name, (net, meta) = next(iter(nets.items()))
             inputs = build_student_input(case.image01, masks, meta.get("input_mode", "sdm"), float(meta.get("band", 10.0)))
-            pred = _full(predict_student(net, inputs, device, logit_offsets=offsets[name]), case.roi_start, case.full_shape)
+            pred = _full(predict_student(net, inputs, device, logit_offsets=offsets[name], mirror=mirror),
+                         case.roi_start, case.full_shape)
             rows += [dict(r, variant=f"{name} (stride {stride})")
                      for r in evaluate_labelmaps(pred, ref, case=case.name, values="class")]
         if progress:
@@ -214,7 +229,8 @@ def _per_structure_table(rows: list[dict], variant: str) -> str:
 def evaluate_cohorts(cohorts: list[Path], work: Path, prompter: Path, students: dict[str, str], out: Path, *,
                      label_mapping: str | None = None, foundation: str = "litemedsam", checkpoint: str | None = None,
                      device: str | None = None, threads: int | None = None, context: bool = True,
-                     planes: tuple[str, ...] = ("axial",), strides: tuple[int, ...] = ()) -> None:
+                     planes: tuple[str, ...] = ("axial",), strides: tuple[int, ...] = (),
+                     mirror: bool = True) -> None:
     """Score every variant (module docstring) on each held-out cohort and write the outputs into ``out``.
 
     Args:
@@ -227,6 +243,8 @@ def evaluate_cohorts(cohorts: list[Path], work: Path, prompter: Path, students: 
             (None: CUDA when available) and torch's CPU threads.
         context, planes: the foundation variant.
         strides: also score ``--stride K`` runs for each K > 1 given (one plane only).
+        mirror: students with left-right test-time augmentation, as ``segment`` runs them (the
+            first also without: ``<first> (no TTA)``); False: single passes (``--no-mirror-tta``).
 
     Raises:
         BasalSegError: strides with several planes.
@@ -268,7 +286,7 @@ def evaluate_cohorts(cohorts: list[Path], work: Path, prompter: Path, students: 
         timing_rows += [dict(r, cohort=folder.name) for r in per_case]
         bar = tqdm(total=len(cache), desc=f"{folder.name}: variants", unit="case")
         rows = evaluate_variants(cache, cohort_work / "cases", students, str(device), progress=lambda d, t: bar.update(d - bar.n),
-                                 stride=strides)
+                                 stride=strides, mirror=mirror)
         bar.close()
         for r in rows:
             r["cohort"] = folder.name
@@ -277,6 +295,8 @@ def evaluate_cohorts(cohorts: list[Path], work: Path, prompter: Path, students: 
         present = {r["variant"] for r in rows}
         if students and f"{next(iter(students))} (uncalibrated)" in present:
             variants.insert(3, f"{next(iter(students))} (uncalibrated)")
+        if students and f"{next(iter(students))} (no TTA)" in present:
+            variants.insert(3, f"{next(iter(students))} (no TTA)")
         for stride in strides if students else ():
             variants += [f"foundation alone (stride {stride})", f"{next(iter(students))} (stride {stride})"]
         summaries = {v: summarise([r for r in rows if r["variant"] == v]) for v in variants}
