@@ -92,6 +92,8 @@ class BasalSegSAMParameterNode:
     sam2Checkpoint: SAM-2 checkpoint file or catalogue name (empty: the catalogue's default).
     device: "auto" (CUDA when available), "cpu" or "cuda".
     sdmBand: SDM band half-width in voxels; 0 uses the band the student was trained with.
+    mirrorTta: left-right test-time augmentation of the student (default on; off = one pass, as
+        results made before 2026-12-04).
     outputSegmentation: where results go (None: a new segmentation); see BasalSegSAMLib.resultpanel.
     volumesTable: the volumes table of outputSegmentation (each segmentation has its own).
     promptsJson: the prompts (generated and edited) as prompts.json text.
@@ -104,6 +106,7 @@ class BasalSegSAMParameterNode:
     sam2Checkpoint: str = ""
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
     sdmBand: Annotated[float, WithinRange(0.0, 50.0)] = 0.0
+    mirrorTta: bool = True
     outputSegmentation: vtkMRMLSegmentationNode
     volumesTable: vtkMRMLTableNode
     promptsJson: str = ""
@@ -441,7 +444,7 @@ class BasalSegSAMLogic(ScriptedLoadableModuleLogic, SegmentationLogic):
         """The run options a parameter node describes (checked)."""
         return RunOptions(foundation=parameterNode.foundation, checkpoint=parameterNode.sam2Checkpoint.strip(),
                           device=parameterNode.device, sdmBand=float(parameterNode.sdmBand),
-                          threads=defaultThreads()).validate()
+                          mirrorTta=bool(parameterNode.mirrorTta), threads=defaultThreads()).validate()
 
     def process(self, inputVolume: vtkMRMLScalarVolumeNode, outputSegmentation: Optional[vtkMRMLSegmentationNode] = None,
                 options: Optional[RunOptions] = None, prompts=None, replaceExisting: bool = False,

@@ -36,6 +36,9 @@ class RunOptions:
         weightsDir: folder with prompter/student weights and their manifest; empty = shipped weights.
         crop: crop each slice to its region of interest before the foundation encoder.
         qc: also write the QC picture (the module shows results in the views and does not read it).
+        mirrorTta: left-right test-time augmentation of the student (the pipeline's default); False
+            gives the single pass of results made before 2026-12-04 (``--no-mirror-tta``), e.g. to
+            follow a subject whose earlier scans were segmented so.
     """
 
     foundation: str = "litemedsam"
@@ -46,6 +49,7 @@ class RunOptions:
     weightsDir: str = ""
     crop: bool = True
     qc: bool = False
+    mirrorTta: bool = True
 
     def validate(self) -> "RunOptions":
         """Check every field; raise ``ValueError`` naming the first bad one. Returns ``self``."""
@@ -83,6 +87,8 @@ class RunOptions:
             args.append("--no-crop")
         if not self.qc:
             args.append("--no-qc")
+        if not self.mirrorTta:
+            args.append("--no-mirror-tta")
         return args
 
 

@@ -246,6 +246,8 @@ def test_run_options_render_and_validate(tmp_path):
     assert args == ["--device", "auto", "--threads", "2", "--weights", str(tmp_path), "--foundation", "sam2",
                     "--band", "10", "--no-crop"]
     assert "--checkpoint" not in RunOptions(foundation="litemedsam", checkpoint="x.pt").segmentArgs()
+    assert RunOptions(mirrorTta=False).segmentArgs()[-1] == "--no-mirror-tta"
+    assert "--no-mirror-tta" not in RunOptions(mirrorTta=False).commonArgs()  # prompts are not affected
     for bad, match in ((RunOptions(device="tpu"), "device"), (RunOptions(sdmBand=-1), "sdmBand"),
                        (RunOptions(foundation="sam2", checkpoint=str(tmp_path / "missing.pt")), "not found"),
                        (RunOptions(weightsDir=str(tmp_path / "nope")), "weights folder")):

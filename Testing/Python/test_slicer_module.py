@@ -82,14 +82,16 @@ def test_ui_widget_classes_are_qt_or_declared_custom_widgets():
 
 def test_parameter_node_fields_and_gui_bindings_match():
     fields = _parameter_fields()
-    assert set(fields) == {"inputVolume", "foundation", "sam2Checkpoint", "device", "sdmBand", "outputSegmentation",
-                           "volumesTable", "promptsJson", "generatedPromptsJson", "promptsVolume"}
+    assert set(fields) == {"inputVolume", "foundation", "sam2Checkpoint", "device", "sdmBand", "mirrorTta",
+                           "outputSegmentation", "volumesTable", "promptsJson", "generatedPromptsJson", "promptsVolume"}
     bindings = _parameter_bindings()
     assert set(bindings.values()) <= set(fields)
-    assert set(bindings.values()) == {"inputVolume", "foundation", "sam2Checkpoint", "device", "sdmBand", "outputSegmentation"}
+    assert set(bindings.values()) == {"inputVolume", "foundation", "sam2Checkpoint", "device", "sdmBand", "mirrorTta",
+                                      "outputSegmentation"}
     widgets = _ui_widgets()
     expected_class = {"inputVolume": "qMRMLNodeComboBox", "outputSegmentation": "qMRMLNodeComboBox", "foundation": "QComboBox",
-                      "device": "QComboBox", "sdmBand": "QDoubleSpinBox", "sam2Checkpoint": "QLineEdit"}
+                      "device": "QComboBox", "sdmBand": "QDoubleSpinBox", "sam2Checkpoint": "QLineEdit",
+                      "mirrorTta": "QCheckBox"}
     for widget, parameter in bindings.items():
         assert widgets[widget].get("class") == expected_class[parameter], widget
     assert "Choice" in fields["foundation"] and "Choice" in fields["device"] and "WithinRange" in fields["sdmBand"]
@@ -186,9 +188,12 @@ def test_module_file_loads_with_stand_ins_for_slicers_gui_modules():
         from BasalSegSAMLib.logic import SegmentationLogic
         logic = m.BasalSegSAMLogic()
         assert isinstance(logic, SegmentationLogic) and logic.tempRoot is None
-        params = types.SimpleNamespace(foundation="sam2", sam2Checkpoint=" sam2.1_hiera_tiny ", device="cpu", sdmBand=4.0)
+        params = types.SimpleNamespace(foundation="sam2", sam2Checkpoint=" sam2.1_hiera_tiny ", device="cpu", sdmBand=4.0,
+                                       mirrorTta=True)
         options = logic.runOptions(params)
         assert options.segmentArgs()[-5:] == ["--checkpoint", "sam2.1_hiera_tiny", "--band", "4", "--no-qc"], options.segmentArgs()
+        params.mirrorTta = False
+        assert logic.runOptions(params).segmentArgs()[-2:] == ["--no-qc", "--no-mirror-tta"]
         try:
             logic.process(None)
         except ValueError as exc:

@@ -260,6 +260,12 @@ def test_the_self_test_for_real_slicer_runs_under_the_stand_ins(session):
 def test_rows_prompt_files_clear_cancel_and_a_failed_run(session, tmp_path, monkeypatch):
     standIn, widget, volume, shoot = session
     ui, p = widget.ui, widget._parameterNode
+    # the test-time augmentation box: on by default, bound both ways, rendered as --no-mirror-tta when off
+    assert ui.mirrorTtaCheckBox.checked and p.mirrorTta is True and "--no-mirror-tta" not in widget._options().segmentArgs()
+    ui.mirrorTtaCheckBox.setChecked(False)
+    assert p.mirrorTta is False and widget._options().segmentArgs()[-1] == "--no-mirror-tta"
+    p.mirrorTta = True
+    assert ui.mirrorTtaCheckBox.checked
     ui.generatePromptsButton.click()
     _finish(standIn, widget)
     editor = widget.prompts.editor

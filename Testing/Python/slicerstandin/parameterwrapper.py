@@ -5,7 +5,8 @@ Covers what ``BasalSegSAMParameterNode`` uses: typed fields with defaults, store
 references), ``Choice`` / ``WithinRange`` checks on assignment, ``.parameterNode``, ``AddObserver``/``RemoveObserver`` forwarded to it, and
 ``connectGui(ui)`` / ``disconnectGui(tag)`` binding the widgets whose dynamic property
 ``SlicerParameterName`` names a field, both ways: ``qMRMLNodeComboBox`` (current node),
-``QComboBox`` (current text), ``QLineEdit`` (text), ``QDoubleSpinBox`` (value).
+``QComboBox`` (current text), ``QLineEdit`` (text), ``QDoubleSpinBox`` (value), ``QCheckBox``
+(checked; a ``bool`` field, stored as ``True``/``False``).
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ def parameterNodeWrapper(cls):
             if isinstance(base, type) and issubclass(base, slicer.vtkMRMLNode):
                 return node.GetNodeReference(name)
             text = node.GetParameter(name)
+            if base is bool:
+                return text == "True"
             return float(text or 0.0) if base is float else text
 
         def __setattr__(self, name, value):
@@ -89,6 +92,8 @@ def parameterNodeWrapper(cls):
                     raise TypeError(f"{name} must be a {base.__name__}")
                 node.SetNodeReferenceID(name, value.GetID() if value is not None else None)
                 return
+            if base is bool and not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, got {value!r}")
             value = base(value)
             for check in checks:
                 check.check(name, value)
@@ -112,6 +117,8 @@ def parameterNodeWrapper(cls):
                     signal, read, write = widget.textChanged, (lambda w=widget: w.text), widget.setText
                 elif widget.metaObject().className() == "QDoubleSpinBox":
                     signal, read, write = widget.valueChanged, (lambda w=widget: w.value), widget.setValue
+                elif widget.metaObject().className() == "QCheckBox":
+                    signal, read, write = widget.toggled, (lambda w=widget: w.checked), widget.setChecked
                 else:
                     raise TypeError(f"no binding for {widget.metaObject().className()} ({parameter})")
                 state = {"busy": False}
