@@ -258,3 +258,32 @@ if [ "${P3_RETRAIN:-0}" = 1 ]; then
     --prompter "$W/train_p3/prompter/prompter.pt" --threads "${THREADS:-2}" --mirror-tta --student "new=$W/train_p3/student_cal.pt" \
     --student "before=$W/train_p2/student_cal.pt" --out "$W/report_p3"
 fi
+# 13. issue 11, stop 26 (2026-12-04 evening, TTA_EVAL=1): the shipped networks re-measured with the left-right test-time
+#     augmentation that has been the default since b1b82ca (no retraining; the calibration was fitted on single
+#     passes). evaluate-cohort adds the '(no TTA)' row itself. Needs the cohorts of steps 1, 9, 11 and the rescan
+#     cohorts of docs/UNCERTAINTY.md (regenerated from their seeds if missing: runs/ does not outlive a machine).
+if [ "${TTA_EVAL:-0}" = 1 ]; then
+  C="$W/cohorts"
+  [ -f "$C/heldout_stripped_posed/dataset.json" ] || $B synth --out "$C/heldout_stripped_posed" --n 8 --seed 943 \
+    --template mni152 --template icbm2009c --contrast t1_gmm --head --skull-stripped --prefix stripped_posed
+  [ -f "$C/heldout_head_localised/dataset.json" ] || .venv/bin/python -c "from basalseg.data.localised import localise_cohort as l; l('$C/heldout_head', '$C/heldout_head_localised')"
+  [ -f "$C/val_lhead/dataset.json" ] || $B synth --out "$C/val_lhead" --n 4 --seed 131 --template mni152 --template icbm2009c --contrast t1_gmm --head --localised --prefix val_lhead
+  [ -f "$C/val_icbm/dataset.json" ] || $B synth --out "$C/val_icbm" --n 2 --seed 132 --template icbm2009c --contrast template --prefix val_icbm
+  [ -f "$C/val_mni/dataset.json" ] || $B synth --out "$C/val_mni" --n 2 --seed 133 --template mni152 --contrast t1_gmm --prefix val_mni
+  [ -f "$C/rescan_val_903/dataset.json" ] || $B synth --out "$C/rescan_val_903" --n 3 --seed 903 --template mni152 --contrast template --prefix rescan_val_903 --rescans 2
+  [ -f "$C/rescan_heldout_mni_901/dataset.json" ] || $B synth --out "$C/rescan_heldout_mni_901" --n 3 --seed 901 --template mni152 --contrast template --prefix heldout_mni_seed --rescans 2
+  [ -f "$C/rescan_heldout_icbm_902/dataset.json" ] || $B synth --out "$C/rescan_heldout_icbm_902" --n 3 --seed 902 --template icbm2009c --contrast template --prefix heldout_icbm --rescans 2
+  SH="shipped=BasalSegSAM/basalseg/weights/student_litemedsam.pt"; PR=BasalSegSAM/basalseg/weights/prompter.pt
+  $B evaluate-cohort --cohort "$C/heldout_mni_seed" --cohort "$C/heldout_icbm" --cohort "$C/heldout_head_localised" --work "$W/eval3" \
+    --prompter "$PR" --student "$SH" --out "$W/report_tta" --threads "${THREADS:-2}"
+  $B evaluate-cohort --cohort "$C/val_lhead" --cohort "$C/val_icbm" --cohort "$C/val_mni" --work "$W/eval_val" \
+    --prompter "$PR" --student "$SH" --out "$W/report_val_tta" --threads "${THREADS:-2}"
+  .venv/bin/python scripts/evaluate_heads.py --cohort "$C/heldout_head" --out "$W/eval_heads6" --localise auto --threads 1 &
+  .venv/bin/python scripts/evaluate_heads.py --cohort "$C/heldout_stripped_posed" --out "$W/eval_posed6" --localise auto --threads 1; wait
+  .venv/bin/python scripts/head_vs_stripped.py 424242 15
+  R="--cohort $C/rescan_val_903 --cohort $C/rescan_heldout_mni_901 --cohort $C/rescan_heldout_icbm_902"
+  .venv/bin/python scripts/repeatability.py run $R --work "$W/rep6" --threads 1 & .venv/bin/python scripts/repeatability.py run $R --work "$W/rep6" --threads 1 --start 14; wait
+  .venv/bin/python scripts/repeatability.py run $R --work "$W/rep6" --threads 2   # picks up what the two workers left
+  .venv/bin/python scripts/repeatability.py analyse --work "$W/rep6" --fit rescan_val_903 --report rescan_heldout_mni_901 \
+    --report rescan_heldout_icbm_902 --table "$W/rep6/repeatability.json" --markdown "$W/rep6/analysis.md"
+fi

@@ -152,6 +152,24 @@ def _bids_subject(record) -> str | None:
     return parts[1] if parts else None
 
 
+#: What a result made before an option was recorded was made with (``provenance.json``
+#: ``options``): results before 2026-12-04 record no ``mirror_tta`` and ran the student once.
+LEGACY_OPTIONS = {"mirror_tta": False}
+
+
+def option_differences(a: dict | None, b: dict | None) -> list[tuple]:
+    """``(option, value in a, value in b)`` for every option two provenance ``options`` dicts
+    disagree on, sorted by name; an option one of them does not record counts as
+    :data:`LEGACY_OPTIONS`' value when it has one, else as ``None``."""
+    a, b = dict(a or {}), dict(b or {})
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key, LEGACY_OPTIONS.get(key)), b.get(key, LEGACY_OPTIONS.get(key))
+        if va != vb:
+            out.append((key, va, vb))
+    return out
+
+
 def _check_pair(a, b) -> list[str]:
     warnings = []
     sa, sb = a.spacing, b.spacing
@@ -166,8 +184,11 @@ def _check_pair(a, b) -> list[str]:
     if _describe_backend(pa) != _describe_backend(pb):
         warnings.append(f"the results were made with different foundation backends ({_describe_backend(pa)} vs "
                         f"{_describe_backend(pb)})")
-    if (pa.get("options") or {}) != (pb.get("options") or {}):
-        warnings.append(f"the results were made with different options ({pa.get('options')} vs {pb.get('options')})")
+    differ = option_differences(pa.get("options"), pb.get("options"))
+    if differ:
+        warnings.append("the results were made with different options (" + "; ".join(
+            f"{k}: A {va!r}, B {vb!r}" for k, va, vb in differ) + "): part of the change may come from the options; "
+            "rerun one with the other's options to measure change")
     if pa.get("basalseg") != pb.get("basalseg"):
         warnings.append(f"the results were made by different basalseg versions ({pa.get('basalseg')} vs {pb.get('basalseg')})")
     sub_a, sub_b = _bids_subject(a), _bids_subject(b)

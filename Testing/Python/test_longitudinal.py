@@ -115,6 +115,19 @@ def test_warnings(tmp_path):
     assert any("different prompter/student weights" in w for w in warnings)
     assert any("A is sub-01 and B is sub-02" in w for w in warnings)
     assert any("earlier than A" in w for w in warnings)
+    assert not any("different options" in w for w in warnings)
+
+
+def test_option_differences_are_named_and_a_missing_mirror_tta_is_the_single_pass(tmp_path):
+    """Results made before the test-time augmentation record no ``mirror_tta``: they ran one pass."""
+    base = {"band": 10.0, "student_input": "sdm", "crop": True, "min_prompt_pixels": 4}
+    a, b = _pair(tmp_path, provenance={"options": {**base, "mirror_tta": True, "stride": 2}})
+    warnings = [w for w in compare_results(a, b).warnings if "different options" in w]
+    assert len(warnings) == 1
+    assert "mirror_tta: A False, B True" in warnings[0] and "stride: A None, B 2" in warnings[0]
+    assert "band" not in warnings[0]
+    a2, b2 = _pair(tmp_path / "single", provenance={"options": {**base, "mirror_tta": False}})
+    assert not any("different options" in w for w in compare_results(a2, b2).warnings)
 
 
 def test_missing_structure_and_zero_baseline(tmp_path):
