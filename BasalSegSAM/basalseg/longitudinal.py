@@ -251,6 +251,7 @@ def table_applies(table: dict | None, *records) -> tuple[bool, str]:
         if want and got != want:
             return False, "the results were not made with the student the repeatability table was measured for"
         opts, ref = r.provenance.get("options") or {}, table.get("options") or {}
+        opts = {**{k: v for k, v in LEGACY_OPTIONS.items() if k not in opts}, **opts}
         differ = sorted(k for k in ref if k in opts and opts[k] != ref[k])
         if differ:
             return False, f"the results were made with other options ({', '.join(differ)}) than the repeatability study"

@@ -161,3 +161,22 @@ def test_refuses_folders_that_are_not_results(tmp_path, monkeypatch, capsys):
         compare_results(good, good)
     with pytest.raises(BasalSegError, match="not a date"):
         compare_results(good, write_synthetic(tmp_path / "g2"), date_a="March 3")
+
+
+def test_repeatability_table_applies_only_to_results_made_with_its_options():
+    from types import SimpleNamespace
+
+    from basalseg.longitudinal import table_applies
+
+    table = {"repeatability": {"Left-Thalamus": {}}, "student_sha256": "b" * 64,
+             "options": {"band": 10.0, "mirror_tta": True}}
+
+    def record(**options):
+        return SimpleNamespace(provenance={"weights": {"student": {"sha256": "b" * 64}}, "options": {"band": 10.0, **options}})
+
+    assert table_applies(table, record(mirror_tta=True)) == (True, "")
+    for rec in (record(mirror_tta=False), record()):  # no mirror_tta recorded: made before it, one pass
+        applies, why = table_applies(table, rec)
+        assert not applies and "mirror_tta" in why
+    # a table measured before the option existed says nothing about it
+    assert table_applies({**table, "options": {"band": 10.0}}, record(mirror_tta=True))[0]
