@@ -1,4 +1,4 @@
-"""Brain-localisation robustness on fresh synthetic heads: the current ``register_rigid`` against
+"""Brain-localisation robustness on fresh synthetic heads: the current ``localise`` against
 another version of ``basalseg/localise.py`` (issue 11).
 
     git show bed3f37:BasalSegSAM/basalseg/localise.py > /tmp/localise_old.py
@@ -35,14 +35,16 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=16)
     p.add_argument("--other", type=Path, default=None, help="another localise.py to compare with")
     args = p.parse_args(argv)
-    versions = [("current", L.register_rigid)]
+    versions = [("current", L.localise)]
     if args.other:
         spec = importlib.util.spec_from_file_location("basalseg.localise_other", args.other)
         other = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = other
         spec.loader.exec_module(other)
-        versions.insert(0, ("other", other.register_rigid))
-    current = L.register_rigid
+        if not hasattr(other.Localisation, "search"):  # a version before the second search
+            other.Localisation.search = None
+        versions.insert(0, ("other", other.localise))
+    current = L.localise
     sources = load_sources(("mni152", "icbm2009c"), "dk", brain_config_for_heads(SynthConfig()))
     failures = {name: 0 for name, _ in versions}
     for i in range(args.n):
@@ -50,7 +52,7 @@ def main(argv=None) -> int:
         head = synthesize_head(sources[i % 2][0], subject_seed(args.seed, i), cfg, HeadConfig())
         row = {"i": i, "axcodes": head.params["head"]["axcodes"], "rotation_deg": head.params["head"]["rotation_deg"]}
         for name, fn in versions:
-            L.register_rigid = fn  # localise() looks the function up at call time
+            L.localise = fn  # localise_case() looks the function up at call time
             t = time.perf_counter()
             try:
                 _, _, rec = localise_case(head.image, head.labels)
@@ -59,7 +61,7 @@ def main(argv=None) -> int:
                 row[name] = ["FAIL", str(exc)[:80]]
                 failures[name] += 1
             row[f"{name}_s"] = round(time.perf_counter() - t, 1)
-        L.register_rigid = current
+        L.localise = current
         print(json.dumps(row), flush=True)
     print(json.dumps({"heads": args.n, "refused": failures}))
     return 0

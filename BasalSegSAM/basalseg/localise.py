@@ -11,7 +11,11 @@ a neck, a pose and a scanner grid of its own. Before the pipeline's stages, :fun
    about every axis (81 starts, scored by the metric at 6 mm; the best :data:`COARSE_STARTS`,
    at least 2 per superior shift, get a short optimisation at 6 mm, which ranks them again; the
    best :data:`REFINED` of those are optimised at 6 then 3 mm and the best result kept). About
-   5-10 seconds on one core.
+   5-10 seconds on one core. When the result correlates only weakly with the template (``ncc``
+   below :data:`RETRY_NCC`; e.g. a head turned by ~30 deg about two axes at once, whose right
+   basin no start of the 3-step grid reached) the search runs again from a 5-step grid
+   (:data:`DENSE_STEPS`, 375 starts; about 5-8 s more) and the result with the better metric is
+   kept; provenance says which search gave it (``search``).
 2. **Resamples** the input into the template's grid (182 x 218 x 182, 1 mm, RAS; trilinear) and
    **skull-strips** it with the template's brain mask dilated by ``strip_margin_mm`` (default 3):
    the image then looks like the training subjects (a brain on a zero background), and the
@@ -85,6 +89,11 @@ MAX_ROTATION_DEG = 10.0
 #: registration: starts given a short optimisation at 6 mm, and how many of those are optimised in full
 COARSE_STARTS = 9
 REFINED = 3
+#: rotation starts (deg, about each axis) of the first search, and of the second one (module docstring)
+STEPS = (-25.0, 0.0, 25.0)
+DENSE_STEPS = (-30.0, -15.0, 0.0, 15.0, 30.0)
+#: a first registration whose aligned image correlates less than this with the template is searched again
+RETRY_NCC = 0.5
 
 
 def _extent_mm(volume: Volume) -> np.ndarray:
@@ -112,6 +121,8 @@ class Localisation:
         ncc, contrast: the QC measures (module docstring).
         grid: the template grid the stages ran on when applied.
         seconds: time taken.
+        rotation_deg: the angle of the registration's rotation.
+        search: which registration search gave the transform (None when not registered).
     """
 
     mode: str
@@ -123,14 +134,15 @@ class Localisation:
     grid: Grid | None = None
     seconds: float = 0.0
     rotation_deg: list | None = None
+    search: str | None = None
 
     def to_dict(self) -> dict:
         return {"mode": self.mode, "applied": self.applied, "reason": self.reason,
                 "method": ("rigid registration to MNI152 1 mm brain (SimpleITK, Mattes MI in the dilated template brain "
-                           "mask, 81 starts), resampled into the template grid, skull-stripped with its brain mask "
+                           "mask, 81 starts, 375 when the first result correlates weakly), resampled into the template grid, skull-stripped with its brain mask "
                            "dilated 3 mm; results mapped back by trilinear resampling of the student's probabilities"),
                 "template_to_input": None if self.template_to_input is None else np.round(self.template_to_input, 5).tolist(),
-                "rotation_deg": self.rotation_deg, "ncc_with_template": None if self.ncc is None else round(self.ncc, 4),
+                "rotation_deg": self.rotation_deg, "search": self.search, "ncc_with_template": None if self.ncc is None else round(self.ncc, 4),
                 "contrast": self.contrast, "seconds": round(self.seconds, 2)}
 
 
@@ -198,8 +210,9 @@ def _robust01(data: np.ndarray) -> np.ndarray:
     return np.clip(data / max(hi, 1e-6), 0, 1.5).astype(np.float32)
 
 
-def register_rigid(volume: Volume, threads: int = 1) -> tuple[np.ndarray, float]:
-    """Rigid transform (4x4, RAS world, template -> input) and the final metric value (module docstring)."""
+def register_rigid(volume: Volume, threads: int = 1, steps: tuple = STEPS) -> tuple[np.ndarray, float]:
+    """Rigid transform (4x4, RAS world, template -> input) and the final metric value (Mattes MI,
+    lower is better), searched from rotations ``steps`` (deg) about every axis (module docstring)."""
     sitk = _sitk()
     t_img, t_brain, _, t_grid, reg_mask, _ = _template()
     m_data, m_grid = to_canonical(volume, spacing=3.0)
@@ -248,7 +261,6 @@ def register_rigid(volume: Volume, threads: int = 1) -> tuple[np.ndarray, float]
         m6 = sitk.Resample(sitk.SmoothingRecursiveGaussian(moving, 3.0), [int(n / 2) + 1 for n in moving.GetSize()],
                            sitk.Transform(), sitk.sitkLinear, moving.GetOrigin(), [6.0] * 3, moving.GetDirection(), 0.0)
         starts = []
-        steps = (-25.0, 0.0, 25.0)
         rotations = [np.array([a, b, c]) for a in steps for b in steps for c in steps]
         dzs = (-10.0, 15.0, 40.0)
         for dz in dzs:
@@ -309,6 +321,17 @@ def _g(value) -> str:
     return "n/a" if value is None else f"{value:.3g}"
 
 
+def _align(volume: Volume, matrix: np.ndarray, t_grid: Grid, t_img: np.ndarray, inner: np.ndarray):
+    """The input sampled at the template grid's voxels (trilinear; template voxel -> template world
+    -> input world -> input voxel) and its correlation with the template inside ``inner``."""
+    vox = np.linalg.inv(volume.affine) @ matrix @ t_grid.affine
+    aligned = ndimage.affine_transform(np.asarray(volume.data, np.float32), vox[:3, :3], vox[:3, 3],
+                                       output_shape=t_grid.shape, order=1, mode="constant", cval=0.0, prefilter=False)
+    a, b = aligned[inner].astype(np.float64), t_img[inner].astype(np.float64)
+    ncc = float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else 0.0
+    return aligned, ncc
+
+
 def _contrast(aligned: np.ndarray, labels: np.ndarray, inner: np.ndarray) -> dict:
     out = {}
     cortex = (labels == 3) | (labels == 42) | ((labels >= 1000) & (labels < 3000))
@@ -351,18 +374,25 @@ def localise(volume: Volume, mode: str = "auto", strip_margin_mm: float = 3.0, t
             raise BasalSegError(f"brain localisation needs the template package: {exc}") from None
         log.warning("brain localisation skipped: %s", exc)
         return volume, Localisation(mode, False, f"template data missing ({exc}); not localised")
+    search = None
     if template_to_input is None:
-        matrix, _ = register_rigid(volume, threads=threads)
+        matrix, value = register_rigid(volume, threads=threads)
+        aligned, ncc = _align(volume, matrix, t_grid, t_img, inner)
+        search = f"{len(STEPS)}-step rotation grid"
+        if -MIN_NCC < ncc < RETRY_NCC:  # (an anti-correlated image is refused as not T1 below)
+            first_ncc = ncc
+            dense, dense_value = register_rigid(volume, threads=threads, steps=DENSE_STEPS)
+            kept = "first"
+            if dense_value < value:
+                matrix, value, kept = dense, dense_value, "second"
+                aligned, ncc = _align(volume, matrix, t_grid, t_img, inner)
+            search = (f"{len(STEPS)}-step rotation grid, then {len(DENSE_STEPS)}-step (correlation {first_ncc:.3f} < "
+                      f"{RETRY_NCC:g} after the first); kept the {kept}")
     else:
         matrix = np.asarray(template_to_input, dtype=np.float64)
-    # input sampled at the template grid's voxels: template voxel -> template world -> input world -> input voxel
-    vox = np.linalg.inv(volume.affine) @ matrix @ t_grid.affine
-    aligned = ndimage.affine_transform(np.asarray(volume.data, np.float32), vox[:3, :3], vox[:3, 3],
-                                       output_shape=t_grid.shape, order=1, mode="constant", cval=0.0, prefilter=False)
-    a, b = aligned[inner].astype(np.float64), t_img[inner].astype(np.float64)
-    ncc = float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else 0.0
+        aligned, ncc = _align(volume, matrix, t_grid, t_img, inner)
     contrast = _contrast(aligned, t_labels, inner)
-    loc = Localisation(mode, False, "", matrix, ncc, contrast, None, 0.0, _rotation_angles(matrix))
+    loc = Localisation(mode, False, "", matrix, ncc, contrast, None, 0.0, _rotation_angles(matrix), search)
     if ncc <= -MIN_NCC:
         raise NotT1Error(
             f"the image does not have T1 contrast: aligned to the T1 brain template it is anti-correlated with it "

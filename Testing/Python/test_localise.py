@@ -63,6 +63,25 @@ def test_registration_finds_a_pitched_head_whose_best_start_ranks_fourth():
     assert record["ncc"] > 0.45 and record["label_overlap"] > 0.6, record
 
 
+def test_a_head_turned_about_two_axes_is_found_by_the_second_search():
+    """A whole head of the generator (seed 7301, subject 2: MNI152, GMM contrast, rotated 15 / 29 /
+    20 deg, SPR axes, 3.3 mm slices) that no start of the 3-step rotation grid brought into the right
+    basin: the first search ended 12 deg off (correlation 0.35, label overlap 0.42, a silent misfit
+    above the "no brain" threshold); the weak correlation starts the 5-step search, which finds it."""
+    from basalseg.data.generate import load_sources
+    from basalseg.data.head import HeadConfig, brain_config_for_heads, synthesize_head
+    from basalseg.data.localised import localise_case
+    from basalseg.data.synth import SynthConfig, subject_seed
+
+    config = SynthConfig(contrast="t1_gmm")
+    (source, _), = load_sources(("mni152",), "dk", brain_config_for_heads(SynthConfig()))
+    head = synthesize_head(source, subject_seed(7301, 2), config, HeadConfig())
+    assert head.params["head"]["axcodes"] == "SPR"  # the generator still makes the case this test is about
+    _, _, record = localise_case(head.image, head.labels)
+    assert "kept the second" in record["search"], record["search"]
+    assert record["ncc"] > 0.5 and record["label_overlap"] > 0.65, record
+
+
 def test_auto_leaves_skull_stripped_and_small_inputs_alone(mni):
     out, loc = localise(mni, "auto")
     assert out is mni and not loc.applied and "skull-stripped" in loc.reason

@@ -68,7 +68,7 @@ def localise_case(volume: Volume, labels: np.ndarray, strip_margin_mm: float = 3
 
     Returns:
         ``(image on the template grid, skull-stripped; int16 labels on that grid; record)`` with
-        the record's ``ncc``, ``label_overlap``, ``rotation_deg``, ``template_to_input``, ``seconds``.
+        the record's ``ncc``, ``label_overlap``, ``rotation_deg``, ``template_to_input``, ``search``, ``seconds``.
 
     Raises:
         NoBrainFoundError, NotT1Error: the localisation refused the image (as at inference).
@@ -86,7 +86,8 @@ def localise_case(volume: Volume, labels: np.ndarray, strip_margin_mm: float = 3
     record = {"ncc": None if loc.ncc is None else round(float(loc.ncc), 4),
               "label_overlap": round(label_overlap(out_labels, template_labels), 4),
               "rotation_deg": loc.rotation_deg, "template_to_input": np.round(loc.template_to_input, 5).tolist(),
-              "head_tissue_fraction": loc.contrast.get("head_tissue_fraction"), "seconds": round(loc.seconds, 2)}
+              "head_tissue_fraction": loc.contrast.get("head_tissue_fraction"), "search": loc.search,
+              "seconds": round(loc.seconds, 2)}
     return image, out_labels, record
 
 
