@@ -29,6 +29,12 @@ decoded box (labelled ``extrapolated``). ``--quality`` also runs the reference f
 and reports, per structure, the Dice between its stacked masks and the optimised ones.
 ``--levers`` times the speed levers one by one instead (see ``benchmarks/README.md``).
 
+Brain localisation (``--localise``, default ``auto`` as in ``segment``) is timed as a shared
+stage: ``segment`` registers every whole-brain-sized input for its QC checks (a few seconds on
+one core) before the prompter; a head, or a turned skull-stripped brain, is resampled into the
+template grid and the stages run there. Skipped when the prompts come from a file (as in
+``segment``).
+
 Efficiency (printed before the last line): the encoder's FLOPs per pass counted with
 ``FlopCounterMode``, the GFLOP/s its passes reached, and a float32 GEMM's GFLOP/s measured in the
 same run on the same threads (:mod:`basalseg.foundation.efficiency`); ``--profile`` adds the
@@ -153,7 +159,7 @@ def _machine() -> str:
 
 def run_bench(image=None, *, prompts: str = "auto", weights_dir=None, device=None, threads: int | None = None,
               encoder: str = "fused", fast_decoder: bool = True, stride: int = 1, batch: int | None = None,
-              input_size: int | None = None,
+              input_size: int | None = None, localise: str = "auto",
               slices: int | None = None, naive_slices: int | None = None, naive: bool = True, quality: bool = False,
               python_heap: bool = False, keep=None, warm_up: bool = True, profile: bool = False) -> dict:
     """Run the benchmark; return every figure as a dictionary (see the module docstring)."""
@@ -201,9 +207,29 @@ def run_bench(image=None, *, prompts: str = "auto", weights_dir=None, device=Non
                          "input_size": backend.inner.native_size}
     if warm_up:
         _warm_up(backend.inner)
+    # brain localisation as `segment` does it by default (--localise auto): it registers every input
+    # of a whole brain's size for the QC checks, and resamples a head or a turned brain into the
+    # template grid, on which the stages then run (the map back to the input grid is not timed).
+    # Skipped, as in `segment`, when the prompts come from a file (they are on the input's grid).
+    with meter.section("localise"):
+        t = time.perf_counter()
+        loc = None
+        if localise != "off" and prompts in ("auto", "prompter", "dk"):
+            from .localise import localise as localise_input
+
+            localised, loc = localise_input(volume, localise, threads=threads or 1)
+            if loc.applied:
+                volume = localised
+        stages["localise"] = time.perf_counter() - t
+    report["localisation"] = None if loc is None else {"mode": localise, "applied": loc.applied, "reason": loc.reason,
+                                                       "search": loc.search}
+    if loc is not None and loc.applied:
+        report["notes"].append("localised: the stages ran on the input resampled into the template grid; "
+                               "the map back to the input grid is not timed")
     # the optimised run: Pipeline.segment, its runner options (stride, batch) through the config
     config = PipelineConfig(device=str(dev), threads=threads, stride=stride, batch=batch)
-    report["options"]["context"] = config.context  # the naive and reference runs below use it too
+    report["options"]["context"] = config.context
+    report["options"]["localise"] = localise if loc is not None else "not run (prompts from a file)" if localise != "off" else "off"  # the naive and reference runs below use it too
     pipeline = Pipeline(config, backend=backend, prompter=prompter, student=student, student_meta=student_meta)
 
     # prompter (timed whatever the prompt source). With random weights its output is noise, and
@@ -291,7 +317,7 @@ def run_bench(image=None, *, prompts: str = "auto", weights_dir=None, device=Non
                                f"slices (time per encoder pass x {full_enc}, per box x {full_boxes})")
     report["cpu"] = cpu
     report["counts_full"] = {"encoder_passes": full_enc, "boxes": full_boxes}
-    shared = ["io_read", "setup", "prompter", "prepare", "sdm", "student", "resample", "segment_other", "io_write"]
+    shared = ["io_read", "setup", "localise", "prompter", "prepare", "sdm", "student", "resample", "segment_other", "io_write"]
     report["optimised_total"] = sum(stages[k] for k in shared) + stages["foundation"]
     report["optimised_total_cpu"] = sum(cpu[k] for k in shared) + cpu["foundation"]
 
@@ -417,7 +443,7 @@ def format_report(r: dict) -> list[str]:
     head += f"{'naive wall s':>14}{'naive cpu s':>13}" if nv else ""
     lines += ["", head]
     rows = [("io (read)", "io_read", "io_read"), ("setup (load networks)", "setup", "setup"),
-            ("prepare", "prepare", "prepare"), ("prompter", "prompter", "prompter"),
+            ("localise (register, QC)", "localise", "localise"), ("prepare", "prepare", "prepare"), ("prompter", "prompter", "prompter"),
             ("foundation encoder", "encoder", "foundation"), ("foundation decoder", "decoder", "foundation"),
             ("foundation (all)", "foundation", "foundation"), ("sdm", "sdm", "sdm"), ("student", "student", "student"),
             ("resample", "resample", "resample"), ("segment() other", "segment_other", "resample"),

@@ -111,6 +111,8 @@ def test_bench_end_to_end(small_t1, two_structure_prompts, weights_dir, tmp_path
     assert "encoder efficiency: " in text and "% of GEMM" in text
     report = json.loads(out_json.read_text())
     assert report["prompts"]["prompts"] == 2 and report["prompts"]["slices"] == 1
+    # prompts from a file: no localisation, as in `segment` (they are on the input's grid)
+    assert report["localisation"] is None and report["options"]["localise"] == "not run (prompts from a file)"
     assert report["counts"] == {"encoder_passes": 1, "boxes": 2}
     assert report["naive"]["encoder_passes"] == 2 and not report["naive"]["extrapolated"]
     assert ratio == pytest.approx(report["speedup_total"], rel=0.06)
@@ -171,3 +173,26 @@ def test_encoder_flops_counts_a_known_module_and_gemm_is_measured():
     both = machine_gemm(64, repeats=3)  # every kernel this torch has; the fastest one's figures
     assert set(both["kernels"]) == ({"torch.mm", "oneDNN"} if _mkldnn_fusion_available() else {"torch.mm"})
     assert both["best_gflops"] == max(both["kernels"].values()) and both["kernels"][both["kernel"]] == both["best_gflops"]
+
+
+def test_bench_times_the_localisation_segment_does_by_default(mni_t1, weights_dir, tmp_path):
+    """``segment``'s default (--localise auto) registers a whole brain for its QC checks: the bench
+    times it as a shared stage and says what it decided; a crop smaller than a brain, prompts from
+    a file and --localise off skip it, as ``segment`` does."""
+    import nibabel as nib
+    from scipy import ndimage
+
+    data = ndimage.zoom(mni_t1.data.astype(np.float32), 1 / 3, order=1)  # the whole MNI152 brain at 3 mm
+    affine = mni_t1.affine @ np.diag([3.0, 3.0, 3.0, 1.0])
+    path = tmp_path / "mni_3mm.nii.gz"
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+    report = bench.run_bench(path, prompts="dk", weights_dir=weights_dir, device="cpu", slices=1, naive=False,
+                             warm_up=False)
+    loc = report["localisation"]
+    assert loc["mode"] == "auto" and not loc["applied"] and "skull-stripped" in loc["reason"], loc
+    assert report["stages"]["localise"] > 0.2  # a registration ran (81 starts and more at 6 and 3 mm)
+    assert report["optimised_total"] >= report["stages"]["localise"] + report["stages"]["foundation"]
+    assert any(line.startswith("localise (register, QC)") for line in bench.format_report(report))
+    off = bench.run_bench(path, prompts="dk", weights_dir=weights_dir, device="cpu", slices=1, naive=False,
+                          warm_up=False, localise="off")
+    assert off["localisation"] is None and off["options"]["localise"] == "off" and off["stages"]["localise"] < 0.05

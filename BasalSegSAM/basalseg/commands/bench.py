@@ -24,6 +24,8 @@ def register(sub) -> None:
     add_encoder_option(p, help="foundation encoder implementation")
     p.add_argument("--plain-decoder", action="store_true", help="use SAM's own mask decoder instead of the fast one")
     add_stride_option(p, help="encode every k-th slice, interpolate the others")
+    p.add_argument("--localise", choices=["auto", "on", "off"], default="auto",
+                   help="brain localisation as in segment (default auto, segment's default; timed as a shared stage)")
     p.add_argument("--batch", type=int, default=None, help="slices per encoder batch (default: 1 on CPU, 8 on CUDA)")
     p.add_argument("--input-size", type=int, default=None,
                    help="foundation encoder input side (default: LiteMedSAM's 256; smaller changes the masks)")
@@ -63,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
             raise BasalSegError(f"--stride must be >= 1, got {args.stride}")
         report = run_bench(args.image, prompts=args.prompts, weights_dir=args.weights, device=device(args),
                            threads=args.threads, encoder=args.encoder, fast_decoder=not args.plain_decoder,
-                           stride=args.stride, batch=args.batch, input_size=args.input_size, slices=args.slices,
+                           stride=args.stride, batch=args.batch, input_size=args.input_size, localise=args.localise, slices=args.slices,
                            naive_slices=args.naive_slices,
                            naive=not args.no_naive, quality=args.quality, python_heap=args.tracemalloc, keep=args.keep,
                            warm_up=not args.no_warm_up, profile=args.profile)
