@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -145,6 +146,57 @@ def test_cache_is_remade_for_another_prompter_not_silently_reused(small_lite, pr
     np.savez_compressed(buffer, **legacy)
     out.write_bytes(buffer.getvalue())
     assert run(second)[0] == 2
+
+
+def test_cache_is_remade_when_its_options_or_the_prepared_case_change(small_lite, prepared_small, monkeypatch, tmp_path):
+    """The whole key, not only the prompter: jitter, its seed (only when it draws), the crop options
+    and the prepared case's arrays; a training cache (jittered, reference-grown crop) is never
+    reused by a held-out evaluation, nor a regenerated case's old masks."""
+    import basalseg.prompter
+    from basalseg.outputs import atomic_write_bytes
+    from basalseg.training.foundation_cache import array_fingerprint, build_foundation_cache
+
+    volume, image01, grid, block, path = prepared_small
+    monkeypatch.setattr(basalseg.prompter, "predict_coarse", lambda net, image, device="cpu": block.copy())
+    encoded = []
+    real_encode = small_lite.encode
+    monkeypatch.setattr(small_lite, "encode", lambda images: encoded.extend(images) or real_encode(images))
+    cache = tmp_path / "cache"
+
+    def run(source=path, **options):
+        before = len(encoded)
+        (out,) = build_foundation_cache([source], None, small_lite, cache, **options)
+        return len(encoded) - before, out
+
+    training = dict(jitter=2, seed=0, reference_in_roi=True)
+    assert run(**training)[0] == 2
+    assert run(**training)[0] == 0                                # resumed
+    assert run(**dict(training, seed=1))[0] == 2                  # another jitter draw
+    assert run(**dict(training, seed=1))[0] == 0
+    assert run(jitter=0, seed=0, reference_in_roi=False)[0] == 2  # the held-out evaluation's own masks
+    made, out = run(jitter=0, seed=5, reference_in_roi=False)
+    assert made == 0                                              # no jitter: the seed draws nothing
+    assert run(jitter=0, reference_in_roi=True)[0] == 2           # another crop
+    assert run(jitter=0, reference_in_roi=True, crop=False)[0] == 2
+    with np.load(out) as data:
+        assert json.loads(str(data["options"])) == {"jitter": 0, "seed": None, "crop": False, "reference_in_roi": True}
+        assert str(data["input"]) == array_fingerprint(image01, block)
+    # the same case name, prepared again from another image: its masks are computed again
+    changed = tmp_path / "prepared" / path.name
+    changed.parent.mkdir()
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, image01=(0.9 * image01).astype(np.float16), classes=block, affine=grid.affine)
+    atomic_write_bytes(changed, buffer.getvalue())
+    same = dict(jitter=0, reference_in_roi=True, crop=False)
+    assert run(changed, **same)[0] == 2
+    assert run(changed, **same)[0] == 0
+    # a file from before the options and input were recorded is computed again
+    with np.load(out) as data:
+        legacy = {k: data[k] for k in data.files if k not in ("options", "input")}
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **legacy)
+    out.write_bytes(buffer.getvalue())
+    assert run(changed, **same)[0] == 2
 
 
 # ---------------------------------------------------------------------------------------------

@@ -112,3 +112,49 @@ def test_describe_cohort_records_head_localisation_and_artefacts(tmp_path):
     assert head["head"] is True and head["artefact_prob"] == 0.7 and head["skull_stripped"] is False
     assert head["localised"] == {"function": "basalseg.localise.localise(mode='on')", "dropped": 1}
     assert head["cohort_seed"] == 8 and head["contrast"] == "template" and head["cases"] == 3
+
+
+def test_a_cohort_replaced_under_the_same_case_names_is_prepared_again(tmp_path, monkeypatch):
+    """Prepared cases are keyed by their source files' content, not by case name: a cohort folder
+    regenerated with other images (same names) must not be trained on or scored with the previous
+    arrays; the same bytes under a new time stamp are reused."""
+    import os
+
+    import nibabel as nib
+
+    import basalseg.training.prepare as prep
+    from basalseg.data.cohort import read_cohort
+    from basalseg.training.prepare import load_prepared, prepare_cases
+
+    cohort = tmp_path / "cohort"
+    _tiny_cohort(cohort, ["c0", "c1"])
+    made = []
+    real = prep.prepare_case
+    monkeypatch.setattr(prep, "prepare_case", lambda case: made.append(case.name) or real(case))
+    work = tmp_path / "work"
+    paths = prepare_cases(read_cohort(cohort), work)
+    assert made == ["c0", "c1"]
+    first = load_prepared(paths[0]).image01.copy()
+    prepare_cases(read_cohort(cohort), work)
+    assert made == ["c0", "c1"]  # resumed: nothing prepared twice
+    image_path = cohort / "imagesTr" / "c0_0000.nii.gz"
+    os.utime(image_path, (1, 1))  # the same bytes, another time stamp: still reused
+    prepare_cases(read_cohort(cohort), work)
+    assert made == ["c0", "c1"]
+    # c0 regenerated: another image under the same name
+    nib.save(nib.Nifti1Image(np.full((16,) * 3, 0.5, np.float32) + np.eye(16)[:, :, None], np.eye(4)), image_path)
+    prepare_cases(read_cohort(cohort), work)
+    assert made == ["c0", "c1", "c0"]
+    assert not np.array_equal(load_prepared(paths[0]).image01, first)
+    # another label mapping is another source too
+    mapping = tmp_path / "mapping.json"
+    mapping.write_text(json.dumps({"12": 12, "51": 0}))
+    prepare_cases(read_cohort(cohort, mapping), work)
+    assert made[3:] == ["c0", "c1"]
+    assert not (load_prepared(paths[1]).classes == get_structure("right_putamen").class_index).any()
+    # a file from before sources were recorded is prepared again
+    with np.load(paths[1]) as data:
+        legacy = {k: data[k] for k in data.files if k != "source"}
+    np.savez_compressed(paths[1], **legacy)
+    prepare_cases(read_cohort(cohort, mapping), work)
+    assert made[5:] == ["c1"]

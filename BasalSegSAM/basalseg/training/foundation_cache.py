@@ -13,11 +13,15 @@ costs ~2 s per slice on a CPU. For each prepared case:
    and the prompter's labelmap is saved to ``<cache>/<name>.npz``, with the prompts and the
    backend's description.
 
-A case already in the cache for the same backend (name and checkpoint sha256), variant and
-prompter (a fingerprint of its weights, :func:`network_fingerprint`) is skipped, so an interrupted
-run resumes; one made by another prompter or checkpoint, or before these were recorded, is
-computed again rather than silently reused (evaluating a new prompter in an old work folder
-would otherwise score the old prompter's masks).
+A cached case is reused only when everything that made it is the same (its **key**, stored in
+the file): the prepared case's arrays (a fingerprint of ``image01`` and ``classes``,
+:func:`array_fingerprint`), the backend (name and checkpoint sha256), the prompter (a fingerprint of
+its weights, :func:`network_fingerprint`), the variant, and the options ``jitter``, ``seed`` (only
+when ``jitter > 0``: it draws nothing otherwise), ``crop`` and ``reference_in_roi``. So an
+interrupted run resumes, and a case made otherwise (another prompter or checkpoint, a training
+cache with jittered prompts and the reference-grown crop found by a held-out evaluation, a cohort
+regenerated under the same case names) is computed again rather than silently reused; so is a
+file from before a part of the key was recorded.
 
 **Variants** (``docs/CONTEXT_AND_PLANES.md``): ``context=True`` runs the foundation model with
 the 3-slice context; ``planes=("axial", "coronal", "sagittal")`` also runs it on coronal and
@@ -57,7 +61,7 @@ from ..student import student_roi
 from .prepare import load_prepared
 
 __all__ = ["jitter_prompts", "build_foundation_cache", "CachedCase", "load_cached_case", "variant_name",
-           "read_timing", "network_fingerprint"]
+           "read_timing", "network_fingerprint", "array_fingerprint"]
 
 
 def variant_name(foundation: str, context: bool = False, planes=("axial",)) -> str:
@@ -134,12 +138,34 @@ def network_fingerprint(net: torch.nn.Module | None) -> str:
     return digest.hexdigest()[:16]
 
 
-def _made_by(data) -> dict:
-    """What a cached ``.npz`` was made with: backend name and checkpoint sha256, prompter fingerprint
-    (``None`` where older files did not record it)."""
+def array_fingerprint(*arrays: np.ndarray) -> str:
+    """sha256 (first 16 hex digits) of arrays' dtypes, shapes and bytes, in order."""
+    digest = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        digest.update(f"{a.dtype.str}:{a.shape}".encode())
+        digest.update(a.view(np.uint8).reshape(-1).data)
+    return digest.hexdigest()[:16]
+
+
+def _cache_key(backend: FoundationBackend, prompter, variant: dict, jitter: int, seed: int, crop: bool,
+               reference_in_roi: bool) -> dict:
+    """What every case of one :func:`build_foundation_cache` call depends on (module docstring);
+    each case adds its ``input`` fingerprint. :func:`_key_of` reads the whole key back."""
+    return {"backend": backend.name, "checkpoint_sha256": backend.describe().get("checkpoint_sha256"),
+            "prompter": network_fingerprint(prompter), "variant": variant,
+            "options": {"jitter": int(jitter), "seed": int(seed) if jitter > 0 else None, "crop": bool(crop),
+                        "reference_in_roi": bool(reference_in_roi)}}
+
+
+def _key_of(data) -> dict:
+    """The key a cached ``.npz`` was made with (:func:`_cache_key`; ``None`` for the parts that
+    older files did not record, so they never match)."""
     backend = json.loads(str(data["backend"])) if "backend" in data.files else {}
     return {"backend": backend.get("backend"), "checkpoint_sha256": backend.get("checkpoint_sha256"),
-            "prompter": str(data["prompter"]) if "prompter" in data.files else None}
+            "prompter": str(data["prompter"]) if "prompter" in data.files else None, "variant": _variant_of(data),
+            "options": json.loads(str(data["options"])) if "options" in data.files else None,
+            "input": str(data["input"]) if "input" in data.files else None}
 
 
 def build_foundation_cache(prepared: list[str | os.PathLike], prompter: torch.nn.Module, backend: FoundationBackend,
@@ -157,15 +183,15 @@ def build_foundation_cache(prepared: list[str | os.PathLike], prompter: torch.nn
     cache_dir = Path(cache_dir)
     planes = normalise_planes(planes)
     variant = {"context": bool(context), "planes": list(planes)}
-    made_by = {"backend": backend.name, "checkpoint_sha256": backend.describe().get("checkpoint_sha256"),
-               "prompter": network_fingerprint(prompter)}
+    common = _cache_key(backend, prompter, variant, jitter, seed, crop, reference_in_roi)
     paths = []
     for n, path in enumerate(prepared):
         case = load_prepared(path)
         out = cache_dir / f"{case.name}.npz"
+        key = dict(common, input=array_fingerprint(case.image01, case.classes))
         if out.is_file():
             with np.load(out) as existing:
-                if _made_by(existing) == made_by and _variant_of(existing) == variant:
+                if _key_of(existing) == key:
                     paths.append(out)
                     if progress:
                         progress(n + 1, len(prepared))
@@ -201,8 +227,10 @@ def build_foundation_cache(prepared: list[str | os.PathLike], prompter: torch.nn
             prompts=np.array(json.dumps(prompts.to_dict())),
             plane_prompts=np.array(json.dumps({p: ps.to_dict() for p, ps in sets.items() if p != "axial"})),
             backend=np.array(json.dumps(backend.describe())),
-            prompter=np.array(made_by["prompter"]),
+            prompter=np.array(key["prompter"]),
             variant=np.array(json.dumps(variant)),
+            options=np.array(json.dumps(key["options"])),
+            input=np.array(key["input"]),
             timing=np.array(json.dumps(timing)),
         )
         atomic_write_bytes(out, buffer.getvalue())
