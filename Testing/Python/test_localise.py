@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
@@ -239,11 +237,11 @@ def test_cli_refuses_an_image_without_a_brain(tmp_path, weights_dir, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("BASALSEG_SLOW_TESTS") != "1",
-                    reason="set BASALSEG_SLOW_TESTS=1 (a head subject and two full runs with the shipped weights, minutes)")
 def test_whole_head_and_skull_stripped_brain_agree():
     """A head-like subject (1.4-1.5 mm voxels, posed, off-origin) and the same brain skull-stripped on
-    the same grid, both segmented with the command line's defaults: the two labelmaps agree. Both are
+    the same grid, both segmented with the command line's defaults: the two labelmaps agree (issue
+    11's criterion, Dice >= 0.95 between the two outputs; run by default since 2026-12-06, about
+    1.5 min on 2 cores, so that CI checks it with every change to the shipped weights). Both are
     localised (the brain is turned 22 deg from the template pose); before the skull-stripped brain
     was localised when rotated (``MAX_ROTATION_DEG``), it was segmented in its pose and the two
     agreed at a mean Dice of 0.840 (2026-12-03: 0.981 now, 0.97-0.99 per structure)."""
@@ -258,7 +256,7 @@ def test_whole_head_and_skull_stripped_brain_agree():
     subject = synthesize_head(src, 424242, cfg, HeadConfig(spacing_mm=(1.4, 1.5), thick_slice_prob=0.0, rotation_deg=15.0))
     head = subject.image
     stripped = Volume(np.where(subject.brain_mask, head.data, 0.0).astype(np.float32), head.affine)
-    pipe = Pipeline(PipelineConfig(threads=1, localise="auto"))
+    pipe = Pipeline(PipelineConfig(threads=2, localise="auto"))
     a = pipe.segment(head)
     b = pipe.segment(stripped)
     assert a.provenance["localisation"]["applied"] and b.provenance["localisation"]["applied"]
