@@ -178,8 +178,10 @@ def test_no_brain_found(kind):
         r = ((idx[0] - 80) / 40) ** 2 + ((idx[1] - 90) / 70) ** 2 + ((idx[2] - 80) / 40) ** 2
         data = np.where(r < 1, 0.8, 0.0) + np.where(r < 0.3, -0.5, 0.0) + rng.normal(0, 0.02, shape)
         data = data.astype(np.float32)
-    with pytest.raises(NoBrainFoundError, match="no brain found"):
+    with pytest.raises(NoBrainFoundError, match="no brain found") as info:
         localise(Volume(data, np.diag([1.0, 1.0, 1.0, 1.0])), "on")
+    # and what to do if it is a brain T1 the registration could not align (severe artefacts and bias)
+    assert "N4" in str(info.value) and "--localise off" in str(info.value)
 
 
 def test_t2_like_contrast_is_rejected(mni):
