@@ -15,7 +15,12 @@ a neck, a pose and a scanner grid of its own. Before the pipeline's stages, :fun
    below :data:`RETRY_NCC`; e.g. a head turned by ~30 deg about two axes at once, whose right
    basin no start of the 3-step grid reached) the search runs again from a 5-step grid
    (:data:`DENSE_STEPS`, 375 starts; about 5-8 s more) and the result with the better metric is
-   kept; provenance says which search gave it (``search``).
+   kept; provenance says which search gave it (``search``). When the result would be refused
+   (correlation below :data:`MIN_NCC`, the QC checks below), the whole search runs once more on the
+   input divided by N4's bias-field estimate (:func:`_bias_corrected`, 1-3 s) and the result that
+   correlates better is kept, the image aligned from the corrected input then: ghosting combined
+   with a strong bias field could make a brain T1 fail to align. Inputs accepted the first time
+   never reach this step, so their results do not change.
 2. **Resamples** the input into the template's grid (182 x 218 x 182, 1 mm, RAS; trilinear) and
    **skull-strips** it with the template's brain mask dilated by ``strip_margin_mm`` (default 3):
    the image then looks like the training subjects (a brain on a zero background), and the
@@ -312,6 +317,51 @@ def register_rigid(volume: Volume, threads: int = 1, steps: tuple = STEPS) -> tu
     return _sitk_affine_to_ras(tr), float(value)
 
 
+def _search(volume: Volume, threads: int) -> tuple[np.ndarray, np.ndarray, float, str]:
+    """The registration's search (module docstring, step 1): ``(template -> input matrix, the input
+    aligned to the template grid, its correlation with the template, what was done)``."""
+    t_img, _, _, t_grid, _, inner = _template()
+    matrix, value = register_rigid(volume, threads=threads)
+    aligned, ncc = _align(volume, matrix, t_grid, t_img, inner)
+    search = f"{len(STEPS)}-step rotation grid"
+    if -MIN_NCC < ncc < RETRY_NCC:  # (an anti-correlated image is refused as not T1 by the caller)
+        first_ncc = ncc
+        dense, dense_value = register_rigid(volume, threads=threads, steps=DENSE_STEPS)
+        kept = "first"
+        if dense_value < value:
+            matrix, value, kept = dense, dense_value, "second"
+            aligned, ncc = _align(volume, matrix, t_grid, t_img, inner)
+        search = (f"{len(STEPS)}-step rotation grid, then {len(DENSE_STEPS)}-step (correlation {first_ncc:.3f} < "
+                  f"{RETRY_NCC:g} after the first); kept the {kept}")
+    return matrix, aligned, ncc, search
+
+
+def _bias_corrected(volume: Volume, threads: int = 1) -> Volume | None:
+    """The input divided by N4's estimate of its bias field (SimpleITK's ``N4BiasFieldCorrectionImageFilter``:
+    foreground by Otsu's threshold, fitted on the image shrunk 4x, 50/50/30 iterations, the field
+    evaluated at full resolution). Used only when the registration of the input as given is refused
+    (:func:`localise`). Voxel data in the input's own axis order; the affine is kept. None when N4
+    cannot run on the image (e.g. too small to shrink)."""
+    sitk = _sitk()
+    data = np.asarray(volume.data, dtype=np.float32)
+    previous = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(max(1, int(threads)))
+    try:
+        img = sitk.GetImageFromArray(np.ascontiguousarray(np.clip(data, 0, None).transpose(2, 1, 0)))  # (k, j, i) for SimpleITK
+        img.SetSpacing([float(v) for v in volume.spacing])
+        mask = sitk.OtsuThreshold(img, 0, 1, 200)
+        n4 = sitk.N4BiasFieldCorrectionImageFilter()
+        n4.SetMaximumNumberOfIterations([50, 50, 30])
+        n4.Execute(sitk.Shrink(img, [4] * 3), sitk.Shrink(mask, [4] * 3))
+        log_field = sitk.GetArrayFromImage(n4.GetLogBiasFieldAsImage(img)).transpose(2, 1, 0)
+    except RuntimeError as exc:
+        log.info("N4 bias correction not possible: %s", exc)
+        return None
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous)
+    return Volume((data / np.exp(log_field)).astype(np.float32), volume.affine, path=volume.path, meta=dict(volume.meta))
+
+
 def _rotation_angles(m: np.ndarray) -> list[float]:
     r = m[:3, :3]
     return [round(float(np.degrees(np.arccos(np.clip((np.trace(r) - 1) / 2, -1, 1)))), 2)]
@@ -319,9 +369,9 @@ def _rotation_angles(m: np.ndarray) -> list[float]:
 
 #: what the refusals say about a brain T1 the registration could not align (measured on synthetic heads with
 #: ghosting on every one plus a 4x bias field or gamma 1.8: 9 of 48 refused, 8 of them misaligned; scripts/localise_stress.py)
-_ALIGN_FAILURE = ("severe motion or ghosting artefacts combined with strong intensity non-uniformity can cause this; "
-                  "if it is a brain T1, correct the bias field (e.g. N4) and try again, or give a skull-stripped brain "
-                  "with --localise off")
+_ALIGN_FAILURE = ("severe motion or ghosting artefacts combined with strong intensity non-uniformity can cause this "
+                  "(the registration was tried again after N4 bias correction); if it is a brain T1, give a "
+                  "skull-stripped brain with --localise off")
 
 
 def _g(value) -> str:
@@ -383,18 +433,15 @@ def localise(volume: Volume, mode: str = "auto", strip_margin_mm: float = 3.0, t
         return volume, Localisation(mode, False, f"template data missing ({exc}); not localised")
     search = None
     if template_to_input is None:
-        matrix, value = register_rigid(volume, threads=threads)
-        aligned, ncc = _align(volume, matrix, t_grid, t_img, inner)
-        search = f"{len(STEPS)}-step rotation grid"
-        if -MIN_NCC < ncc < RETRY_NCC:  # (an anti-correlated image is refused as not T1 below)
-            first_ncc = ncc
-            dense, dense_value = register_rigid(volume, threads=threads, steps=DENSE_STEPS)
-            kept = "first"
-            if dense_value < value:
-                matrix, value, kept = dense, dense_value, "second"
-                aligned, ncc = _align(volume, matrix, t_grid, t_img, inner)
-            search = (f"{len(STEPS)}-step rotation grid, then {len(DENSE_STEPS)}-step (correlation {first_ncc:.3f} < "
-                      f"{RETRY_NCC:g} after the first); kept the {kept}")
+        matrix, aligned, ncc, search = _search(volume, threads)
+        corrected = _bias_corrected(volume, threads) if -MIN_NCC < ncc < MIN_NCC else None
+        if corrected is not None:  # it would be refused: once more on the bias-corrected input
+            matrix2, aligned2, ncc2, search2 = _search(corrected, threads)
+            kept = "kept it" if ncc2 > ncc else "kept the first"
+            search = (f"{search}; correlation {ncc:.3f} < {MIN_NCC:g}, so registered again after N4 bias correction "
+                      f"({search2}, correlation {ncc2:.3f}); {kept}")
+            if ncc2 > ncc:
+                matrix, aligned, ncc = matrix2, aligned2, ncc2
     else:
         matrix = np.asarray(template_to_input, dtype=np.float64)
         aligned, ncc = _align(volume, matrix, t_grid, t_img, inner)
