@@ -69,7 +69,7 @@ from functools import lru_cache
 import numpy as np
 from scipy import ndimage
 
-from .data.atlas import _FLIP, _sitk_affine_to_ras, _to_sitk  # the atlas warp's canonical-array <-> SimpleITK conversion
+from .data.atlas import _FLIP, _sitk_affine_to_ras, _sitk_threads, _to_sitk  # the atlas warp's SimpleITK helpers
 from .errors import BasalSegError
 from .imageio import Volume
 from .spatial import Grid, canonical_grid, resample_to_grid, to_canonical
@@ -222,9 +222,7 @@ def register_rigid(volume: Volume, threads: int = 1, steps: tuple = STEPS) -> tu
     t_img, t_brain, _, t_grid, reg_mask, _ = _template()
     m_data, m_grid = to_canonical(volume, spacing=3.0)
     m_data = _robust01(m_data)
-    previous = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(max(1, int(threads)))
-    try:
+    with _sitk_threads(sitk, threads):
         fixed = _to_sitk(sitk, t_img, t_grid)
         moving = _to_sitk(sitk, m_data, m_grid)
         mask = sitk.Cast(_to_sitk(sitk, reg_mask.astype(np.float32), t_grid), sitk.sitkUInt8)
@@ -311,8 +309,6 @@ def register_rigid(volume: Volume, threads: int = 1, steps: tuple = STEPS) -> tu
                 best = (value, tr)
         if best is None:
             raise NoBrainFoundError("no brain found: the registration to the brain template failed from every start")
-    finally:
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous)
     value, tr = best
     return _sitk_affine_to_ras(tr), float(value)
 
@@ -344,21 +340,18 @@ def _bias_corrected(volume: Volume, threads: int = 1) -> Volume | None:
     cannot run on the image (e.g. too small to shrink)."""
     sitk = _sitk()
     data = np.asarray(volume.data, dtype=np.float32)
-    previous = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(max(1, int(threads)))
     try:
-        img = sitk.GetImageFromArray(np.ascontiguousarray(np.clip(data, 0, None).transpose(2, 1, 0)))  # (k, j, i) for SimpleITK
-        img.SetSpacing([float(v) for v in volume.spacing])
-        mask = sitk.OtsuThreshold(img, 0, 1, 200)
-        n4 = sitk.N4BiasFieldCorrectionImageFilter()
-        n4.SetMaximumNumberOfIterations([50, 50, 30])
-        n4.Execute(sitk.Shrink(img, [4] * 3), sitk.Shrink(mask, [4] * 3))
-        log_field = sitk.GetArrayFromImage(n4.GetLogBiasFieldAsImage(img)).transpose(2, 1, 0)
+        with _sitk_threads(sitk, threads):
+            img = sitk.GetImageFromArray(np.ascontiguousarray(np.clip(data, 0, None).transpose(2, 1, 0)))  # (k, j, i)
+            img.SetSpacing([float(v) for v in volume.spacing])
+            mask = sitk.OtsuThreshold(img, 0, 1, 200)
+            n4 = sitk.N4BiasFieldCorrectionImageFilter()
+            n4.SetMaximumNumberOfIterations([50, 50, 30])
+            n4.Execute(sitk.Shrink(img, [4] * 3), sitk.Shrink(mask, [4] * 3))
+            log_field = sitk.GetArrayFromImage(n4.GetLogBiasFieldAsImage(img)).transpose(2, 1, 0)
     except RuntimeError as exc:
         log.info("N4 bias correction not possible: %s", exc)
         return None
-    finally:
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous)
     return Volume((data / np.exp(log_field)).astype(np.float32), volume.affine, path=volume.path, meta=dict(volume.meta))
 
 

@@ -43,6 +43,7 @@ import hashlib
 import importlib.util
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -328,6 +329,18 @@ def _sitk():
     return sitk
 
 
+@contextmanager
+def _sitk_threads(sitk, threads: int):
+    """SimpleITK's global default thread count set to ``threads`` (at least 1) inside the block,
+    the previous value restored after it (also when the block raises)."""
+    previous = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(max(1, int(threads)))
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous)
+
+
 def _sitk_affine_to_ras(transform) -> np.ndarray:
     """A SimpleITK affine/Euler transform (LPS physical space, about its centre) as the 4x4 RAS
     world matrix it applies (fixed world -> moving world)."""
@@ -370,9 +383,7 @@ def _register(fixed: Volume, moving: Volume, threads: int) -> TemplateWarp:
     p = _REGISTRATION
     fdata, fgrid = to_canonical(fixed)
     mdata, mgrid = to_canonical(moving)
-    previous = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(max(1, int(threads)))
-    try:
+    with _sitk_threads(sitk, threads):
         f2 = _downsample(sitk, _to_sitk(sitk, _flatten_dark(fdata, p["dark_floor"]), fgrid), p["level_mm"])
         m2 = _downsample(sitk, _to_sitk(sitk, _flatten_dark(mdata, p["dark_floor"]), mgrid), p["level_mm"])
         reg = sitk.ImageRegistrationMethod()
@@ -400,8 +411,6 @@ def _register(fixed: Volume, moving: Volume, threads: int) -> TemplateWarp:
         demons.SetUpdateFieldStandardDeviations(p["demons_update_sigma_vox"])
         field = demons.Execute(f2, matched)
         disp_lps = sitk.GetArrayFromImage(field).transpose(2, 1, 0, 3)
-    finally:
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous)
     matrix = _sitk_affine_to_ras(affine)
     disp_affine = np.diag([p["level_mm"]] * 3 + [1.0])
     disp_affine[:3, 3] = fgrid.affine[:3, 3]
