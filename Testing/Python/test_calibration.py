@@ -195,6 +195,9 @@ def test_calibrate_command_pipeline_and_evaluation(weights_dir, monkeypatch, tmp
         variants = [row["variant"] for row in csv.DictReader(fh)]
     assert variants.count("T1+SDM") == 8 and variants.count("T1+SDM (uncalibrated)") == 8
     assert "T1+SDM (uncalibrated)" in (tmp_path / "r" / "report.md").read_text()
+    # ... and the volume read from its softmax (expected_ml) scored beside the voxel count
+    assert variants.count("T1+SDM (expected volume)") == 8
+    assert "| T1+SDM (expected volume) | n/a |" in (tmp_path / "r" / "report.md").read_text()
 
     # the mirror test-time augmentation: the default fit is on its logits, as the pipeline runs the
     # student; evaluate-cohort scores the first student also without it, and not at all with --no-mirror-tta
@@ -236,3 +239,29 @@ def test_pipeline_refuses_a_corrupt_calibration(weights_dir, tmp_path):
                                   calibrate=False))
     _ = off.student
     assert off.student_offsets() is None
+
+
+def test_expected_volume_rows_sum_the_softmax_with_the_calibration():
+    import torch
+
+    from basalseg.structures import STRUCTURES
+    from basalseg.training.evaluate_cohort import expected_volume_rows
+
+    logits = np.zeros((9, 4, 5, 6), np.float32)
+    logits[0] = 5.0                       # background everywhere ...
+    logits[1, :2] = 5.0                   # ... but class 1 ties with it on 2 x 5 x 6 = 60 voxels: p = 0.5 there
+    ref = np.zeros((4, 5, 6), np.uint8)
+    ref.reshape(-1)[:30] = 1              # reference: 30 voxels
+    rows = {r["structure"]: r for r in expected_volume_rows(logits, None, ref, "c")}
+    first = STRUCTURES[0].name
+    probs = torch.softmax(torch.as_tensor(logits), 0).numpy()
+    assert rows[first]["volume_pred_ml"] == pytest.approx(probs[1].sum() / 1000.0)
+    assert rows[first]["volume_accuracy"] == pytest.approx(1.0 - abs(probs[1].sum() - 30) / 30)
+    assert abs(probs[1].sum() - 30) < 1.0  # the ties count half each; an argmax would give 0 or 60 voxels
+    assert np.isnan(rows[first]["dice"]) and np.isnan(rows[first]["hd95_mm"])
+    assert np.isnan(rows[STRUCTURES[1].name]["volume_accuracy"])  # no reference voxels: undefined
+    # a calibration offset moves the expected volume as it moves the softmax
+    offsets = np.zeros(9, np.float32)
+    offsets[1] = -20.0
+    shifted = {r["structure"]: r for r in expected_volume_rows(logits, offsets, ref, "c")}
+    assert shifted[first]["volume_pred_ml"] < 1e-6 and shifted[first]["volume_accuracy"] == pytest.approx(0.0, abs=1e-3)

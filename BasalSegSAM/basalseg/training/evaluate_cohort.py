@@ -21,6 +21,9 @@ the canonical 1 mm grid (the grid the networks work on), with the metrics of
   image, calibration added to them), as ``segment`` does by default; the first also without it,
   ``<first student> (no TTA)`` (``--no-mirror-tta``: single passes only, the figures before
   2026-12-04 evening).
+* ``<first student> (expected volume)``: volume accuracy only (Dice and HD95 n/a), of the volume
+  read from the first student's softmax (the sum of each structure's probability, ``expected_ml``
+  in ``volumes.csv``) instead of its voxel count (:func:`expected_volume_rows`).
 
 The foundation model runs once per case from the prompter's prompts without jitter, and the
 student's crop is the one inference uses (:func:`basalseg.student.student_roi` of the masks and
@@ -119,6 +122,9 @@ def evaluate_variants(cache_paths: list[Path], prepared_dir: Path, students: dic
             logits = predict_student(net, inputs, device, return_logits=True, mirror=mirror)
             pred = _full(apply_offsets(logits, offsets[name]), case.roi_start, case.full_shape)
             rows += [dict(r, variant=name) for r in evaluate_labelmaps(pred, ref, case=case.name, values="class")]
+            if name == first:  # the volume read from the softmax (volumes.csv's expected_ml), not the voxel count
+                rows += [dict(r, variant=f"{name} (expected volume)")
+                         for r in expected_volume_rows(logits, offsets[name], ref, case.name)]
             if name == first and offsets[name] is not None:  # the same logits without the calibration
                 pred = _full(apply_offsets(logits, None), case.roi_start, case.full_shape)
                 rows += [dict(r, variant=f"{name} (uncalibrated)")
@@ -144,6 +150,27 @@ def evaluate_variants(cache_paths: list[Path], prepared_dir: Path, students: dic
                      for r in evaluate_labelmaps(pred, ref, case=case.name, values="class")]
         if progress:
             progress(n + 1, len(cache_paths))
+    return rows
+
+
+def expected_volume_rows(logits: np.ndarray, offsets: np.ndarray | None, ref: np.ndarray, case: str) -> list[dict]:
+    """Per structure, the volume accuracy of the **expected volume**: the sum of the structure's
+    softmax probability (of ``logits`` ``(9, X, Y, Z)`` of the crop plus ``offsets``, as
+    :func:`basalseg.uncertainty.softmax_measures` gives ``expected_ml``) against the voxel count of
+    ``ref`` (class indices, canonical 1 mm grid: one voxel = 1 mm^3). Dice and HD95 are NaN: a
+    soft volume has no surface. Rows as :func:`basalseg.evaluation.structure_metrics`."""
+    import torch
+
+    z = torch.as_tensor(np.asarray(logits, np.float32))
+    if offsets is not None:
+        z = z + torch.as_tensor(np.asarray(offsets, np.float32)).view(-1, *([1] * (z.ndim - 1)))
+    soft = torch.softmax(z, dim=0).flatten(1).sum(1, dtype=torch.float64).numpy()
+    rows = []
+    for s in STRUCTURES:
+        vp, vr = float(soft[s.class_index]), float(np.count_nonzero(ref == s.class_index))
+        rows.append({"case": case, "structure": s.name, "dice": float("nan"), "hd95_mm": float("nan"),
+                     "volume_accuracy": float("nan") if vr == 0 else 1.0 - abs(vp - vr) / vr,
+                     "volume_pred_ml": vp / 1000.0, "volume_ref_ml": vr / 1000.0})
     return rows
 
 
@@ -297,6 +324,8 @@ def evaluate_cohorts(cohorts: list[Path], work: Path, prompter: Path, students: 
             variants.insert(3, f"{next(iter(students))} (uncalibrated)")
         if students and f"{next(iter(students))} (no TTA)" in present:
             variants.insert(3, f"{next(iter(students))} (no TTA)")
+        if students and f"{next(iter(students))} (expected volume)" in present:
+            variants.insert(3, f"{next(iter(students))} (expected volume)")
         for stride in strides if students else ():
             variants += [f"foundation alone (stride {stride})", f"{next(iter(students))} (stride {stride})"]
         summaries = {v: summarise([r for r in rows if r["variant"] == v]) for v in variants}
