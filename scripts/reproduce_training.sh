@@ -287,3 +287,6 @@ if [ "${TTA_EVAL:-0}" = 1 ]; then
   .venv/bin/python scripts/repeatability.py analyse --work "$W/rep6" --fit rescan_val_903 --report rescan_heldout_mni_901 \
     --report rescan_heldout_icbm_902 --table "$W/rep6/repeatability.json" --markdown "$W/rep6/analysis.md"
 fi
+# 14. issue 11, 2026-12-06: the T1-only ablation on today's cohorts (two students from scratch, T1 only and T1 + SDM
+#     band 5, the same cases, steps and seed; README "T1 + SDM against T1 only, on today's cohorts"):
+#     bash scripts/ablation_t1_vs_sdm.sh "$W" 2000
