@@ -9,7 +9,7 @@
 # regenerated from their seeds if missing); the foundation cache with the shipped prompter and the 3-slice context,
 # as inference runs it. Both are scored uncalibrated and calibrated (each on the independent validation cohort,
 # seeds 131-133), with the shipped student next to them, on the held-out cohorts (seeds 901, 902, 911).
-# Usage: bash scripts/ablation_t1_vs_sdm.sh [WORK_DIR] [STEPS]     (default: ./runs, 2000 steps; about 1.5 h on 2 cores)
+# Usage: bash scripts/ablation_t1_vs_sdm.sh [WORK_DIR] [STEPS]     (default: ./runs, 2000 steps; about 1.4 h on 2 cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W="${1:-runs}"; STEPS="${2:-2000}"

@@ -33,7 +33,7 @@ import numpy as np
 from .metrics import dice
 from .structures import STRUCTURES
 
-__all__ = ["structure_metrics", "evaluate_labelmaps", "evaluate_files", "summarise", "volume_agreement", "metrics_csv",
+__all__ = ["volume_accuracy", "structure_metrics", "evaluate_labelmaps", "evaluate_files", "summarise", "volume_agreement", "metrics_csv",
            "markdown_table", "METRIC_COLUMNS"]
 
 METRIC_COLUMNS = ["case", "structure", "dice", "volume_accuracy", "hd95_mm", "volume_pred_ml", "volume_ref_ml"]
@@ -55,6 +55,11 @@ def _hd95(pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, float, float]
     return float(value.reshape(-1)[0])
 
 
+def volume_accuracy(v_pred: float, v_ref: float) -> float:
+    """1 - |V_P - V_R| / V_R (module docstring); NaN when ``v_ref`` is 0."""
+    return float("nan") if v_ref == 0 else 1.0 - abs(v_pred - v_ref) / v_ref
+
+
 def structure_metrics(pred: np.ndarray, ref: np.ndarray, spacing=(1.0, 1.0, 1.0), voxel_volume_mm3: float | None = None) -> dict:
     """Dice, volume accuracy and HD95 for one binary structure (see module docstring)."""
     pred, ref = np.asarray(pred, bool), np.asarray(ref, bool)
@@ -63,8 +68,7 @@ def structure_metrics(pred: np.ndarray, ref: np.ndarray, spacing=(1.0, 1.0, 1.0)
     vv = float(voxel_volume_mm3 if voxel_volume_mm3 is not None else np.prod(spacing))
     n_p, n_r = int(pred.sum()), int(ref.sum())
     vp, vr = n_p * vv, n_r * vv
-    vacc = float("nan") if vr == 0 else 1.0 - abs(vp - vr) / vr
-    return {"dice": dice(pred, ref), "volume_accuracy": vacc, "hd95_mm": _hd95(pred, ref, tuple(spacing)),
+    return {"dice": dice(pred, ref), "volume_accuracy": volume_accuracy(vp, vr), "hd95_mm": _hd95(pred, ref, tuple(spacing)),
             "volume_pred_ml": vp / 1000.0, "volume_ref_ml": vr / 1000.0}
 
 

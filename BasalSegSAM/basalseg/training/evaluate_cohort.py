@@ -56,7 +56,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..evaluation import evaluate_labelmaps, markdown_table, metrics_csv, structure_metrics, summarise, volume_agreement
+from ..evaluation import (evaluate_labelmaps, markdown_table, metrics_csv, structure_metrics, summarise,
+                          volume_accuracy, volume_agreement)
 from ..structures import STRUCTURES
 
 __all__ = ["evaluate_cohorts", "evaluate_variants", "foundation_cost"]
@@ -169,7 +170,7 @@ def expected_volume_rows(logits: np.ndarray, offsets: np.ndarray | None, ref: np
     for s in STRUCTURES:
         vp, vr = float(soft[s.class_index]), float(np.count_nonzero(ref == s.class_index))
         rows.append({"case": case, "structure": s.name, "dice": float("nan"), "hd95_mm": float("nan"),
-                     "volume_accuracy": float("nan") if vr == 0 else 1.0 - abs(vp - vr) / vr,
+                     "volume_accuracy": volume_accuracy(vp, vr),
                      "volume_pred_ml": vp / 1000.0, "volume_ref_ml": vr / 1000.0})
     return rows
 
@@ -320,12 +321,9 @@ def evaluate_cohorts(cohorts: list[Path], work: Path, prompter: Path, students: 
         all_rows += rows
         variants = ["prompter alone", "foundation alone"] + list(students)
         present = {r["variant"] for r in rows}
-        if students and f"{next(iter(students))} (uncalibrated)" in present:
-            variants.insert(3, f"{next(iter(students))} (uncalibrated)")
-        if students and f"{next(iter(students))} (no TTA)" in present:
-            variants.insert(3, f"{next(iter(students))} (no TTA)")
-        if students and f"{next(iter(students))} (expected volume)" in present:
-            variants.insert(3, f"{next(iter(students))} (expected volume)")
+        for extra in ("uncalibrated", "no TTA", "expected volume"):  # the first student's extra rows, after it
+            if students and f"{next(iter(students))} ({extra})" in present:
+                variants.insert(3, f"{next(iter(students))} ({extra})")
         for stride in strides if students else ():
             variants += [f"foundation alone (stride {stride})", f"{next(iter(students))} (stride {stride})"]
         summaries = {v: summarise([r for r in rows if r["variant"] == v]) for v in variants}
