@@ -89,6 +89,18 @@ def evaluate_labelmaps(pred: np.ndarray, ref: np.ndarray, spacing=(1.0, 1.0, 1.0
     return rows
 
 
+def _grid_difference(p_shape, p_affine, r_shape, r_affine) -> str:
+    """How two grids differ, in words: their shapes, else where their voxels sit."""
+    if tuple(p_shape) != tuple(r_shape):
+        return f"shapes {tuple(p_shape)} vs {tuple(r_shape)}"
+    p_affine, r_affine = np.asarray(p_affine, float), np.asarray(r_affine, float)
+    if np.allclose(p_affine[:3, :3], r_affine[:3, :3], atol=1e-3):
+        shift = p_affine[:3, 3] - r_affine[:3, 3]
+        return (f"the same shape {tuple(p_shape)}, but the affines' origins differ by "
+                f"{np.linalg.norm(shift):.1f} mm ({', '.join(f'{v:+.1f}' for v in shift)})")
+    return f"the same shape {tuple(p_shape)}, but different voxel sizes or axis directions in the affines"
+
+
 def evaluate_files(pred_path: str | os.PathLike, ref_path: str | os.PathLike, ref_mapping: dict | None = None,
                    resample: bool = False) -> list[dict]:
     """Metrics for a predicted and a reference label file (NIfTI or NRRD).
@@ -111,7 +123,7 @@ def evaluate_files(pred_path: str | os.PathLike, ref_path: str | os.PathLike, re
     r = np.rint(np.asarray(ref.data)).astype(np.int32).reshape(ref.data.shape[:3])
     if p.shape != r.shape or not np.allclose(pred.affine, ref.affine, atol=1e-3):
         if not resample:
-            raise InputImageError(f"{pred_path} and {ref_path} are on different grids ({p.shape} vs {r.shape}); "
+            raise InputImageError(f"{pred_path} and {ref_path} are on different grids ({_grid_difference(p.shape, pred.affine, r.shape, ref.affine)}); "
                                   "pass --resample to compare on the reference grid")
         p = resample_to_grid(p, pred.affine, Grid(r.shape, ref.affine), order=0)
     if ref_mapping:

@@ -70,7 +70,7 @@ import numpy as np
 from scipy import ndimage
 
 from .data.atlas import _FLIP, _sitk_affine_to_ras, _sitk_threads, _to_sitk  # the atlas warp's SimpleITK helpers
-from .errors import BasalSegError
+from .errors import BasalSegError, PromptsError
 from .imageio import Volume
 from .spatial import Grid, canonical_grid, resample_to_grid, to_canonical
 
@@ -146,7 +146,7 @@ class Localisation:
                 "method": ("rigid registration to MNI152 1 mm brain (SimpleITK, Mattes MI in the dilated template brain "
                            "mask, 81 starts, 375 when the first result correlates weakly), resampled into the template grid, skull-stripped with its brain mask "
                            "dilated 3 mm; results mapped back by trilinear resampling of the student's probabilities"),
-                "template_to_input": None if self.template_to_input is None else np.round(self.template_to_input, 5).tolist(),
+                "template_to_input": None if self.template_to_input is None else np.asarray(self.template_to_input, float).tolist(),  # full precision: prompts.json reproduces the run
                 "rotation_deg": self.rotation_deg, "search": self.search, "ncc_with_template": None if self.ncc is None else round(self.ncc, 4),
                 "contrast": self.contrast, "seconds": round(self.seconds, 2)}
 
@@ -332,6 +332,15 @@ def _search(volume: Volume, threads: int) -> tuple[np.ndarray, np.ndarray, float
     return matrix, aligned, ncc, search
 
 
+def _centred(volume: Volume) -> tuple[Volume, np.ndarray]:
+    """The input with its affine translated so that the centre of its voxel grid is at the world
+    origin, and that translation (4x4, input world -> the copy's world). Same voxels."""
+    centre = np.asarray(volume.affine, np.float64) @ np.append((np.asarray(volume.shape[:3], np.float64) - 1) / 2, 1.0)
+    shift = np.eye(4)
+    shift[:3, 3] = -centre[:3]
+    return Volume(volume.data, shift @ volume.affine, path=volume.path, meta=dict(volume.meta)), shift
+
+
 def _bias_corrected(volume: Volume, threads: int = 1) -> Volume | None:
     """The input divided by N4's estimate of its bias field (SimpleITK's ``N4BiasFieldCorrectionImageFilter``:
     foreground by Otsu's threshold, fitted on the image shrunk 4x, 50/50/30 iterations, the field
@@ -426,8 +435,11 @@ def localise(volume: Volume, mode: str = "auto", strip_margin_mm: float = 3.0, t
         return volume, Localisation(mode, False, f"template data missing ({exc}); not localised")
     search = None
     if template_to_input is None:
-        matrix, aligned, ncc, search = _search(volume, threads)
-        corrected = _bias_corrected(volume, threads) if -MIN_NCC < ncc < MIN_NCC else None
+        # registered with the field of view's centre at the world origin, so that where the scanner
+        # put its origin (hundreds of mm from the head, at times) changes nothing: only the voxels count
+        centred, shift = _centred(volume)
+        matrix, aligned, ncc, search = _search(centred, threads)
+        corrected = _bias_corrected(centred, threads) if -MIN_NCC < ncc < MIN_NCC else None
         if corrected is not None:  # it would be refused: once more on the bias-corrected input
             matrix2, aligned2, ncc2, search2 = _search(corrected, threads)
             kept = "kept it" if ncc2 > ncc else "kept the first"
@@ -435,11 +447,18 @@ def localise(volume: Volume, mode: str = "auto", strip_margin_mm: float = 3.0, t
                       f"({search2}, correlation {ncc2:.3f}); {kept}")
             if ncc2 > ncc:
                 matrix, aligned, ncc = matrix2, aligned2, ncc2
+        matrix = np.linalg.inv(shift) @ matrix  # template -> centred copy -> the input's own world
     else:
         matrix = np.asarray(template_to_input, dtype=np.float64)
         aligned, ncc = _align(volume, matrix, t_grid, t_img, inner)
     contrast = _contrast(aligned, t_labels, inner)
     loc = Localisation(mode, False, "", matrix, ncc, contrast, None, 0.0, _rotation_angles(matrix), search)
+    if template_to_input is not None and not ncc >= MIN_NCC:  # the image the prompts were made on would pass
+        raise PromptsError(
+            f"these prompts were made for another image (or for this one before it was moved or resampled): "
+            f"under their localisation (source.localisation in prompts.json) this image correlates {ncc:.2f} with "
+            f"the brain template (> {MIN_NCC} for the image they were made on); give this image's own prompts, "
+            "or run without --prompts")
     if ncc <= -MIN_NCC:
         raise NotT1Error(
             f"the image does not have T1 contrast: aligned to the T1 brain template it is anti-correlated with it "

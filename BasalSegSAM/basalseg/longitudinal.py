@@ -252,7 +252,14 @@ def table_applies(table: dict | None, *records) -> tuple[bool, str]:
             return False, "the results were not made with the student the repeatability table was measured for"
         opts, ref = r.provenance.get("options") or {}, table.get("options") or {}
         opts = {**{k: v for k, v in LEGACY_OPTIONS.items() if k not in opts}, **opts}
+        applied = (r.provenance.get("localisation") or {}).get("applied")
+        if opts.get("localise") in ("auto", "on") and applied is False:
+            opts["localise"] = "off"  # asked for, not applied (a skull-stripped brain): it ran exactly as "off"
         differ = sorted(k for k in ref if k in opts and opts[k] != ref[k])
+        if differ == ["localise"] and ref.get("localise") == "off" and applied:
+            return False, ("the repeatability study covers images segmented as they are (skull-stripped brains); "
+                           "this result was localised from a whole head, whose scan-rescan repeatability was not "
+                           "measured")
         if differ:
             return False, f"the results were made with other options ({', '.join(differ)}) than the repeatability study"
     return True, ""

@@ -50,7 +50,7 @@ from .intensity import normalize01
 from .prompter import generate_prompts, predict_coarse
 from .prompts import PromptSet, normalise_planes, plane_prompt_sets
 from .sdm import DEFAULT_BAND, majority_vote
-from .spatial import Grid, resample_to_grid, to_canonical
+from .spatial import Grid, bounding_box, resample_to_grid, to_canonical
 from .structures import STRUCTURES, classes_to_labels
 from .student import build_student_input, predict_student, student_roi
 from .uncertainty import UNCERTAINTY_MODES, flip_probabilities, softmax_measures
@@ -62,6 +62,10 @@ log = logging.getLogger("basalseg")
 #: ``progress(stage, fraction)``: stage is one of "prepare", "prompter", "foundation", "sdm",
 #: "student", "resample"; fraction in [0, 1] within that stage.
 ProgressFn = Callable[[str, float], None]
+
+
+#: below this many mL of the prompter's labelmap (all structures together) nothing counts as found.
+MIN_FOUND_ML = 0.5
 
 
 class NothingFoundError(BasalSegError):
@@ -288,7 +292,9 @@ class Pipeline:
         image01, grid = prepared or self.prepare(volume)
         prompts, coarse = generate_prompts(self.prompter, image01, grid, self.device,
                                            min_pixels=self.config.min_prompt_pixels)
-        prompts.source.update({"image": volume.path})
+        region = bounding_box(coarse > 0)  # recorded: a run given these prompts crops as this one (_given_region)
+        prompts.source.update({"image": volume.path,
+                               "prompter_region": None if region is None else [[s.start, s.stop] for s in region]})
         return prompts, coarse, image01, grid
 
     def prompts_for(self, volume: Volume) -> tuple[PromptSet, np.ndarray, np.ndarray, Grid, "Localisation"]:
@@ -411,6 +417,12 @@ class Pipeline:
                 raise NothingFoundError(
                     "the prompt generator found none of the 8 structures in this image; is it a brain T1 "
                     "that covers the basal ganglia and thalamus?")
+            found_ml = 0.0 if given else float(np.count_nonzero(coarse)) * abs(float(np.linalg.det(grid.affine[:3, :3]))) / 1000
+            if not given and found_ml < MIN_FOUND_ML:  # specks in noise: seen with --localise off, which skips the brain check
+                raise NothingFoundError(
+                    f"the prompt generator found only {found_ml:.2f} mL of the 8 structures together in this image "
+                    f"(the smallest, a pallidum, has about {MIN_FOUND_ML:g} mL or more); is it a brain T1 that covers "
+                    "the basal ganglia and thalamus?")
             if missing:
                 log.warning("no prompts for %s: left empty", ", ".join(missing))
             plane_prompts, plane_note = self._plane_prompts(prompts, coarse, image01)
@@ -428,7 +440,9 @@ class Pipeline:
         with stages.stage("sdm"):
             student = self.student
             mode, band = self.student_mode()
-            roi = student_roi(stacked, coarse, region=_prompt_region(prompts) if coarse is None else None)
+            # given prompts: the prompter's region of the run that wrote them (prompts.json records it),
+            # so that unedited prompts reproduce that run and an edit changes only what it edits
+            roi = student_roi(stacked, coarse, region=None if coarse is not None else _given_region(prompts))
             # one plane: its (8, ...) masks; several: (P, 8, ...), fused into 8 SDM channels
             foundation_input = stacked.crop(roi) if multi else masks.crop(roi)
             inputs = build_student_input(image01[roi], foundation_input, mode, band)
@@ -598,11 +612,20 @@ def _list_or_none(offsets: np.ndarray | None) -> list[float] | None:
     return None if offsets is None else [round(float(v), 4) for v in offsets]
 
 
-def _prompt_region(prompts: PromptSet) -> tuple[slice, ...] | None:
-    """Slices of the canonical grid around every prompt box (axial prompts; for the student's crop)."""
+def _given_region(prompts: PromptSet) -> tuple[slice, ...] | None:
+    """For given prompts, the region that sets the student's crop with their masks: the prompter's
+    region of the run that wrote them (``source["prompter_region"]``, :meth:`Pipeline.generate_prompts`)
+    when it is recorded, on their grid; else (prompts written by hand or by an older version) the
+    box around every prompt."""
+    recorded = prompts.source.get("prompter_region") if isinstance(prompts.source, dict) else None
+    shape = prompts.grid.shape
+    if isinstance(recorded, list) and len(recorded) == 3 and all(isinstance(r, list) and len(r) == 2 for r in recorded):
+        try:
+            return tuple(slice(max(int(a), 0), min(int(b), n)) for (a, b), n in zip(recorded, shape))
+        except (TypeError, ValueError):
+            pass
     if not prompts.prompts:
         return None
-    shape = prompts.grid.shape
     x0 = min(int(round(p.box[0])) for p in prompts.prompts)
     y0 = min(int(round(p.box[1])) for p in prompts.prompts)
     x1 = max(int(round(p.box[2])) for p in prompts.prompts) + 1

@@ -59,7 +59,9 @@ _BY_KEY = {s.key: s for s in STRUCTURES}
 
 
 def _input_record(volume) -> dict:
-    record = {"path": volume.path, "shape": list(volume.shape), "spacing_mm": [round(float(s), 6) for s in volume.spacing],
+    # absolute: the report and compare find the input from any working folder
+    path = str(Path(volume.path).absolute()) if volume.path else volume.path
+    record = {"path": path, "shape": list(volume.shape), "spacing_mm": [round(float(s), 6) for s in volume.spacing],
               "affine": volume.affine.round(6).tolist()}
     if volume.path and Path(volume.path).is_file():
         record["sha256"] = sha256_file(volume.path)

@@ -55,6 +55,26 @@ def _write_error(path: Path, exc: OSError) -> OutputWriteError:
     return OutputWriteError(f"cannot write {path}: {reason}")
 
 
+def _missing_folders(path: Path) -> list[Path]:
+    """``path`` and its ancestors that do not exist yet, deepest first."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def _unwritable(where: Path, exc: OSError) -> OutputWriteError:
+    """The error for a folder that cannot be made or written, naming the real obstacle."""
+    existing = where
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        return OutputWriteError(f"cannot write {where}: {existing} is a file, not a folder")
+    reason = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+    return OutputWriteError(f"cannot write {where}: no folder can be made in it ({reason})")
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same folder and an atomic rename.
 
@@ -252,11 +272,11 @@ class StagedOutputDir:
             log.warning("%s", record["message"])
         self.existing = self.final.is_dir()
         self.ours = self._present_results() if self.existing else []
+        if self.ours:  # first: a file --overwrite would not replace is named as such, not met with "pass --overwrite"
+            self._check_replaceable([Path(p) for p in protect if p])
         if self.ours and not overwrite:
             raise OutputExistsError(f"{self.requested} already holds results ({', '.join(self.ours)}); choose another "
                                     "--out or pass --overwrite (which replaces only these files)")
-        if self.ours:
-            self._check_replaceable([Path(p) for p in protect if p])
         self.snapshot = {name: _signature(self.final / name) for name in self.ours}
 
     # -- what is in the folder -------------------------------------------------------------
@@ -323,6 +343,7 @@ class StagedOutputDir:
     def __enter__(self) -> "StagedOutputDir":
         where = self.final if self.existing else self.final.parent
         prefix = _INNER_STAGING if self.existing else f".{self.final.name}.staging-"
+        self._made = _missing_folders(where)  # created here; removed again if this run leaves nothing in them
         try:
             where.mkdir(parents=True, exist_ok=True)
             self.path = Path(tempfile.mkdtemp(prefix=prefix, dir=where))
@@ -334,13 +355,24 @@ class StagedOutputDir:
         except OSError as exc:
             if self.path is not None:
                 shutil.rmtree(self.path, ignore_errors=True)
-            raise _write_error(where, exc) from exc
+            self._remove_made()
+            raise _unwritable(where, exc) from exc
         return self
 
     def _discard(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
         if self.path.exists():
             log.warning("could not remove the staging folder %s; remove it by hand", self.path)
+        self._remove_made()
+
+    def _remove_made(self) -> None:
+        """Remove the parent folders :meth:`__enter__` created, deepest first, while they are empty
+        (a failed or probing run leaves no trace; a folder someone filled meanwhile stays)."""
+        for folder in getattr(self, "_made", []):
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
     def __exit__(self, exc_type, exc, tb) -> bool | None:
         if exc_type is not None:

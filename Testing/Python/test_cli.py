@@ -261,6 +261,21 @@ def test_bad_image_subprocess(bad_inputs, weights_dir, tmp_path):
     assert proc.stdout == ""
 
 
+@pytest.mark.parametrize("command", ["segment", "prompts"])
+def test_unreadable_input_refused_before_the_networks_load(command, bad_inputs, tmp_path):
+    """A wrong path or an unreadable image is reported before torch and MONAI are imported (a
+    user who mistyped a path waits under a second, not for the networks' libraries)."""
+    code = ("import sys; from basalseg.commands.app import main; "
+            f"rc = main([{command!r}, sys.argv[1], '--out', sys.argv[2]]); "
+            "print(rc, 'torch' in sys.modules)")
+    for image, word in ((tmp_path / "nope.nii.gz", "no such file"), (bad_inputs["nan"], "NaN")):
+        out = tmp_path / f"out_{image.name}"
+        proc = subprocess.run([sys.executable, "-c", code, str(image), str(out)], capture_output=True, text=True,
+                              env=ENV, timeout=120)
+        assert proc.stdout.split() == ["2", "False"], proc.stdout + proc.stderr
+        _assert_refused(2, proc.stderr, out, word)
+
+
 def test_missing_image(tmp_path, capsys):
     out = tmp_path / "out"
     rc = run_cli(["segment", tmp_path / "nope.nii.gz", "--out", out])
@@ -345,6 +360,52 @@ class _BoxFill:
 
     def describe(self):
         return {"backend": "litemedsam", "fake": True}
+
+
+class _InnerBox(_BoxFill):
+    """Masks 4 pixels inside each box (a real model's mask is smaller than its box)."""
+
+    def predict(self, boxes, points=None, point_labels=None):
+        inner = [[b[0] + 4, b[1] + 4, b[2] - 4, b[3] - 4] for b in np.asarray(boxes).reshape(-1, 4)]
+        return box_masks(inner, self.hw)
+
+
+def test_provenance_records_the_input_as_an_absolute_path(fake_foundation, small_t1, small_prompts_1slice_path,
+                                                          weights_dir, tmp_path, monkeypatch, capsys):
+    """An input given relative to the working folder is recorded absolute (the report and compare
+    look for it from wherever they run)."""
+    monkeypatch.chdir(Path(small_t1.path).parent)
+    out = tmp_path / "o"
+    rc = run_cli(["segment", Path(small_t1.path).name, "--out", out, "--weights", weights_dir, "--prompts",
+                  small_prompts_1slice_path, "--progress", "none", "--localise", "off"])
+    assert rc == 0, capsys.readouterr().err
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["input"]["path"] == str(Path(small_t1.path).absolute())
+
+
+def test_unedited_prompts_reproduce_the_run_that_made_them(monkeypatch, mni_t1_path):
+    """A run's own prompts given back (``prompts`` then ``segment --prompts``, unedited) give the
+    labels of the run without them: the student's crop comes from the prompter's region in both
+    (recorded in prompts.json; it used to come from the prompt boxes when prompts were given, which
+    moved the crop by a few voxels and the volumes by up to 1.3 %). The shipped prompter on the
+    MNI152 brain; masks smaller than their boxes, as a real model's."""
+    import basalseg.pipeline
+    from basalseg.imageio import load_volume
+    from basalseg.pipeline import Pipeline, PipelineConfig
+    from basalseg.spatial import bounding_box
+
+    monkeypatch.setattr(basalseg.pipeline, "make_backend", lambda *a, **k: _InnerBox())
+    volume = load_volume(mni_t1_path)
+    pipeline = Pipeline(PipelineConfig(device="cpu", mirror_tta=False))
+    plain = pipeline.segment_as_given(volume)
+    from basalseg.prompts import prompts_from_dict
+
+    written = prompts_from_dict(json.loads(json.dumps(plain.prompts.to_dict())))  # through prompts.json
+    assert written.source["prompter_region"] == [[s.start, s.stop] for s in bounding_box(plain.coarse > 0)]
+    again = pipeline.segment_as_given(volume, prompts=written)
+    assert len(plain.prompts.prompts) > 50 and not plain.missing
+    assert again.roi == plain.roi
+    np.testing.assert_array_equal(again.labels, plain.labels)
 
 
 @pytest.fixture

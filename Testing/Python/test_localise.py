@@ -43,6 +43,28 @@ def test_registration_recovers_a_known_pose(mni):
     assert err.max() < 1.5, err.max()
 
 
+def test_the_scanner_origin_changes_nothing():
+    """A whole head of the generator (seed 5, subject 1: MNI152, GMM contrast, turned 47 deg) and
+    the same voxels with the world origin moved 500 mm (scanners put it anywhere): the same
+    localisation (the registration runs with the field of view centred at the origin), so the same
+    brain image and, through the same matrix, the same results. Before 2026-12-07 the moved head
+    was registered 1.5 deg apart (one search needed its second, denser grid, the other did not)
+    and its volumes came out up to 3 % apart."""
+    from basalseg.data.generate import load_sources
+    from basalseg.data.head import HeadConfig, brain_config_for_heads, synthesize_head
+    from basalseg.data.synth import SynthConfig, subject_seed
+
+    (source, _), = load_sources(("mni152",), "dk", brain_config_for_heads(SynthConfig()))
+    head = synthesize_head(source, subject_seed(5, 1), SynthConfig(contrast="t1_gmm"), HeadConfig()).image
+    move = np.eye(4)
+    move[:3, 3] = 500.0
+    out_a, loc_a = localise(head, "auto")
+    out_b, loc_b = localise(Volume(head.data, move @ head.affine), "auto")
+    assert loc_a.applied and loc_b.applied and loc_a.search == loc_b.search
+    np.testing.assert_allclose(np.linalg.inv(move) @ loc_b.template_to_input, loc_a.template_to_input, atol=1e-6)
+    np.testing.assert_allclose(out_b.data, out_a.data, atol=1e-4 * float(out_a.data.max()))
+
+
 def test_bias_correction_undoes_a_strong_bias_field(mni):
     """N4 (:func:`basalseg.localise._bias_corrected`) on the template times a 0.4-1.6 ramp across the
     head: the corrected brain correlates with the unbiased one far better than the biased brain
@@ -204,6 +226,10 @@ def test_prompts_of_a_localised_image_keep_their_transform(mni, monkeypatch):
     assert loc.applied and "not registered again" in loc.reason and np.allclose(loc.template_to_input, truth)
     inner = _template()[5]
     assert np.corrcoef(out.data[inner], _template()[0][inner])[0, 1] > 0.99  # the brain back in template position
+    # the same prompts with another head (here: the same brain in another pose) name the prompts
+    other = Volume(mni.data, _rigid((-25.0, 10.0, 30.0), (-60.0, 45.0, -20.0)) @ mni.affine)
+    with pytest.raises(PromptsError, match="prompts were made for another image"):
+        localise(other, "auto", template_to_input=truth)
 
     seen = {}
 

@@ -180,3 +180,28 @@ def test_repeatability_table_applies_only_to_results_made_with_its_options():
         assert not applies and "mirror_tta" in why
     # a table measured before the option existed says nothing about it
     assert table_applies({**table, "options": {"band": 10.0}}, record(mirror_tta=True))[0]
+
+
+def test_repeatability_table_applies_to_what_the_localisation_did_not_to_the_option():
+    """The study ran on skull-stripped brains as given (``localise: off``). A default run
+    (``auto``) on a skull-stripped brain is not localised, runs exactly as ``off`` and gets the
+    SDC (every default command-line result used to be refused for "other options (localise)");
+    a whole head that was localised does not, and the note says why."""
+    from types import SimpleNamespace
+
+    from basalseg.longitudinal import table_applies
+
+    table = {"repeatability": {"Left-Thalamus": {}}, "student_sha256": "b" * 64,
+             "options": {"band": 5.0, "mirror_tta": True, "localise": "off"}}
+
+    def record(localise, applied):
+        return SimpleNamespace(provenance={"weights": {"student": {"sha256": "b" * 64}},
+                                           "options": {"band": 5.0, "mirror_tta": True, "localise": localise},
+                                           "localisation": {"applied": applied}})
+
+    assert table_applies(table, record("off", False)) == (True, "")
+    assert table_applies(table, record("auto", False)) == (True, "")
+    applies, why = table_applies(table, record("auto", True))
+    assert not applies and "localised from a whole head" in why
+    applies, why = table_applies(table, record("on", True), record("auto", False))
+    assert not applies and "localised from a whole head" in why

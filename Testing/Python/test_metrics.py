@@ -66,3 +66,30 @@ def test_volume_agreement_slope_r_and_signed_error():
     assert abs(b["slope"] - 1.1) < 1e-9 and abs(b["signed_error_pct"] - 10.0) < 1e-9 and b["signed_error_sd_pct"] < 1e-9
     empty = out[STRUCTURES[2].name]
     assert empty["n"] == 0 and np.isnan(empty["slope"]) and np.isnan(empty["signed_error_pct"])
+
+
+def test_evaluate_files_names_how_the_grids_differ(tmp_path):
+    """``basalseg evaluate`` on files: the same grid scores; an origin moved 500 mm is named as
+    such (not as two equal shapes) and refused unless ``resample``; another shape is named too."""
+    from conftest import write_nifti
+
+    from basalseg.errors import InputImageError
+    from basalseg.evaluation import evaluate_files
+
+    labels = np.zeros((20, 20, 20), np.int16)
+    labels[5:12, 5:12, 5:12] = 12  # Left-Putamen
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    ref = write_nifti(tmp_path / "ref.nii.gz", labels, affine)
+    rows = evaluate_files(write_nifti(tmp_path / "same.nii.gz", labels, affine), ref)
+    putamen = [r for r in rows if r["structure"] == "Left-Putamen"][0]
+    assert putamen["dice"] == 1.0
+    moved = affine.copy()
+    moved[:3, 3] = 500.0
+    shifted = write_nifti(tmp_path / "moved.nii.gz", labels, moved)
+    with pytest.raises(InputImageError, match=r"origins differ by 866\.0 mm"):
+        evaluate_files(shifted, ref)
+    other = write_nifti(tmp_path / "other.nii.gz", labels[:18], affine)
+    with pytest.raises(InputImageError, match=r"shapes \(18, 20, 20\) vs \(20, 20, 20\)"):
+        evaluate_files(other, ref)
+    rows = evaluate_files(shifted, ref, resample=True)  # 500 mm away: nothing overlaps any more
+    assert [r for r in rows if r["structure"] == "Left-Putamen"][0]["dice"] == 0.0

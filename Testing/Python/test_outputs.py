@@ -55,6 +55,47 @@ def test_exception_leaves_no_folder(tmp_path):
     assert _listing(tmp_path) == []
 
 
+def test_a_failed_or_probing_run_removes_the_parent_folders_it_made(tmp_path):
+    """``--out new/deeper/result`` of a run that fails (or of the writability probe before the
+    work) leaves neither the result nor ``new/deeper``; a parent that someone filled stays."""
+    out = tmp_path / "new" / "deeper" / "result"
+    with pytest.raises(RuntimeError, match="boom"):
+        with StagedOutputDir(out) as stage:
+            (stage.path / "partial.nii.gz").write_bytes(b"half")
+            raise RuntimeError("boom")
+    assert _listing(tmp_path) == []
+    StagedOutputDir(out).check_writable()
+    assert _listing(tmp_path) == []
+    with pytest.raises(RuntimeError, match="boom"):
+        with StagedOutputDir(out) as stage:
+            (tmp_path / "new" / "theirs.txt").write_text("made meanwhile")
+            raise RuntimeError("boom")
+    assert _listing(tmp_path) == ["new"] and _listing(tmp_path / "new") == ["theirs.txt"]
+    with StagedOutputDir(tmp_path / "a" / "b" / "result") as stage:  # a run that succeeds keeps them
+        (stage.path / "x.txt").write_text("x")
+    assert (tmp_path / "a" / "b" / "result" / "x.txt").read_text() == "x"
+
+
+def test_a_foreign_file_with_a_result_name_is_named_not_met_with_pass_overwrite(tmp_path):
+    """The user's own volumes.csv in --out: --overwrite would not replace it, so the refusal
+    without --overwrite says that (it used to suggest --overwrite, which was then refused)."""
+    out = tmp_path / "result"
+    out.mkdir()
+    (out / "volumes.csv").write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(OutputExistsError) as info:
+            StagedOutputDir(out, overwrite=overwrite, owned={"volumes.csv", "provenance.json"})
+        assert "volumes.csv is in the way" in str(info.value) and "pass --overwrite" not in str(info.value)
+    assert (out / "volumes.csv").read_text() == "mine"
+
+
+def test_an_output_below_a_file_names_the_file(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OutputWriteError, match="afile is a file, not a folder"):
+        StagedOutputDir(tmp_path / "afile" / "sub").check_writable()
+    assert (tmp_path / "afile").read_text() == "x"
+
+
 def test_exception_keeps_old_results_when_overwriting(tmp_path):
     out = tmp_path / "result"
     out.mkdir()

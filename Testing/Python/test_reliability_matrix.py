@@ -587,6 +587,25 @@ def test_row_nothing_found_says_so(image, out_state, small_t1, phantom, weights_
     assert stand_ins.hooks.calls.get("prompter", 0) >= 1 and "foundation" not in stand_ins.hooks.calls
 
 
+class SpeckPrompter(BackgroundPrompter):
+    """Finds a left putamen of 3 x 3 x 3 voxels of its 2 mm grid at the window's centre (0.22 mL
+    on the 1 mm grid): specks, as a real prompter finds in noise."""
+
+    def forward(self, x):
+        logits = super().forward(x)
+        c = [n // 2 for n in x.shape[2:]]
+        logits[:, STRUCT["left_putamen"].class_index, c[0] - 1:c[0] + 2, c[1] - 1:c[1] + 2, c[2] - 1:c[2] + 2] = 40.0
+        return logits
+
+
+def test_row_specks_found_count_as_nothing(small_t1, weights_dir, stand_ins, previous, tmp_path):
+    """Less than 0.5 mL found in all (noise given with --localise off, which skips the brain
+    check, gave 0.06 mL): refused as nothing found before any foundation work, no folder."""
+    stand_ins.nets["prompter"] = SpeckPrompter(stand_ins.hooks)
+    run_row(seg_args(small_t1.path, weights_dir), "new", tmp_path, previous, "found only 0.22 mL")
+    assert "foundation" not in stand_ins.hooks.calls
+
+
 def test_row_nothing_found_prompts_command(small_t1, weights_dir, stand_ins, tmp_path):
     """``basalseg prompts`` (stage 2 only) on an image where nothing is found: it writes an empty
     prompts.json (for editing by hand) and says that nothing was found; no masks anywhere."""

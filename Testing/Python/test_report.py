@@ -452,6 +452,10 @@ def test_report_command(tmp_path, capsys, monkeypatch):
     rc = run_report_cli(monkeypatch, ["report", tmp_path / "nope"])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("basalseg: error:") and "no such folder" in err
+    (tmp_path / "empty").mkdir()  # a folder with no result (a wrong --out): said so, no report.html
+    rc = run_report_cli(monkeypatch, ["report", tmp_path / "empty"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no results in it" in err and list((tmp_path / "empty").iterdir()) == []
 
 
 def run_report_cli(monkeypatch, argv) -> int:

@@ -20,12 +20,13 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..imageio import load_volume
-    from ..pipeline import Pipeline
     from ..progress import emit_json
     from ..results import write_prompts_only
 
     check_out(args)
     volume = load_volume(args.image)
+    from ..pipeline import Pipeline  # torch and MONAI only once the input has been read (as segment)
+
     pipeline = Pipeline(pipeline_config(args))
     prompts, coarse, image01, _, loc = pipeline.prompts_for(volume)
     provenance = {k: v for k, v in pipeline.provenance().items() if k not in ("foundation", "options")}

@@ -47,7 +47,6 @@ def check_out(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace, slice_cache: SliceCacheStore | None = None) -> int:
     """Segment ``args.image`` into ``args.out``; with ``slice_cache``, reuse and keep its slice masks."""
     from ..imageio import load_volume
-    from ..pipeline import Pipeline
     from ..progress import emit_json, make_reporter
     from ..prompts import load_prompts
     from ..results import write_result
@@ -56,6 +55,10 @@ def run(args: argparse.Namespace, slice_cache: SliceCacheStore | None = None) ->
     check_band(args)
     volume = load_volume(args.image)
     prompts = load_prompts(args.prompts) if args.prompts else None
+    # the networks' libraries (torch, MONAI: seconds to import) only once the input has been read,
+    # so that a wrong path, an occupied output folder or an unreadable image is reported at once
+    from ..pipeline import Pipeline
+
     mode = progress_mode(args.progress)
     config = pipeline_config(args)
     extra = {"cache": slice_cache.open(volume, config)} if slice_cache is not None else {}
