@@ -485,5 +485,7 @@ def run_batch(scans: list[Scan], out_dir: str | os.PathLike, pipeline, *, prompt
         log("end", done=len(summary.done), skipped=len(summary.skipped), failed=len(summary.failed),
             interrupted=interrupted is not None, results_in_cohort=len(records))
     if interrupted is not None:
-        raise Cancelled(f"batch interrupted after {len(summary.done)} scans; finished results are kept, run again to resume")
+        raise Cancelled(f"batch interrupted after {len(summary.done)} scans segmented in this run "
+                        f"({len(summary.skipped)} were already done and skipped); finished results are kept, "
+                        "run again to resume")
     return summary

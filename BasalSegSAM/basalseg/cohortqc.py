@@ -149,7 +149,7 @@ def cohort_flags(records: list[ResultRecord], thresholds: Thresholds | None = No
                 out.append(Flag("asymmetry", f"{part} asymmetry {100 * ai:.0f}% (> {100 * thresholds.asymmetry:.0f}%)", part))
         for key, d in r.dice.items():
             if d is not None and d < thresholds.dice and key in _BY_KEY:
-                out.append(Flag("disagreement", f"{_BY_KEY[key].name}: foundation vs student Dice {d:.2f} "
+                out.append(Flag("disagreement", f"{_BY_KEY[key].name}: foundation vs student Dice {d:.3f} "
                                                 f"(< {thresholds.dice:.2f})", key))
         for qc in r.provenance.get("qc_flags") or []:  # recorded by the pipeline (scan_qc, inputcheck)
             kind = qc.get("kind") if isinstance(qc, dict) else None

@@ -53,7 +53,7 @@ from pathlib import Path
 from .errors import BasalSegError
 
 __all__ = ["Comparison", "compare_results", "compare_records", "resolve_date", "COMPARE_COLUMNS", "format_table",
-           "add_sdc", "table_applies"]
+           "add_sdc", "table_applies", "effective_options"]
 
 COMPARE_COLUMNS = ["structure", "label", "volume_ml_a", "volume_ml_b", "change_ml", "percent_change",
                    "percent_change_symmetric", "annualised_percent_change", "interval_days", "date_a", "date_b",
@@ -170,6 +170,17 @@ def option_differences(a: dict | None, b: dict | None) -> list[tuple]:
     return out
 
 
+def effective_options(provenance: dict) -> dict:
+    """A result's ``options`` as they acted: :data:`LEGACY_OPTIONS` for options it does not record,
+    and ``localise`` ``"off"`` when localisation was asked for (``auto``) but not applied (a
+    skull-stripped brain in the template's pose, segmented as it is: exactly what ``off`` does)."""
+    opts = dict(provenance.get("options") or {})
+    opts = {**{k: v for k, v in LEGACY_OPTIONS.items() if k not in opts}, **opts}
+    if opts.get("localise") in ("auto", "on") and (provenance.get("localisation") or {}).get("applied") is False:
+        opts["localise"] = "off"
+    return opts
+
+
 def _check_pair(a, b) -> list[str]:
     warnings = []
     sa, sb = a.spacing, b.spacing
@@ -184,7 +195,7 @@ def _check_pair(a, b) -> list[str]:
     if _describe_backend(pa) != _describe_backend(pb):
         warnings.append(f"the results were made with different foundation backends ({_describe_backend(pa)} vs "
                         f"{_describe_backend(pb)})")
-    differ = option_differences(pa.get("options"), pb.get("options"))
+    differ = option_differences(effective_options(pa), effective_options(pb))
     if differ:
         warnings.append("the results were made with different options (" + "; ".join(
             f"{k}: A {va!r}, B {vb!r}" for k, va, vb in differ) + "): part of the change may come from the options; "
@@ -250,16 +261,13 @@ def table_applies(table: dict | None, *records) -> tuple[bool, str]:
         got = ((r.provenance.get("weights") or {}).get("student") or {}).get("sha256")
         if want and got != want:
             return False, "the results were not made with the student the repeatability table was measured for"
-        opts, ref = r.provenance.get("options") or {}, table.get("options") or {}
-        opts = {**{k: v for k, v in LEGACY_OPTIONS.items() if k not in opts}, **opts}
-        applied = (r.provenance.get("localisation") or {}).get("applied")
-        if opts.get("localise") in ("auto", "on") and applied is False:
-            opts["localise"] = "off"  # asked for, not applied (a skull-stripped brain): it ran exactly as "off"
+        opts, ref = effective_options(r.provenance), table.get("options") or {}
         differ = sorted(k for k in ref if k in opts and opts[k] != ref[k])
-        if differ == ["localise"] and ref.get("localise") == "off" and applied:
-            return False, ("the repeatability study covers images segmented as they are (skull-stripped brains); "
-                           "this result was localised from a whole head, whose scan-rescan repeatability was not "
-                           "measured")
+        if differ == ["localise"] and ref.get("localise") == "off" and opts.get("localise") != "off":
+            return False, ("the repeatability study covers images segmented as they are (skull-stripped brains in "
+                           "about the template's pose); this result was localised (resampled onto the brain template: "
+                           "a whole head, or a brain turned more than 10 deg), a path whose scan-rescan repeatability "
+                           "was not measured")
         if differ:
             return False, f"the results were made with other options ({', '.join(differ)}) than the repeatability study"
     return True, ""
@@ -298,7 +306,7 @@ def compare_records(a, b, date_a: str | None = None, date_b: str | None = None, 
     warnings = _check_pair(a, b)
     if days is not None and days <= 0:
         warnings.append(f"B ({db}) is {'on the same day as' if days == 0 else 'earlier than'} A ({da})"
-                        + ("" if days == 0 else ": did you swap them?"))
+                        + ("" if days == 0 else ": did you swap them? (no annualised change)"))
     if days is None:
         missing = [t for t, d in (("A", da), ("B", db)) if d is None]
         warnings.append(f"no acquisition date for {' and '.join(missing)}: no interval or annualised change "
@@ -312,7 +320,7 @@ def compare_records(a, b, date_a: str | None = None, date_b: str | None = None, 
         table, why = None, "not asked for"
     rows = []
     for s in STRUCTURES:
-        row = _row(s.name, s.label, a.volume_ml(s.key), b.volume_ml(s.key), days or None)
+        row = _row(s.name, s.label, a.volume_ml(s.key), b.volume_ml(s.key), days if days and days > 0 else None)
         ia, ib = a.interval(s.key), b.interval(s.key)
         row.update({"volume_ml_low_a": ia[0] if ia else None, "volume_ml_high_a": ia[1] if ia else None,
                     "volume_ml_low_b": ib[0] if ib else None, "volume_ml_high_b": ib[1] if ib else None})
@@ -321,7 +329,7 @@ def compare_records(a, b, date_a: str | None = None, date_b: str | None = None, 
     for key, name in (("brain_mask_ml", "BrainMask"), ("brain_volume_ml", "Brain")):
         va, vb = a.brain.get(key), b.brain.get(key)
         if va is not None and vb is not None:
-            rows.append(_row(name, "", float(va), float(vb), days or None))
+            rows.append(_row(name, "", float(va), float(vb), days if days and days > 0 else None))
     for row in rows:
         row.update({"interval_days": days, "date_a": da.isoformat() if da else None, "date_b": db.isoformat() if db else None,
                     "scan_a": a.name, "scan_b": b.name})

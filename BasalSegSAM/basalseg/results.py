@@ -297,7 +297,11 @@ def read_result(folder: str | os.PathLike, verify: bool = True) -> ResultRecord:
     folder = Path(folder)
     state, reason = result_state(folder, verify=verify)
     if state != "complete":
-        raise BasalSegError(f"{folder} is not a complete BasalSegSAM result folder: {reason}")
+        hint = ""
+        if not (folder / "provenance.json").exists() and folder.is_dir() and any(
+                (sub / "provenance.json").is_file() for sub in folder.iterdir() if sub.is_dir()):
+            hint = " (it holds result folders: give one of them, e.g. a scan's folder of a batch)"
+        raise BasalSegError(f"{folder} is not a complete BasalSegSAM result folder: {reason}{hint}")
     provenance = json.loads((folder / "provenance.json").read_text(encoding="utf-8"))
     return ResultRecord(folder=folder, provenance=provenance, volumes=_read_volumes(folder / "volumes.csv"))
 

@@ -60,5 +60,5 @@ def scan_flags(labels: np.ndarray, voxel_volume_mm3: float, missing: list[str], 
     by_key = {s.key: s for s in STRUCTURES}
     for key, d in (dice or {}).items():
         if d is not None and d < t.dice and key in by_key:
-            flag("disagreement", f"{by_key[key].name}: foundation vs student Dice {d:.2f} (< {t.dice:.2f})", key)
+            flag("disagreement", f"{by_key[key].name}: foundation vs student Dice {d:.3f} (< {t.dice:.2f})", key)
     return out

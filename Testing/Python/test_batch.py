@@ -312,11 +312,14 @@ def test_cohort_tables_match_the_scans(tmp_path):
 def test_batch_interrupted_keeps_finished_scans(tmp_path):
     inp, out = _plain(tmp_path / "in", ("a", "b_stop", "c")), tmp_path / "out"
     scans = discover_scans(inp)
-    with pytest.raises(Cancelled, match="interrupted after 1 scans"):
+    with pytest.raises(Cancelled, match=r"interrupted after 1 scans segmented in this run \(0 were already done"):
         run_batch(scans, out, StubPipeline(), echo=lambda text: None)
     assert (out / "a" / "provenance.json").is_file() and not (out / "b_stop").exists()
     assert {r["scan"] for r in read_csv(out / "volumes.csv")} == {"a"}
     assert [e["event"] for e in _log(out)][-2:] == ["interrupted", "end"]
+    # interrupted again at b_stop: the scan already done is counted as skipped, not as segmented
+    with pytest.raises(Cancelled, match=r"interrupted after 0 scans segmented in this run \(1 were already done"):
+        run_batch(discover_scans(inp), out, StubPipeline(), echo=lambda text: None)
     (inp / "b_stop.nii.gz").rename(inp / "b.nii.gz")
     summary = run_batch(discover_scans(inp), out, StubPipeline(), echo=lambda text: None)
     assert summary.skipped == ["a"] and summary.done == ["b", "c"]

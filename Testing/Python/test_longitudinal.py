@@ -106,6 +106,22 @@ def test_no_dates(tmp_path):
     assert "%/year" not in format_table(c)
 
 
+def test_a_batch_folder_given_to_compare_says_to_give_a_scan_folder(tmp_path):
+    a = write_synthetic(tmp_path / "cohort" / "A")
+    with pytest.raises(BasalSegError, match="it holds result folders: give one of them"):
+        compare_results(tmp_path / "cohort", a)
+
+
+def test_swapped_dates_give_no_annualised_change(tmp_path):
+    """B dated before A: warned, and no %/year (its sign would be the wrong way round)."""
+    a = write_synthetic(tmp_path / "A")
+    b = write_synthetic(tmp_path / "B", scale={"left_putamen": 1.2})
+    c = compare_results(a, b, date_a="2022-01-01", date_b="2021-01-01")
+    assert c.interval_days == -365 and all(r["annualised_percent_change"] is None for r in c.rows)
+    assert any("did you swap them? (no annualised change)" in w for w in c.warnings)
+    assert next(r for r in c.rows if r["structure"] == "Left-Putamen")["percent_change"] > 15
+
+
 def test_warnings(tmp_path):
     a, b = _pair(tmp_path, spacing=1.25, provenance={"weights": {"student": {"sha256": "c" * 64}}},
                  scan_info={"subject": "sub-02", "session": "ses-1", "session_date": "2019-01-01",
@@ -202,6 +218,13 @@ def test_repeatability_table_applies_to_what_the_localisation_did_not_to_the_opt
     assert table_applies(table, record("off", False)) == (True, "")
     assert table_applies(table, record("auto", False)) == (True, "")
     applies, why = table_applies(table, record("auto", True))
-    assert not applies and "localised from a whole head" in why
+    assert not applies and "was localised (resampled onto the brain template" in why
     applies, why = table_applies(table, record("on", True), record("auto", False))
-    assert not applies and "localised from a whole head" in why
+    assert not applies and "was localised (resampled onto the brain template" in why
+    # and two such results are not said to differ in their options
+    from basalseg.longitudinal import effective_options, option_differences
+
+    off, auto = record("off", False).provenance, record("auto", False).provenance
+    assert option_differences(effective_options(off), effective_options(auto)) == []
+    assert option_differences(effective_options(off), effective_options(record("auto", True).provenance)) == \
+        [("localise", "off", "auto")]

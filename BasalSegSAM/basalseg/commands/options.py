@@ -132,7 +132,7 @@ def add_run_options(p, with_student: bool = True) -> None:
     p.add_argument("--student", default=None, help="student checkpoint file (overrides --weights)")
     p.add_argument("--prompts", default=None, type=Path, help="use these (edited) prompts instead of the prompt generator")
     p.add_argument("--band", type=float, default=None,
-                   help="SDM band half-width in voxels (default: the band the student was trained with, 10)")
+                   help="SDM band half-width in voxels (default: the band the student was trained with; 5 for the shipped one)")
     p.add_argument("--no-crop", action="store_true", help="encode whole slices instead of the region of interest")
     add_stride_option(p, help="encode every k-th prompted slice and interpolate the others (faster; changes the "
                               "foundation masks, see benchmarks/README.md; default 1 = every slice)")
