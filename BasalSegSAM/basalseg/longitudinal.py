@@ -319,8 +319,9 @@ def compare_records(a, b, date_a: str | None = None, date_b: str | None = None, 
     else:
         table, why = None, "not asked for"
     rows = []
+    per_year = days if days and days > 0 else None  # the interval for %/year: none when B is not after A
     for s in STRUCTURES:
-        row = _row(s.name, s.label, a.volume_ml(s.key), b.volume_ml(s.key), days if days and days > 0 else None)
+        row = _row(s.name, s.label, a.volume_ml(s.key), b.volume_ml(s.key), per_year)
         ia, ib = a.interval(s.key), b.interval(s.key)
         row.update({"volume_ml_low_a": ia[0] if ia else None, "volume_ml_high_a": ia[1] if ia else None,
                     "volume_ml_low_b": ib[0] if ib else None, "volume_ml_high_b": ib[1] if ib else None})
@@ -329,7 +330,7 @@ def compare_records(a, b, date_a: str | None = None, date_b: str | None = None, 
     for key, name in (("brain_mask_ml", "BrainMask"), ("brain_volume_ml", "Brain")):
         va, vb = a.brain.get(key), b.brain.get(key)
         if va is not None and vb is not None:
-            rows.append(_row(name, "", float(va), float(vb), days if days and days > 0 else None))
+            rows.append(_row(name, "", float(va), float(vb), per_year))
     for row in rows:
         row.update({"interval_days": days, "date_a": da.isoformat() if da else None, "date_b": db.isoformat() if db else None,
                     "scan_a": a.name, "scan_b": b.name})

@@ -417,8 +417,8 @@ class Pipeline:
                 raise NothingFoundError(
                     "the prompt generator found none of the 8 structures in this image; is it a brain T1 "
                     "that covers the basal ganglia and thalamus?")
-            found_ml = 0.0 if given else float(np.count_nonzero(coarse)) * abs(float(np.linalg.det(grid.affine[:3, :3]))) / 1000
-            if not given and found_ml < MIN_FOUND_ML:  # specks in noise: seen with --localise off, which skips the brain check
+            found_ml = None if given else float(np.count_nonzero(coarse)) * abs(float(np.linalg.det(grid.affine[:3, :3]))) / 1000
+            if found_ml is not None and found_ml < MIN_FOUND_ML:  # specks in noise (--localise off skips the brain check)
                 raise NothingFoundError(
                     f"the prompt generator found only {found_ml:.2f} mL of the 8 structures together in this image "
                     f"(the smallest, a pallidum, has about {MIN_FOUND_ML:g} mL or more); is it a brain T1 that covers "

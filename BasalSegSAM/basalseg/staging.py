@@ -50,9 +50,12 @@ _INNER_STAGING = ".basalseg.staging-"
 _INNER_OLD = ".basalseg.old-"
 
 
+def _reason(exc: OSError) -> str:
+    return "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+
+
 def _write_error(path: Path, exc: OSError) -> OutputWriteError:
-    reason = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
-    return OutputWriteError(f"cannot write {path}: {reason}")
+    return OutputWriteError(f"cannot write {path}: {_reason(exc)}")
 
 
 def _missing_folders(path: Path) -> list[Path]:
@@ -66,13 +69,11 @@ def _missing_folders(path: Path) -> list[Path]:
 
 def _unwritable(where: Path, exc: OSError) -> OutputWriteError:
     """The error for a folder that cannot be made or written, naming the real obstacle."""
-    existing = where
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    missing = _missing_folders(where)
+    existing = missing[-1].parent if missing else where  # the deepest ancestor that exists
     if existing.exists() and not existing.is_dir():
         return OutputWriteError(f"cannot write {where}: {existing} is a file, not a folder")
-    reason = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
-    return OutputWriteError(f"cannot write {where}: no folder can be made in it ({reason})")
+    return OutputWriteError(f"cannot write {where}: no folder can be made in it ({_reason(exc)})")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -266,6 +267,7 @@ class StagedOutputDir:
         self.owned = None if owned is None else frozenset(owned)
         self.replace = replace
         self.path: Path | None = None
+        self._made: list[Path] = []  # parent folders __enter__ created (removed again on failure)
         if self.final.exists() and not self.final.is_dir():
             raise OutputExistsError(f"{self.final} exists and is a file, not a folder")
         for record in clean_leftovers(self.final, self.owned or ()):
@@ -368,7 +370,7 @@ class StagedOutputDir:
     def _remove_made(self) -> None:
         """Remove the parent folders :meth:`__enter__` created, deepest first, while they are empty
         (a failed or probing run leaves no trace; a folder someone filled meanwhile stays)."""
-        for folder in getattr(self, "_made", []):
+        for folder in self._made:
             try:
                 folder.rmdir()
             except OSError:

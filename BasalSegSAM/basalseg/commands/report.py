@@ -54,12 +54,13 @@ def run(args: argparse.Namespace) -> int:
     if not args.out_dir.is_dir():
         raise BasalSegError(f"{args.out_dir}: no such folder")
     records, broken = find_results(args.out_dir)
-    if not records and not broken and not read_failures(args.out_dir):
+    failures = read_failures(args.out_dir)
+    if not records and not broken and not failures:
         raise BasalSegError(f"{args.out_dir}: no results in it (no folder below it holds a BasalSegSAM "
                             "provenance.json); give the --out folder of segment or batch")
     path = build_report(args.out_dir, limits, embed=args.embed, prompts=not args.no_prompts, records=records,
                         broken=broken)
-    print(f"wrote {path} ({len(records)} results, {len(read_failures(args.out_dir))} failed)")
+    print(f"wrote {path} ({len(records)} results, {len(failures)} failed)")
     for folder, reason in broken:
         print(f"basalseg: warning: {folder} is not a complete result ({reason}); left out", file=sys.stderr)
     return 0
