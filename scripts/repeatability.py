@@ -3,11 +3,17 @@
     python scripts/repeatability.py run --cohort runs/cohorts/rescan_val_903 ... --work runs/rep --threads 1
     python scripts/repeatability.py analyse --work runs/rep --fit rescan_val_903 \
         --report rescan_heldout_mni_901 --report rescan_heldout_icbm_902 --table OUT.json --markdown OUT.md
+    python scripts/repeatability.py run --cohort runs/cohorts/rescan_head_921 --work runs/rephead --localise auto
+    python scripts/repeatability.py analyse-localised --work runs/rephead --report rescan_head_921 --into OUT.json
 
 ``run`` segments every case of the cohorts (``basalseg synth --rescans K``) with the shipped
 defaults plus the ``flip`` diagnostic, one pipeline for all, and writes one small JSON per case
 under ``WORK/cases/`` (resumable: finished cases are skipped). Cases run subject by subject,
 alternating between the cohorts, so a partial run has every cohort represented.
+
+``analyse-localised`` measures the repeatability of localised results (whole-head rescans, ``basalseg
+synth --head --rescans K``, segmented with ``run --localise auto``) and adds it to a table as its
+``localised`` part (what ``compare`` uses when both results were localised).
 
 ``analyse`` fits the interval factors on the ``--fit`` cohorts only, and reports repeatability
 (within-subject CV, SDC) and coverage on the ``--report`` cohorts (and, for reference, the
@@ -71,7 +77,7 @@ def cmd_run(args) -> int:
     work = Path(args.work)
     (work / "cases").mkdir(parents=True, exist_ok=True)
     cases = _order([_cases(Path(c)) for c in args.cohort])
-    pipeline = Pipeline(PipelineConfig(threads=args.threads, uncertainty=args.mode))
+    pipeline = Pipeline(PipelineConfig(threads=args.threads, uncertainty=args.mode, localise=args.localise))
     import os
 
     for n, case in list(enumerate(cases))[args.start:]:
@@ -98,6 +104,7 @@ def cmd_run(args) -> int:
                   "reference_ml": {r["structure"]: r["volume_ml"] for r in ref_rows}, "dice": dice,
                   "measures": result.uncertainty["measures"], "timings": {k: round(v, 3) for k, v in result.timings.items()},
                   "missing": result.missing, "options": pipeline.provenance()["options"],
+                  "localisation": result.provenance.get("localisation"),
                   "student_sha256": pipeline.weights_info.get("student", {}).get("sha256")}
         tmp = out.with_suffix(".tmp")
         tmp.write_text(json.dumps(record, indent=1))
@@ -324,6 +331,76 @@ def cmd_analyse(args) -> int:
     return 0
 
 
+def cmd_analyse_localised(args) -> int:
+    """The scan-rescan repeatability of localised results (whole-head rescans segmented with
+    ``run --localise auto``), added to an existing table as its ``"localised"`` part: what
+    ``compare`` uses for two localised results (basalseg.longitudinal.table_for). The volume
+    interval's k stays the one fitted on skull-stripped scans; its coverage on these rescans is
+    reported (and recorded), not refitted."""
+    work = Path(args.work)
+    recs = _load(work, args.report)
+    if not recs:
+        raise SystemExit("no cases of the --report cohorts in " + str(work / "cases"))
+    unlocalised = sorted(r["name"] for r in recs if not (r.get("localisation") or {}).get("applied"))
+    if unlocalised:
+        raise SystemExit(f"{len(unlocalised)} scan(s) were not localised (run --localise auto on whole heads): "
+                         + ", ".join(unlocalised[:5]))
+    table_path = Path(args.into)
+    table = json.loads(table_path.read_text())
+    sha = {r.get("student_sha256") for r in recs}
+    if sha != {table.get("student_sha256")}:
+        raise SystemExit(f"the scans were segmented by another student ({', '.join(map(str, sha))}) than the table's "
+                         f"({table.get('student_sha256')})")
+    options = dict(recs[0]["options"])
+    options["localise"] = "on"  # what the localisation did (basalseg.longitudinal.effective_options)
+    differ = sorted(k for k in table.get("options", {}) if k != "localise" and options.get(k) != table["options"][k])
+    if differ:
+        raise SystemExit(f"the scans were segmented with other options ({', '.join(differ)}) than the table's")
+    rep = {n: _repeatability(recs, n) for n in NAMES}
+    k = table["interval"]["k"]
+    cover = {n: _coverage(recs, n, "band", float(k[n])) for n in NAMES}
+    width = {n: _width(recs, n, "band", float(k[n])) for n in NAMES}
+    lines = []
+    say = lines.append
+    subjects = {(r["cohort"], r["subject"]) for r in recs}
+    say(f"localised (whole-head) rescans: {', '.join(args.report)} ({len(recs)} scans of {len(subjects)} subjects)")
+    say("")
+    base = table.get("repeatability") or {}
+    say("| structure | mean mL | within-subject SD mL | CV % | SDC mL | SDC % | reference CV % (label resampling) | "
+        "SDC % skull-stripped study | interval coverage (k fitted on skull-stripped scans) | half-width % |")
+    say("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for n in NAMES:
+        e = rep[n]
+        if not e:
+            continue
+        old = base.get(n, {}).get("sdc_percent")
+        say(f"| {n} | {e['mean_ml']:.3f} | {e['sd_within_ml']:.4f} | {100 * e['cv_within']:.2f} | {e['sdc_ml']:.3f} | "
+            f"{e['sdc_percent']:.1f} | {100 * e['reference_cv_within']:.2f} | {'' if old is None else f'{old:.1f}'} | "
+            f"{cover[n]:.2f} | {width[n]:.1f} |")
+    say("")
+    d = np.mean([r["dice"][n] for r in recs for n in NAMES])
+    err = np.mean([r["volume_ml"][n] / r["reference_ml"][n] - 1 for r in recs for n in NAMES])
+    say(f"mean Dice {d:.3f}, mean signed volume error {100 * err:+.1f} %, interval coverage {np.mean(list(cover.values())):.3f} "
+        f"(mean over structures), localisation {np.mean([r['timings'].get('localise', 0) for r in recs]):.1f} s per scan")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.markdown:
+        Path(args.markdown).write_text(text)
+    table["localised"] = {
+        "date": datetime.date.today().isoformat(), "options": options,
+        "protocol": "same",  # every rescan keeps its subject's protocol (basalseg.data.head, rescan=)
+        "repeatability": {n: {k2: (round(v, 6) if isinstance(v, float) else v) for k2, v in rep[n].items()} for n in NAMES},
+        "repeatability_cohorts": list(args.report),
+        "interval_coverage": {n: round(cover[n], 4) for n in NAMES},
+        "made_by": "scripts/repeatability.py analyse-localised " + " ".join(sys.argv[2:]),
+    }
+    out = Path(args.table or args.into)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(table, indent=1) + "\n")
+    tmp.replace(out)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -333,6 +410,9 @@ def main(argv=None) -> int:
     r.add_argument("--threads", type=int, default=1)
     r.add_argument("--mode", default="flip", choices=["softmax", "flip"])
     r.add_argument("--start", type=int, default=0, help="begin at this position of the case order (a second worker)")
+    r.add_argument("--localise", default="off", choices=["off", "auto", "on"],
+                   help="the pipeline's localisation (off: the study of skull-stripped rescans; auto, as the command "
+                        "line: the study of whole-head rescans, 'analyse-localised')")
     r.set_defaults(fn=cmd_run)
     a = sub.add_parser("analyse")
     a.add_argument("--work", required=True)
@@ -341,6 +421,13 @@ def main(argv=None) -> int:
     a.add_argument("--table", default=None)
     a.add_argument("--markdown", default=None)
     a.set_defaults(fn=cmd_analyse)
+    lo = sub.add_parser("analyse-localised")
+    lo.add_argument("--work", required=True)
+    lo.add_argument("--report", action="append", required=True)
+    lo.add_argument("--into", required=True, help="the table (from 'analyse') to add the localised part to")
+    lo.add_argument("--table", default=None, help="write the result here (default: --into itself)")
+    lo.add_argument("--markdown", default=None)
+    lo.set_defaults(fn=cmd_analyse_localised)
     args = p.parse_args(argv)
     return args.fn(args)
 

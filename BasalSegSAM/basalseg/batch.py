@@ -15,11 +15,19 @@
 ``volumes.csv``
     the cohort table, one row per scan and structure: ``scan, subject, session, session_date,
     structure, label, volume_ml, volume_mm3, voxels, brain_mask_ml, brain_volume_ml,
-    brain_estimate``; the structure columns are copied from each scan's ``volumes.csv``. The brain
-    columns repeat on each of a scan's rows (blank where not estimated, see :mod:`basalseg.icv`):
-    divide by them to normalise.
+    brain_estimate, volume_ml_low, volume_ml_high``; the structure columns are copied from each
+    scan's ``volumes.csv`` (``volume_ml_low``/``_high``: its 95 % volume interval,
+    docs/UNCERTAINTY.md; blank when it has none). The brain columns repeat on each of a scan's rows
+    (blank where not estimated, see :mod:`basalseg.icv`): divide by them to normalise.
 ``volumes_wide.csv``
-    the same, one row per scan (``<Structure>_ml`` columns) for spreadsheets and statistics.
+    the same, one row per scan (``<Structure>_ml`` columns, then ``<Structure>_ml_low`` /
+    ``_ml_high``) for spreadsheets and statistics.
+``changes.csv``
+    the follow-up table: for every subject with several sessions, the change between consecutive
+    sessions (in session-date order), one row per pair and structure, the columns of ``basalseg
+    compare`` (:data:`basalseg.longitudinal.CHANGES_COLUMNS`: change in mL and %, %/year, each
+    scan's interval, the smallest detectable change and whether the change exceeds it), plus why a
+    pair has no SDC and its warnings. Only the header when no subject has two sessions.
 ``failures.csv``
     the scans that have no result (``scan, input, kind, message, time``); empty when none.
 ``batch_log.jsonl``
@@ -81,7 +89,7 @@ BATCH_FAILED_EXIT = 3
 LOG_NAME = "batch_log.jsonl"
 LOCK_NAME = ".basalseg-batch.lock"
 COHORT_COLUMNS = ["scan", "subject", "session", "session_date", "structure", "label", "volume_ml", "volume_mm3", "voxels",
-                  "brain_mask_ml", "brain_volume_ml", "brain_estimate"]
+                  "brain_mask_ml", "brain_volume_ml", "brain_estimate", "volume_ml_low", "volume_ml_high"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,7 +109,7 @@ def clean_scan_leftovers(out_dir: Path, name: str, log) -> None:
 
 
 #: the files a batch writes at the top of OUT_DIR (besides one folder per scan)
-COHORT_FILES = ("volumes.csv", "volumes_wide.csv", "failures.csv", "report.html", LOG_NAME)
+COHORT_FILES = ("volumes.csv", "volumes_wide.csv", "changes.csv", "failures.csv", "report.html", LOG_NAME)
 
 
 def _check_batch_folder(out_dir: Path) -> None:
@@ -171,8 +179,10 @@ def _num(value) -> str:
     return "" if value is None else repr(float(value)) if not isinstance(value, int) else str(value)
 
 
-def write_cohort_tables(out_dir: str | os.PathLike, records) -> tuple[Path, Path]:
-    """Write ``OUT_DIR/volumes.csv`` (long) and ``OUT_DIR/volumes_wide.csv`` from result records."""
+def write_cohort_tables(out_dir: str | os.PathLike, records) -> tuple[Path, Path, Path]:
+    """Write ``OUT_DIR/volumes.csv`` (long), ``OUT_DIR/volumes_wide.csv`` and ``OUT_DIR/changes.csv``
+    (module docstring) from result records."""
+    from .longitudinal import changes_csv_text, consecutive_changes
     from .outputs import atomic_write_text
     from .structures import STRUCTURES
 
@@ -180,7 +190,8 @@ def write_cohort_tables(out_dir: str | os.PathLike, records) -> tuple[Path, Path
     long_buf, wide_buf = io.StringIO(), io.StringIO()
     long_w = csv.DictWriter(long_buf, fieldnames=COHORT_COLUMNS, lineterminator="\n")
     wide_cols = (["scan", "subject", "session", "session_date"] + [f"{s.name}_ml" for s in STRUCTURES] +
-                 ["brain_mask_ml", "brain_volume_ml", "brain_estimate", "brain_note", "structures_not_found"])
+                 ["brain_mask_ml", "brain_volume_ml", "brain_estimate", "brain_note", "structures_not_found"] +
+                 [f"{s.name}_ml_{end}" for s in STRUCTURES for end in ("low", "high")])
     wide_w = csv.DictWriter(wide_buf, fieldnames=wide_cols, lineterminator="\n")
     long_w.writeheader()
     wide_w.writeheader()
@@ -193,14 +204,19 @@ def write_cohort_tables(out_dir: str | os.PathLike, records) -> tuple[Path, Path
         for row in r.volumes:
             long_w.writerow({**common, "structure": row["structure"], "label": row["label"],
                              "volume_ml": _num(row["volume_ml"]), "volume_mm3": _num(row["volume_mm3"]),
-                             "voxels": row["voxels"]})
+                             "voxels": row["voxels"], "volume_ml_low": _num(row.get("volume_ml_low")),
+                             "volume_ml_high": _num(row.get("volume_ml_high"))})
         wide = {**common, "brain_note": brain.get("reason") or ("" if brain else "not computed (not a batch result)"),
                 "structures_not_found": " ".join(r.missing)}
-        wide.update({f"{row['structure']}_ml": _num(row["volume_ml"]) for row in r.volumes})
+        for row in r.volumes:
+            wide[f"{row['structure']}_ml"] = _num(row["volume_ml"])
+            for end in ("low", "high"):
+                wide[f"{row['structure']}_ml_{end}"] = _num(row.get(f"volume_ml_{end}"))
         wide_w.writerow(wide)
     atomic_write_text(out_dir / "volumes.csv", long_buf.getvalue())
     atomic_write_text(out_dir / "volumes_wide.csv", wide_buf.getvalue())
-    return out_dir / "volumes.csv", out_dir / "volumes_wide.csv"
+    atomic_write_text(out_dir / "changes.csv", changes_csv_text(consecutive_changes(records)))
+    return out_dir / "volumes.csv", out_dir / "volumes_wide.csv", out_dir / "changes.csv"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,8 +21,10 @@ For each structure (and the brain-mask / brain volumes when both results have th
     ``cv_within`` the structure's scan-rescan coefficient of variation and ``band_ratio`` the
     ratio of its within-subject SD to the mean ``band_ml`` in the repeatability study shipped
     with the weights (``weights/repeatability.json``), ``band_X`` the scan's own ``band_ml``; so
-    a scan less certain than the study's gets a larger SDC, never a smaller one. Blank when the
-    results were not made with the student (sha256) and options the table was measured for.
+    a scan less certain than the study's gets a larger SDC, never a smaller one. The study is the one
+    of the path both results took (:func:`table_for`): skull-stripped rescans segmented as they are,
+    or whole-head rescans that were localised. Blank when the results were not made with the
+    student (sha256) and options a study was measured for, or took different paths.
 ``exceeds_sdc``, ``change_over_sdc``
     ``yes`` when ``|change_ml| > sdc_ml`` (a change larger than 95 % of scan-rescan differences),
     and ``|change_ml| / sdc_ml``.
@@ -53,7 +55,8 @@ from pathlib import Path
 from .errors import BasalSegError
 
 __all__ = ["Comparison", "compare_results", "compare_records", "resolve_date", "COMPARE_COLUMNS", "format_table",
-           "add_sdc", "table_applies", "effective_options"]
+           "add_sdc", "table_applies", "table_for", "effective_options", "session_groups",
+           "consecutive_changes", "changes_csv_text", "CHANGES_COLUMNS"]
 
 COMPARE_COLUMNS = ["structure", "label", "volume_ml_a", "volume_ml_b", "change_ml", "percent_change",
                    "percent_change_symmetric", "annualised_percent_change", "interval_days", "date_a", "date_b",
@@ -172,22 +175,33 @@ def option_differences(a: dict | None, b: dict | None) -> list[tuple]:
 
 def effective_options(provenance: dict) -> dict:
     """A result's ``options`` as they acted: :data:`LEGACY_OPTIONS` for options it does not record,
-    and ``localise`` ``"off"`` when localisation was asked for (``auto``) but not applied (a
-    skull-stripped brain in the template's pose, segmented as it is: exactly what ``off`` does)."""
+    and ``localise`` by what the localisation did: ``"off"`` when it was asked for (``auto``) but
+    not applied (a skull-stripped brain in the template's pose, segmented as it is: exactly what
+    ``off`` does), ``"on"`` when ``auto`` applied it (exactly what ``on`` does)."""
     opts = dict(provenance.get("options") or {})
     opts = {**{k: v for k, v in LEGACY_OPTIONS.items() if k not in opts}, **opts}
-    if opts.get("localise") in ("auto", "on") and (provenance.get("localisation") or {}).get("applied") is False:
+    applied = (provenance.get("localisation") or {}).get("applied")
+    if opts.get("localise") in ("auto", "on") and applied is False:
         opts["localise"] = "off"
+    elif opts.get("localise") == "auto" and applied is True:
+        opts["localise"] = "on"
     return opts
+
+
+def _spacing_differs(a, b) -> bool:
+    sa, sb = a.spacing, b.spacing
+    return bool(sa and sb and (len(sa) != len(sb) or any(abs(x - y) > 1e-3 for x, y in zip(sa, sb))))
+
+
+def _fmt_spacing(spacing) -> str:
+    return "x".join(f"{x:g}" for x in spacing)
 
 
 def _check_pair(a, b) -> list[str]:
     warnings = []
-    sa, sb = a.spacing, b.spacing
-    if sa and sb and (len(sa) != len(sb) or any(abs(x - y) > 1e-3 for x, y in zip(sa, sb))):
-        fmt = lambda s: "x".join(f"{x:g}" for x in s)  # noqa: E731
-        warnings.append(f"the scans differ in voxel size (A {fmt(sa)} mm, B {fmt(sb)} mm): part of the change may come "
-                        "from the resolution, not the anatomy")
+    if _spacing_differs(a, b):
+        warnings.append(f"the scans differ in voxel size (A {_fmt_spacing(a.spacing)} mm, B {_fmt_spacing(b.spacing)} mm): "
+                        "part of the change may come from the resolution, not the anatomy")
     pa, pb = a.provenance, b.provenance
     if _describe_weights(pa) != _describe_weights(pb):
         warnings.append("the results were made with different prompter/student weights (sha256 differ): "
@@ -251,26 +265,49 @@ def _row(structure: str, label, va: float | None, vb: float | None, days: int | 
     return row
 
 
-def table_applies(table: dict | None, *records) -> tuple[bool, str]:
-    """Whether the repeatability table was measured for the student and options of these results:
-    ``(applies, why not)``."""
+def table_for(table: dict | None, *records) -> tuple[dict | None, str]:
+    """The part of the repeatability table measured for the student and options of these results:
+    ``(part, why not)``. ``part`` is the table itself for results segmented as they are (its study
+    of skull-stripped rescans, ``localise`` off), its ``"localised"`` part when every result was
+    localised (the study of whole-head rescans on one protocol: not for two scans that differ in
+    voxel size), or None with the reason."""
     if not table or not table.get("repeatability"):
-        return False, "no repeatability table is shipped"
+        return None, "no repeatability table is shipped"
     want = table.get("student_sha256")
     for r in records:
         got = ((r.provenance.get("weights") or {}).get("student") or {}).get("sha256")
         if want and got != want:
-            return False, "the results were not made with the student the repeatability table was measured for"
-        opts, ref = effective_options(r.provenance), table.get("options") or {}
-        differ = sorted(k for k in ref if k in opts and opts[k] != ref[k])
-        if differ == ["localise"] and ref.get("localise") == "off" and opts.get("localise") != "off":
-            return False, ("the repeatability study covers images segmented as they are (skull-stripped brains in "
-                           "about the template's pose); this result was localised (resampled onto the brain template: "
-                           "a whole head, or a brain turned more than 10 deg), a path whose scan-rescan repeatability "
-                           "was not measured")
+            return None, "the results were not made with the student the repeatability table was measured for"
+    opts = [effective_options(r.provenance) for r in records]
+    localised = [o.get("localise") == "on" for o in opts]
+    if any(localised) and not all(localised):
+        return None, ("one result was localised (resampled onto the brain template: a whole head, or a brain turned "
+                      "more than 10 deg) and the other was segmented as it is: the two went different ways, and the "
+                      "repeatability studies measured each way on its own")
+    part = table
+    if localised and all(localised):
+        part = table.get("localised")
+        if not part or not part.get("repeatability"):
+            return None, ("the repeatability table has no study of localised results (resampled onto the brain "
+                          "template: a whole head, or a brain turned more than 10 deg), a path whose scan-rescan "
+                          "repeatability it does not hold")
+    if part.get("protocol") == "same" and len(records) == 2 and _spacing_differs(*records):
+        return None, ("the study of localised results rescanned each head on the same protocol; these scans differ "
+                      f"in voxel size ({_fmt_spacing(records[0].spacing)} and {_fmt_spacing(records[1].spacing)} mm), "
+                      "whose scan-rescan repeatability it did not measure")
+    ref = part.get("options") or {}
+    for o in opts:
+        differ = sorted(k for k in ref if k in o and o[k] != ref[k])
         if differ:
-            return False, f"the results were made with other options ({', '.join(differ)}) than the repeatability study"
-    return True, ""
+            return None, f"the results were made with other options ({', '.join(differ)}) than the repeatability study"
+    return part, ""
+
+
+def table_applies(table: dict | None, *records) -> tuple[bool, str]:
+    """Whether a part of the repeatability table applies to these results (:func:`table_for`):
+    ``(applies, why not)``."""
+    part, why = table_for(table, *records)
+    return part is not None, why
 
 
 def add_sdc(row: dict, table: dict | None, structure: str, band_a: float | None = None,
@@ -313,9 +350,7 @@ def compare_records(a, b, date_a: str | None = None, date_b: str | None = None, 
                         "(give --date-a/--date-b YYYY-MM-DD)")
     if use_table:
         table = load_table() if table is None else table
-        applies, why = table_applies(table, a, b)
-        if not applies:
-            table = None
+        table, why = table_for(table, a, b)
     else:
         table, why = None, "not asked for"
     rows = []
@@ -331,6 +366,10 @@ def compare_records(a, b, date_a: str | None = None, date_b: str | None = None, 
         va, vb = a.brain.get(key), b.brain.get(key)
         if va is not None and vb is not None:
             rows.append(_row(name, "", float(va), float(vb), per_year))
+    cut = [tag for tag, r in (("A", a), ("B", b)) if r.brain.get("status") == "truncated"]
+    if cut and any(r["structure"] in ("BrainMask", "Brain") for r in rows):
+        warnings.append(f"the brain touches the field of view's border in {' and '.join(cut)}: its brain-mask and brain "
+                        "volumes are lower bounds, so their change says more about the field of view than the brain")
     for row in rows:
         row.update({"interval_days": days, "date_a": da.isoformat() if da else None, "date_b": db.isoformat() if db else None,
                     "scan_a": a.name, "scan_b": b.name})
@@ -372,6 +411,52 @@ def compare_results(a_dir: str | os.PathLike, b_dir: str | os.PathLike, date_a: 
     if a.folder.resolve() == b.folder.resolve():
         raise BasalSegError(f"A and B are the same folder ({a.folder})")
     return compare_records(a, b, date_a, date_b, table)
+
+
+def session_groups(records) -> dict[str, list]:
+    """Subjects with at least two results (a subject that ``basalseg batch`` recorded), each list in
+    session order: date, then session name, then folder name; undated sessions last."""
+    groups: dict[str, list] = {}
+    for r in records:
+        if r.subject and r.subject != r.name:  # batch recorded a subject (outside BIDS it is the file name)
+            groups.setdefault(r.subject, []).append(r)
+    return {k: sorted(v, key=lambda r: (r.session_date == "", r.session_date, r.session, r.name))
+            for k, v in sorted(groups.items()) if len(v) >= 2}
+
+
+def consecutive_changes(records, table: dict | None = None) -> list[tuple]:
+    """The change between consecutive sessions of every subject with several (the report's
+    longitudinal view and the batch folder's ``changes.csv``): ``(subject, A, B, Comparison)``,
+    or ``(subject, A, B, BasalSegError)`` for a pair that cannot be compared."""
+    out = []
+    for subject, recs in session_groups(records).items():
+        for a, b in zip(recs, recs[1:]):
+            try:
+                out.append((subject, a, b, compare_records(a, b, table=table)))
+            except BasalSegError as exc:
+                out.append((subject, a, b, exc))
+    return out
+
+
+#: ``changes.csv`` of a batch folder: :data:`COMPARE_COLUMNS` of each consecutive pair, with the
+#: subject first and, last, why there is no SDC and the pair's warnings (``; ``-separated).
+CHANGES_COLUMNS = ["subject"] + COMPARE_COLUMNS + ["sdc_note", "warnings"]
+
+
+def changes_csv_text(pairs: list[tuple]) -> str:
+    """``changes.csv`` (:data:`CHANGES_COLUMNS`) of :func:`consecutive_changes`; a pair that could
+    not be compared gets one row with its scans and the error in ``warnings``."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CHANGES_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for subject, a, b, c in pairs:
+        if isinstance(c, BasalSegError):
+            writer.writerow({"subject": subject, "scan_a": a.name, "scan_b": b.name, "warnings": f"not compared: {c}"})
+            continue
+        extra = {"sdc_note": c.sdc_note or "", "warnings": "; ".join(" ".join(w.split()) for w in c.warnings)}
+        for row in c.rows:
+            writer.writerow({"subject": subject, **{k: _cell(row.get(k)) for k in COMPARE_COLUMNS}, **extra})
+    return buffer.getvalue()
 
 
 def format_table(comparison: Comparison) -> str:

@@ -278,62 +278,49 @@ def build_report(out_dir: str | os.PathLike, thresholds: Thresholds | None = Non
     return path
 
 
-def _longitudinal_groups(records: list[ResultRecord]) -> dict[str, list[ResultRecord]]:
-    """Subjects with at least two results, each list in session order (date, then session name,
-    then folder name; undated sessions last)."""
-    groups: dict[str, list[ResultRecord]] = {}
-    for r in records:
-        if r.subject and r.subject != r.name:  # batch recorded a subject (outside BIDS it is the file name)
-            groups.setdefault(r.subject, []).append(r)
-    return {k: sorted(v, key=lambda r: (r.session_date == "", r.session_date, r.session, r.name))
-            for k, v in sorted(groups.items()) if len(v) >= 2}
-
-
 def _longitudinal_section(records: list[ResultRecord]) -> list[str]:
     """The longitudinal view: per subject with several sessions, the change between consecutive
     sessions as ``basalseg compare`` gives it (:func:`basalseg.longitudinal.compare_records`)."""
-    from .longitudinal import compare_records
+    from .longitudinal import consecutive_changes
 
-    groups = _longitudinal_groups(records)
-    if not groups:
+    pairs = consecutive_changes(records)
+    if not pairs:
         return []
+    groups = {subject for subject, *_ in pairs}
     e = _e
     parts = [f'<h2>Longitudinal ({len(groups)} subject{"s" if len(groups) > 1 else ""} with several sessions)</h2>',
              "<p>Change between consecutive sessions, as <code>basalseg compare</code> gives it. "
              "<b>real?</b>: yes when |change| exceeds the smallest detectable change (SDC: 95 % of scan-rescan "
              "differences of the repeatability study are smaller; docs/UNCERTAINTY.md).</p>"]
-    for subject, recs in groups.items():
-        for a, b in zip(recs, recs[1:]):
-            try:
-                c = compare_records(a, b)
-            except BasalSegError as exc:
-                parts.append(f'<div class="warn">{e(subject)}: {e(a.name)} &rarr; {e(b.name)}: {e(str(exc))}</div>')
-                continue
-            span = f", {c.interval_days} days" if c.interval_days is not None else ""
-            parts.append(f'<h3 class="pair">{e(subject)}: {e(a.name)} &rarr; {e(b.name)}{e(span)}</h3>')
-            for w in c.warnings:
-                parts.append(f'<div class="warn">{e(w)}</div>')
-            if c.sdc_note:
-                parts.append(f'<p class="meta">{e(c.sdc_note)}</p>')
-            parts.append(f'<table class="longitudinal" data-subject="{e(subject)}" data-a="{e(a.name)}" data-b="{e(b.name)}">'
-                         "<thead><tr><th>structure</th><th>A mL (95 %)</th><th>B mL (95 %)</th><th>change mL</th>"
-                         "<th>change %</th><th>%/year</th><th>SDC mL</th><th>real?</th></tr></thead><tbody>")
-            for row in c.rows:
-                def cell(v, lo=None, hi=None, d=3):
-                    if v is None:
-                        return '<td class="na">&ndash;</td>'
-                    ci = f" <small>({lo:.2f}&ndash;{hi:.2f})</small>" if lo is not None and hi is not None else ""
-                    return f"<td class=num>{v:.{d}f}{ci}</td>"
-                verdict = row.get("exceeds_sdc")
-                real = ('<td class="na">&ndash;</td>' if verdict is None else
-                        f'<td class="num{" out" if verdict else ""}" data-real="{"yes" if verdict else "no"}">'
-                        f'{"yes" if verdict else "no"} ({row["change_over_sdc"]:.1f}&times;)</td>')
-                parts.append(f'<tr data-structure="{e(row["structure"])}"><td>{e(row["structure"])}</td>'
-                             + cell(row["volume_ml_a"], row.get("volume_ml_low_a"), row.get("volume_ml_high_a"))
-                             + cell(row["volume_ml_b"], row.get("volume_ml_low_b"), row.get("volume_ml_high_b"))
-                             + cell(row["change_ml"]) + cell(row["percent_change"], d=1)
-                             + cell(row["annualised_percent_change"], d=2) + cell(row.get("sdc_ml")) + real + "</tr>")
-            parts.append("</tbody></table>")
+    for subject, a, b, c in pairs:
+        if isinstance(c, BasalSegError):
+            parts.append(f'<div class="warn">{e(subject)}: {e(a.name)} &rarr; {e(b.name)}: {e(str(c))}</div>')
+            continue
+        span = f", {c.interval_days} days" if c.interval_days is not None else ""
+        parts.append(f'<h3 class="pair">{e(subject)}: {e(a.name)} &rarr; {e(b.name)}{e(span)}</h3>')
+        for w in c.warnings:
+            parts.append(f'<div class="warn">{e(w)}</div>')
+        if c.sdc_note:
+            parts.append(f'<p class="meta">{e(c.sdc_note)}</p>')
+        parts.append(f'<table class="longitudinal" data-subject="{e(subject)}" data-a="{e(a.name)}" data-b="{e(b.name)}">'
+                     "<thead><tr><th>structure</th><th>A mL (95 %)</th><th>B mL (95 %)</th><th>change mL</th>"
+                     "<th>change %</th><th>%/year</th><th>SDC mL</th><th>real?</th></tr></thead><tbody>")
+        for row in c.rows:
+            def cell(v, lo=None, hi=None, d=3):
+                if v is None:
+                    return '<td class="na">&ndash;</td>'
+                ci = f" <small>({lo:.2f}&ndash;{hi:.2f})</small>" if lo is not None and hi is not None else ""
+                return f"<td class=num>{v:.{d}f}{ci}</td>"
+            verdict = row.get("exceeds_sdc")
+            real = ('<td class="na">&ndash;</td>' if verdict is None else
+                    f'<td class="num{" out" if verdict else ""}" data-real="{"yes" if verdict else "no"}">'
+                    f'{"yes" if verdict else "no"} ({row["change_over_sdc"]:.1f}&times;)</td>')
+            parts.append(f'<tr data-structure="{e(row["structure"])}"><td>{e(row["structure"])}</td>'
+                         + cell(row["volume_ml_a"], row.get("volume_ml_low_a"), row.get("volume_ml_high_a"))
+                         + cell(row["volume_ml_b"], row.get("volume_ml_low_b"), row.get("volume_ml_high_b"))
+                         + cell(row["change_ml"]) + cell(row["percent_change"], d=1)
+                         + cell(row["annualised_percent_change"], d=2) + cell(row.get("sdc_ml")) + real + "</tr>")
+        parts.append("</tbody></table>")
     return parts
 
 

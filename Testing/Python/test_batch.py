@@ -213,7 +213,7 @@ def test_batch_resumes_and_never_redoes(tmp_path):
     stub = StubPipeline()
     summary = run_batch(scans, out, stub, echo=lambda text: None)
     assert (summary.done, summary.skipped, summary.failed, summary.exit_code) == (["s1", "s2", "s3"], [], [], 0)
-    assert sorted(p.name for p in out.iterdir()) == ["batch_log.jsonl", "failures.csv", "report",
+    assert sorted(p.name for p in out.iterdir()) == ["batch_log.jsonl", "changes.csv", "failures.csv", "report",
                                                      "report.html", "s1", "s2", "s3", "volumes.csv", "volumes_wide.csv"]
     prov = json.loads((out / "s2" / "provenance.json").read_text())
     assert prov["scan_info"]["scan"] == "s2" and prov["scan_info"]["input"] == str(inp / "s2.nii.gz")
@@ -295,6 +295,8 @@ def test_cohort_tables_match_the_scans(tmp_path):
         mine = [r for r in rows if r["scan"] == scan]
         assert [(r["structure"], r["label"], r["volume_ml"], r["volume_mm3"], r["voxels"]) for r in mine] == \
             [(r["structure"], r["label"], r["volume_ml"], r["volume_mm3"], r["voxels"]) for r in per_scan]
+        assert [(r["volume_ml_low"], r["volume_ml_high"]) for r in mine] == \
+            [(r.get("volume_ml_low", ""), r.get("volume_ml_high", "")) for r in per_scan]
         assert sum(float(r["volume_ml"]) for r in mine) == pytest.approx(sum(float(r["volume_ml"]) for r in per_scan))
         prov = json.loads((out / scan / "provenance.json").read_text())
         assert {r["brain_mask_ml"] for r in mine} == {repr(prov["brain_volume"]["brain_mask_ml"])}
@@ -307,6 +309,12 @@ def test_cohort_tables_match_the_scans(tmp_path):
     assert [w["scan"] for w in wide] == ["a", "bb", "ccc", "dddd"]
     assert wide[0]["Left-Putamen_ml"] == next(r["volume_ml"] for r in rows
                                               if r["scan"] == "a" and r["structure"] == "Left-Putamen")
+    assert wide[0]["Left-Putamen_ml_low"] == next(r["volume_ml_low"] for r in rows
+                                                  if r["scan"] == "a" and r["structure"] == "Left-Putamen")
+    # no subject with two sessions: the follow-up table is its header only
+    from basalseg.longitudinal import CHANGES_COLUMNS
+
+    assert (out / "changes.csv").read_text().strip() == ",".join(CHANGES_COLUMNS)
 
 
 def test_batch_interrupted_keeps_finished_scans(tmp_path):
@@ -431,6 +439,19 @@ def test_batch_command_real_pipeline(small_t1, small_prompts_1slice_path, weight
     rows = read_csv(out / "volumes.csv")
     assert {(r["scan"], r["session_date"]) for r in rows} == {("sub-01_ses-1", "2020-01-01"), ("sub-01_ses-3", "2021-07-01")}
     assert (out / "report.html").is_file()
+    # the follow-up table: sub-01's two sessions, in date order, one row per structure; the same
+    # image twice, so no change; each scan's volume as in volumes.csv
+    changes = read_csv(out / "changes.csv")
+    structures = [r for r in changes if r["label"]]
+    assert [r["structure"] for r in structures] == [s.name for s in STRUCTURES]
+    assert {(r["subject"], r["scan_a"], r["scan_b"], r["interval_days"], r["date_a"]) for r in changes} == \
+        {("sub-01", "sub-01_ses-1", "sub-01_ses-3", "547", "2020-01-01")}
+    for r in structures:
+        assert r["volume_ml_a"] == r["volume_ml_b"] and float(r["change_ml"]) == 0
+        assert float(r["volume_ml_a"]) == pytest.approx(float(next(
+            v["volume_ml"] for v in rows if v["scan"] == "sub-01_ses-1" and v["structure"] == r["structure"])), abs=1e-6)
+        assert (r["sdc_ml"] == "") == (r["sdc_note"] != "")  # an SDC, or the reason there is none
+    assert "same image" in changes[0]["warnings"]
 
     # again: the two are skipped, the broken one tried again; JSON progress for a parent process
     rc = run_cli(argv + ["--progress", "json"])

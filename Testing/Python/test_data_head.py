@@ -159,16 +159,22 @@ def test_config_validation_and_round_trip():
         HeadConfig.from_dict({"skull": 1})
 
 
-def test_head_cohort_records_its_config(tmp_path, config):
+def _small_cohort_source() -> tuple:
+    """MNI152 and its DK labels cropped to the structures + 20 mm, as a ``generate_cohort`` template."""
     template = atlas.load_template("mni152")
     labels = atlas.load_reference_labels("mni152", "dk", full=True)
     box = bounding_box(np.isin(labels, FS), margin=20)
     affine = template.affine.copy()
     affine[:3, 3] = affine[:3, :3] @ np.array([b.start for b in box], float) + affine[:3, 3]
-    crop = Volume(np.ascontiguousarray(template.data[box]), affine)
-    head = HeadConfig(neck_prob=0.0, eyes_prob=0.0, spacing_mm=(1.4, 1.5), thick_slice_prob=0.0)
-    cases = generate.generate_cohort(tmp_path / "c", 1, seed=3, templates=[("mni", crop, np.ascontiguousarray(labels[box]))],
-                                  config=config, head=head)
+    return "mni", Volume(np.ascontiguousarray(template.data[box]), affine), np.ascontiguousarray(labels[box])
+
+
+SMALL_HEAD = HeadConfig(neck_prob=0.0, eyes_prob=0.0, spacing_mm=(1.4, 1.5), thick_slice_prob=0.0)
+
+
+def test_head_cohort_records_its_config(tmp_path, config):
+    head = SMALL_HEAD
+    cases = generate.generate_cohort(tmp_path / "c", 1, seed=3, templates=[_small_cohort_source()], config=config, head=head)
     meta = json.loads((tmp_path / "c" / "dataset.json").read_text())
     assert meta["basalseg_synth"]["head"] == head.to_dict()
     assert "head" in meta["basalseg_synth"]["cases"][0]["params"]
@@ -176,3 +182,57 @@ def test_head_cohort_records_its_config(tmp_path, config):
 
     img, lab = nib.load(str(cases[0].image_path)), nib.load(str(cases[0].label_path))
     assert np.allclose(img.affine, lab.affine) and img.shape == lab.shape
+
+
+def test_head_rescans_keep_person_and_protocol_and_change_the_scan(source, config, subject):
+    """A head rescan (docs/UNCERTAINTY.md) is the same person on the same protocol in a new pose:
+    rescan 0 is the subject bit for bit; a rescan keeps the anatomy (structure volume factors, head
+    layers, eyes, neck) and the protocol (axis code, voxel size, thick slices, origin offset), moves
+    the head by at most 6 deg / 5 mm more, and draws new intensities; its structures keep their true
+    volumes (label resampling on 3-6 mm slices aside) and sit where the new pose puts them."""
+    again = synthesize_head(source, 5, config, HEAD, rescan=0)
+    assert np.array_equal(again.image.data, subject.image.data) and np.array_equal(again.labels, subject.labels)
+    assert "rescan" not in subject.params["head"]
+    r1 = synthesize_head(source, 5, config, HEAD, rescan=1)
+    r2 = synthesize_head(source, 5, config, HEAD, rescan=2)
+    h0, h1, h2 = subject.params["head"], r1.params["head"], r2.params["head"]
+    for key in ("layers_mm", "eyes", "neck", "axcodes", "spacing_mm", "thick_slices", "origin_offset_mm", "rotation_deg",
+                "translation_mm", "crop_to_brain"):
+        assert h1[key] == h0[key], key
+    assert r1.params["structure_volume_factor"] == subject.params["structure_volume_factor"]
+    assert r1.params["gmm"] != subject.params["gmm"] or subject.params["gmm"] is None
+    assert h1["tissue_means"] != h0["tissue_means"] and h1["noise_std"] != h0["noise_std"]
+    assert h1["rescan"]["index"] == 1 and h1["rescan"]["rotation_deg"] != h2["rescan"]["rotation_deg"]
+    assert all(abs(r) <= 6 for r in h1["rescan"]["rotation_deg"]) and all(abs(t) <= 5 for t in h1["rescan"]["translation_mm"])
+    assert any(abs(r) > 0.5 for r in h1["rescan"]["rotation_deg"])
+    assert not np.array_equal(r1.image.affine, subject.image.affine) or not np.array_equal(r1.labels, subject.labels)
+    inv0, inv1 = (np.asarray(s.params["head"]["canvas_from_world"]) for s in (subject, r1))
+    assert not np.allclose(inv0, inv1)  # a new pose ...
+    brain = synth.synthesize(source, 5, brain_config_for_heads(config))  # the person, unposed, 1 mm
+    for s in STRUCTURES:
+        true = float((brain.labels == s.label).sum())
+        for subj in (subject, r1):  # ... of the same anatomy (nearest neighbour on 3-6 mm slices: within 15 %)
+            assert abs(subj.params["volumes_mm3"][s.key] / true - 1) < 0.15, (s.name, true, subj.params["volumes_mm3"])
+    # every structure's centroid, mapped back through each scan's own inverse pose, lands on the
+    # unposed person's (within half a 3-6 mm slice; most within a millimetre)
+    dist = []
+    for s in STRUCTURES:
+        ref = brain.image.affine[:3, :3] @ np.argwhere(brain.labels == s.label).mean(0) + brain.image.affine[:3, 3]
+        for subj, inv in ((subject, inv0), (r1, inv1)):
+            aff = subj.image.affine
+            world = aff[:3, :3] @ np.argwhere(subj.labels == s.label).mean(0) + aff[:3, 3]
+            dist.append(float(np.linalg.norm(inv[:3, :3] @ world + inv[:3, 3] - ref)))
+    assert max(dist) < 3.0 and float(np.median(dist)) < 1.0, dist
+    json.dumps(r1.params)
+    with pytest.raises(ValueError, match="rescan"):
+        synthesize_head(source, 5, config, HEAD, rescan=-1)
+
+
+def test_head_rescan_cohort(tmp_path, config):
+    cases = generate.generate_cohort(tmp_path / "c", 1, seed=3, templates=[_small_cohort_source()], config=config,
+                                     head=SMALL_HEAD, rescans=1, prefix="h")
+    assert [c.name for c in cases] == ["h_0000_r0", "h_0000_r1"]
+    meta = json.loads((tmp_path / "c" / "dataset.json").read_text())["basalseg_synth"]
+    assert meta["rescans"] == 1 and [r["rescan"] for r in meta["cases"]] == [0, 1]
+    assert {r["subject"] for r in meta["cases"]} == {"h_0000"}
+    assert meta["cases"][1]["params"]["head"]["rescan"]["index"] == 1

@@ -121,3 +121,7 @@ def test_synth_localised_needs_head(tmp_path, capsys):
     assert main(["synth", "--out", str(tmp_path / "c"), "--n", "1", "--skull-stripped"]) != 0
     assert "--skull-stripped needs --head" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+    # localised cohorts are training material; rescans are for the study, which segments raw heads
+    assert main(["synth", "--out", str(tmp_path / "c"), "--n", "1", "--head", "--localised", "--rescans", "2"]) != 0
+    assert "segments the heads as a user would" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()

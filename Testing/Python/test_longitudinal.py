@@ -53,6 +53,15 @@ def test_change_table(tmp_path):
     assert "interval: 731 days (2.00 years)" in text and "Left-Putamen" in text and "%/year" in text
 
 
+def test_truncated_brain_volumes_are_named(tmp_path):
+    """A brain cut by the field of view (icv status "truncated") gives lower bounds: its brain-volume
+    change is given with a warning, which names the scan."""
+    a, b = _pair(tmp_path, brain={"status": "truncated", "brain_mask_ml": 900.0, "brain_volume_ml": 800.0})
+    c = compare_results(a, b)
+    assert [w for w in c.warnings if "field of view's border in B" in w and "lower bounds" in w]
+    assert not [w for w in compare_results(*_pair(tmp_path / "ok")).warnings if "border" in w]
+
+
 def test_compare_command_writes_csv(tmp_path, monkeypatch, capsys):
     from conftest import run_cli
 
@@ -199,32 +208,53 @@ def test_repeatability_table_applies_only_to_results_made_with_its_options():
 
 
 def test_repeatability_table_applies_to_what_the_localisation_did_not_to_the_option():
-    """The study ran on skull-stripped brains as given (``localise: off``). A default run
-    (``auto``) on a skull-stripped brain is not localised, runs exactly as ``off`` and gets the
-    SDC (every default command-line result used to be refused for "other options (localise)");
-    a whole head that was localised does not, and the note says why."""
+    """The skull-stripped study ran on brains as given (``localise: off``). A default run (``auto``)
+    on a skull-stripped brain is not localised, runs exactly as ``off`` and gets that study's SDC
+    (every default command-line result used to be refused for "other options (localise)"). Two
+    localised results (whole heads) get the study of localised whole-head rescans when the table
+    has one, and a note saying why not when it has none; a localised result against one segmented
+    as it is gets none (different paths)."""
     from types import SimpleNamespace
 
-    from basalseg.longitudinal import table_applies
+    from basalseg.longitudinal import table_applies, table_for
 
-    table = {"repeatability": {"Left-Thalamus": {}}, "student_sha256": "b" * 64,
+    table = {"repeatability": {"Left-Thalamus": {"cv_within": 0.05}}, "student_sha256": "b" * 64,
              "options": {"band": 5.0, "mirror_tta": True, "localise": "off"}}
 
-    def record(localise, applied):
+    def record(localise, applied, band=5.0):
         return SimpleNamespace(provenance={"weights": {"student": {"sha256": "b" * 64}},
-                                           "options": {"band": 5.0, "mirror_tta": True, "localise": localise},
+                                           "options": {"band": band, "mirror_tta": True, "localise": localise},
                                            "localisation": {"applied": applied}})
 
     assert table_applies(table, record("off", False)) == (True, "")
     assert table_applies(table, record("auto", False)) == (True, "")
     applies, why = table_applies(table, record("auto", True))
-    assert not applies and "was localised (resampled onto the brain template" in why
+    assert not applies and "no study of localised results" in why
     applies, why = table_applies(table, record("on", True), record("auto", False))
-    assert not applies and "was localised (resampled onto the brain template" in why
-    # and two such results are not said to differ in their options
+    assert not applies and "different ways" in why
+    # with a study of localised results, two localised results use it, and only them
+    heads = {"repeatability": {"Left-Thalamus": {"cv_within": 0.08}},
+             "options": {"band": 5.0, "mirror_tta": True, "localise": "on"}}
+    both = {**table, "localised": heads}
+    assert table_for(both, record("auto", True), record("on", True)) == (heads, "")
+    assert table_for(both, record("auto", False), record("off", False)) == (both, "")
+    assert table_for(both, record("auto", True), record("off", False))[0] is None
+    part, why = table_for(both, record("auto", True), record("auto", True, band=10.0))
+    assert part is None and "other options (band)" in why
+    # that study rescanned each head on its protocol: not for two scans of different voxel sizes
+    same = {**both, "localised": {**heads, "protocol": "same"}}
+    a1, b1 = record("auto", True), record("auto", True)
+    a1.spacing, b1.spacing = (1.0, 1.0, 1.0), (1.0, 1.0, 1.0)
+    assert table_for(same, a1, b1)[0] is same["localised"]
+    b1.spacing = (1.0, 1.0, 5.0)
+    part, why = table_for(same, a1, b1)
+    assert part is None and "differ in voxel size (1x1x1 and 1x1x5 mm)" in why
+    # and two results that did the same thing are not said to differ in their options
     from basalseg.longitudinal import effective_options, option_differences
 
     off, auto = record("off", False).provenance, record("auto", False).provenance
     assert option_differences(effective_options(off), effective_options(auto)) == []
+    assert option_differences(effective_options(record("on", True).provenance),
+                              effective_options(record("auto", True).provenance)) == []
     assert option_differences(effective_options(off), effective_options(record("auto", True).provenance)) == \
-        [("localise", "off", "auto")]
+        [("localise", "off", "on")]

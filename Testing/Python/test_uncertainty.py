@@ -102,6 +102,14 @@ def test_shipped_table_is_valid():
         assert table["interval"]["k"][s.name] > 0
         rep = table["repeatability"][s.name]
         assert 0 < rep["cv_within"] < 0.5 and rep["sdc_ml"] > 0 and rep["band_ratio"] > 0
+    # the study of localised whole heads: the same student and options but the localisation, one protocol
+    part = table["localised"]
+    assert part["options"]["localise"] == "on" and part["protocol"] == "same"
+    assert {k: v for k, v in part["options"].items() if k != "localise"} == \
+        {k: v for k, v in table["options"].items() if k != "localise"}
+    for s in STRUCTURES:
+        rep = part["repeatability"][s.name]
+        assert 0 < rep["cv_within"] < 0.5 and rep["sdc_ml"] > 0 and rep["band_ratio"] > 0 and rep["n_subjects"] >= 5
 
 
 # ---------------------------------------------------------------------------------------------

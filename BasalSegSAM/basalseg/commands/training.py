@@ -79,7 +79,8 @@ def register(sub) -> None:
     p.add_argument("--rescans", type=int, default=0,
                    help="also write K synthetic rescans of each subject (same anatomy and true volumes, new pose, "
                         "bias, noise, blur, slice thickness and gamma draws); cases PREFIX_0000_r0 (the subject "
-                        "itself) ... PREFIX_0000_rK (docs/UNCERTAINTY.md)")
+                        "itself) ... PREFIX_0000_rK (docs/UNCERTAINTY.md); with --head: the same head and "
+                        "protocol (orientation, voxel size, slices) in a new pose, new intensities and noise")
     p.set_defaults(handler=run_synth)
 
 
@@ -108,6 +109,9 @@ def run_synth(args: argparse.Namespace) -> int:
         raise BasalSegError(f"--rescans must be >= 0, got {args.rescans}")
     if args.localised and not args.head:
         raise BasalSegError("--localised needs --head")
+    if args.localised and args.rescans:
+        raise BasalSegError("--localised makes training cohorts; rescans are for the repeatability study, which "
+                            "segments the heads as a user would (give --head --rescans K without --localised)")
     if args.skull_stripped and not args.head:
         raise BasalSegError("--skull-stripped needs --head (the other subjects are skull-stripped already)")
     if args.artefacts and not args.head:

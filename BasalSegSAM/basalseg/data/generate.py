@@ -75,7 +75,8 @@ def generate_cohort(out_dir: str | os.PathLike, n: int, seed: int = 0, templates
         overwrite: replace an existing ``dataset.json`` (else ValueError).
         progress: optional callable ``(done, total)``.
         rescans: ``K >= 1`` also writes K synthetic rescans of every subject (``synthesize(...,
-            rescan=k)``: same anatomy, new pose and intensities); cases are then named
+            rescan=k)``, or ``synthesize_head(..., rescan=k)`` with ``head``: same anatomy, new
+            pose and intensities); cases are then named
             ``{prefix}_{i:04d}_r{k}``, ``k = 0`` being the subject itself (the same image as case
             ``i`` of a cohort without rescans), and each record has ``subject`` and ``rescan``.
         head: a :class:`basalseg.data.head.HeadConfig`: head-like subjects (a head around the brain,
@@ -105,14 +106,13 @@ def generate_cohort(out_dir: str | os.PathLike, n: int, seed: int = 0, templates
     cases, records = [], []
     if int(rescans) < 0:
         raise ValueError(f"rescans must be >= 0; got {rescans}")
-    if rescans and head is not None:
-        raise ValueError("rescans of head-like subjects are not available yet; use rescans or head, not both")
     jobs = [(i, k) for i in range(int(n)) for k in range(int(rescans) + 1)]
     for done, (i, k) in enumerate(jobs):
         source, info = sources[i % len(sources)]
         name = f"{prefix}_{i:04d}" + (f"_r{k}" if rescans else "")
         s = subject_seed(seed, i)
-        subject = synthesize(source, s, config, rescan=k) if head is None else synthesize_head(source, s, config, head)
+        subject = (synthesize(source, s, config, rescan=k) if head is None
+                   else synthesize_head(source, s, config, head, rescan=k))
         if rescans:
             info = {**info, "subject": f"{prefix}_{i:04d}", "rescan": k}
         image_path, label_path = case_paths(root, name)

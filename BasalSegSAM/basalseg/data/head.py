@@ -55,6 +55,16 @@ and the brain on the output grid (tissue code "brain", nearest neighbour) as ``s
 all of the above, every voxel outside ``subject.brain_mask`` is set to 0: a brain extracted on the
 scanner grid, in the head's pose, as a skull-stripping tool leaves it. Nothing else changes (the
 same draws, labels and grid as the head of the same seed).
+
+**Rescans** (``rescan=k``, ``basalseg synth --head --rescans K``): the same person scanned again
+on the same protocol, for the scan-rescan study of localised results (docs/UNCERTAINTY.md). The
+anatomy and the protocol are the subject's (every draw of steps 1-2 but the intensities; of step
+3 the orientation, voxel size, thick slices, crop choice, field-of-view cap and origin); the head
+sits in a new pose (a further rotation U(+-6 deg) per axis and translation U(+-5 mm)), and the
+field-of-view margins, every intensity (brain GMM, tissue means, stds and texture) and every
+acquisition draw of step 4 are new, from a second stream (``SeedSequence([seed, 11, 7919, k])``;
+the brain's from :func:`~basalseg.data.synth.rescan_seed`, the artefacts' from
+``SeedSequence([seed, 13, k])``). ``rescan=0`` is the subject, bit for bit.
 """
 
 from __future__ import annotations
@@ -71,9 +81,14 @@ from ..structures import STRUCTURES
 from .settings import JsonSettings
 from .synth import SynthConfig, SynthSource, SyntheticSubject, _rotation, synthesize
 
-__all__ = ["HeadConfig", "synthesize_head", "brain_config_for_heads", "HEAD_GENERATOR_VERSION", "random_orientation"]
+__all__ = ["HeadConfig", "synthesize_head", "brain_config_for_heads", "HEAD_GENERATOR_VERSION", "random_orientation",
+           "RESCAN_ROTATION_DEG", "RESCAN_TRANSLATION_MM"]
 
 HEAD_GENERATOR_VERSION = 1
+#: a rescan's further head pose: rotations U(+-6 deg) about every axis, translations U(+-5 mm)
+#: (the skull-stripped rescans' pose, :func:`basalseg.data.synth.synthesize` ``rescan=``)
+RESCAN_ROTATION_DEG = 6.0
+RESCAN_TRANSLATION_MM = 5.0
 _FS = np.array([s.label for s in STRUCTURES])
 
 #: layer name -> (thickness range mm, mean range); from the brain outward.
@@ -173,15 +188,33 @@ def _brain_mask(image: np.ndarray, full: np.ndarray | None) -> np.ndarray:
 
 
 def synthesize_head(source: SynthSource, seed: int, config: SynthConfig | None = None,
-                    head: HeadConfig | None = None) -> SyntheticSubject:
+                    head: HeadConfig | None = None, rescan: int = 0) -> SyntheticSubject:
     """One head-like subject (module docstring). ``source`` must be prepared with
     :func:`brain_config_for_heads` of ``config`` (its margin); returns image and labels on a random
-    scanner grid (``subject.image.affine``), full labels on that grid too."""
+    scanner grid (``subject.image.affine``), full labels on that grid too.
+
+    Args:
+        rescan: 0 = the subject itself. ``k >= 1``: a synthetic *rescan* of the same person on the
+            same protocol (module docstring, "Rescans"): the anatomy (brain deformation, structure
+            volumes, head layers, eyes, neck) and the protocol (axis orientation, voxel size,
+            thick-slice axis and thickness, crop or whole head, field-of-view cap, scanner origin)
+            are the subject's; the head is moved by a further rigid pose (rotations
+            U(+-:data:`RESCAN_ROTATION_DEG`), translations U(+-:data:`RESCAN_TRANSLATION_MM`) about
+            the posed head's centre), and every intensity and acquisition draw is new (brain GMM,
+            tissue means and texture, field-of-view margins, blur, bias, noise, gamma, k-space
+            artefacts), from streams of their own.
+    """
     head = head or HeadConfig()
+    rescan = int(rescan)
+    if rescan < 0:
+        raise ValueError(f"rescan must be >= 0; got {rescan}")
     bconf = brain_config_for_heads(config)
     t0 = time.perf_counter()
-    brain = synthesize(source, seed, bconf)
+    brain = synthesize(source, seed, bconf, rescan=rescan, repose=False)
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 11]))
+    # a rescan's intensity and acquisition draws (the subject's are still drawn from rng, in the
+    # same order, so that every anatomical and protocol draw stays the subject's)
+    scan = rng if rescan == 0 else np.random.default_rng(np.random.SeedSequence([int(seed), 11, 7919, rescan]))
     img_b, lab_b, full_b = brain.image.data, brain.labels, brain.full_labels
     # --- canvas: the brain grid padded so the head (and the neck) fit ---
     pad_lo = np.array([22, 30, 75])  # R-L, posterior/anterior, inferior (neck)/superior
@@ -206,6 +239,8 @@ def synthesize_head(source: SynthSource, seed: int, config: SynthConfig | None =
     for code, (name, thick_r, mean_r) in enumerate(_LAYERS, start=2):
         t = float(rng.uniform(*thick_r))
         means[name], stds[name] = float(rng.uniform(*mean_r)), float(rng.uniform(*tstd))
+        if rescan:
+            means[name], stds[name] = float(scan.uniform(*mean_r)), float(scan.uniform(*tstd))
         draws[name] = round(t, 3)
         shell = (~bmask) & (dist >= edge * modul) & (dist < (edge + t) * modul)
         tissue[shell & (tissue == 0)] = code
@@ -232,9 +267,13 @@ def synthesize_head(source: SynthSource, seed: int, config: SynthConfig | None =
         tissue[orbit] = len(names)
         names.append("orbital_fat")
         means["orbital_fat"], stds["orbital_fat"] = float(rng.uniform(0.95, 1.4)), float(rng.uniform(*tstd))
+        if rescan:
+            means["orbital_fat"], stds["orbital_fat"] = float(scan.uniform(0.95, 1.4)), float(scan.uniform(*tstd))
         tissue[eyes & ~bmask] = len(names)
         names.append("vitreous")
         means["vitreous"], stds["vitreous"] = float(rng.uniform(0.05, 0.25)), float(rng.uniform(*tstd))
+        if rescan:
+            means["vitreous"], stds["vitreous"] = float(scan.uniform(0.05, 0.25)), float(scan.uniform(*tstd))
         extra["eyes"] = {"radius_mm": round(r_eye, 2), "separation_mm": round(2 * sep, 2)}
         # skin/fat around the eyes so they sit inside the head
         around = ndimage.binary_dilation(orbit | eyes, iterations=3) & (tissue == 0)
@@ -260,6 +299,8 @@ def synthesize_head(source: SynthSource, seed: int, config: SynthConfig | None =
     # --- compose intensities (brain from synth; tissues with their own mean and std) ---
     canvas = np.where(bmask, image, 0.0).astype(np.float32)
     noise = rng.standard_normal(shape, dtype=np.float32)
+    if rescan:
+        noise = scan.standard_normal(shape, dtype=np.float32)
     for code, name in enumerate(names):
         if code < 2:
             continue
@@ -281,11 +322,19 @@ def synthesize_head(source: SynthSource, seed: int, config: SynthConfig | None =
     pad = rng.uniform(0, head.fov_pad_mm, 6)
     crop_margin = float(rng.uniform(head.crop_min_mm, head.crop_min_mm + 25))
     R = _rotation(rot)
+    repose, d_trans = None, np.zeros(3)
+    if rescan:  # the same protocol, the head placed anew, the field of view placed around it anew
+        d_rot = scan.uniform(-RESCAN_ROTATION_DEG, RESCAN_ROTATION_DEG, 3)
+        d_trans = scan.uniform(-RESCAN_TRANSLATION_MM, RESCAN_TRANSLATION_MM, 3)
+        pad = scan.uniform(0, head.fov_pad_mm, 6)
+        crop_margin = float(scan.uniform(head.crop_min_mm, head.crop_min_mm + 25))
+        R = _rotation(d_rot) @ R  # about the posed head's centre: R (x - c) + c + t -> D R (x - c) + c + t + d
+        repose = {"rotation_deg": d_rot.round(3).tolist(), "translation_mm": d_trans.round(3).tolist()}
     centre_w = affine[:3, :3] @ centre_b + affine[:3, 3]
     # world_out = R (x - c) + c + t + origin  for canvas world x
     fwd = np.eye(4)
     fwd[:3, :3] = R
-    fwd[:3, 3] = centre_w + trans + origin - R @ centre_w
+    fwd[:3, 3] = centre_w + trans + d_trans + origin - R @ centre_w
     head_mask = tissue > 0
     box_src = bmask if crop else head_mask
     bidx = np.argwhere(box_src)
@@ -298,7 +347,7 @@ def synthesize_head(source: SynthSource, seed: int, config: SynthConfig | None =
     a_lo = in_axes.min(0) - (crop_margin if crop else pad[:3])
     a_hi = in_axes.max(0) + (crop_margin if crop else pad[3:])
     # a scanner's field of view: at most U(fov_mm) per axis, kept around the brain
-    cap = rng.uniform(*head.fov_mm, 3)
+    cap = rng.uniform(*head.fov_mm, 3)  # the protocol's: a rescan keeps it
     brain_c = (fwd @ affine @ np.append(centre_b, 1.0))[:3] @ orient
     for a in range(3):
         if a_hi[a] - a_lo[a] > cap[a]:
@@ -309,6 +358,7 @@ def synthesize_head(source: SynthSource, seed: int, config: SynthConfig | None =
     out_affine[:3, :3] = dirs
     out_affine[:3, 3] = orient @ a_lo
     # --- acquisition: pre-blur, slice-profile averaging, bias, Rician noise, gamma ---
+    rng = scan  # from here on every draw is of the acquisition (a rescan's own)
     blur = float(rng.uniform(0, head.blur_sigma_mm))
     # in-plane partial volume: a Gaussian of the output voxel size (FWHM ~ spacing) on the canvas
     sigma_pv = max(blur, 0.42 * float(np.min(spacing)) * 0.8)
@@ -350,7 +400,7 @@ def synthesize_head(source: SynthSource, seed: int, config: SynthConfig | None =
     bias_std = float(rng.uniform(0, head.bias_std))
     mean_sp = float(np.mean(spacing))
     out_img *= np.exp(_smooth_field(rng, out_shape, head.bias_spacing_mm / mean_sp, bias_std))
-    out_img, artefacts = _kspace_artefacts(out_img, head, seed)
+    out_img, artefacts = _kspace_artefacts(out_img, head, seed, rescan)
     sigma = float(rng.uniform(*head.noise_std))
     if sigma > 0:
         n1 = rng.standard_normal(out_shape, dtype=np.float32) * sigma
@@ -376,6 +426,8 @@ def synthesize_head(source: SynthSource, seed: int, config: SynthConfig | None =
     }
     if artefacts is not None:
         params["head"]["artefacts"] = artefacts
+    if repose is not None:
+        params["head"]["rescan"] = {"index": rescan, **repose}
     brain_mask = out_tissue == 1  # the brain on the output grid
     if head.skull_stripped:
         out_img = np.where(brain_mask, out_img, np.float32(0)).astype(np.float32)
@@ -387,7 +439,7 @@ def synthesize_head(source: SynthSource, seed: int, config: SynthConfig | None =
     return subject
 
 
-def _kspace_artefacts(image: np.ndarray, head: HeadConfig, seed: int) -> tuple[np.ndarray, dict | None]:
+def _kspace_artefacts(image: np.ndarray, head: HeadConfig, seed: int, rescan: int = 0) -> tuple[np.ndarray, dict | None]:
     """Step 4b (module docstring): Gibbs ringing and motion ghosts, with probability ``artefact_prob``.
 
     Draws come from their own stream (``SeedSequence([seed, 13])``), so every other draw of the
@@ -399,7 +451,7 @@ def _kspace_artefacts(image: np.ndarray, head: HeadConfig, seed: int) -> tuple[n
     """
     if head.artefact_prob <= 0:
         return image, None
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 13]))
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 13] + ([int(rescan)] if rescan else [])))
     if rng.uniform() >= head.artefact_prob:
         return image, None
     from monai.transforms import GibbsNoise

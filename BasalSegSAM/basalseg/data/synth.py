@@ -321,7 +321,8 @@ def rescan_seed(seed: int, rescan: int) -> int:
     return int(np.random.SeedSequence([int(seed), 7919, int(rescan)]).generate_state(1, np.uint32)[0])
 
 
-def synthesize(source: SynthSource, seed: int, config: SynthConfig | None = None, rescan: int = 0) -> SyntheticSubject:
+def synthesize(source: SynthSource, seed: int, config: SynthConfig | None = None, rescan: int = 0,
+               repose: bool = True) -> SyntheticSubject:
     """Generate one subject from a prepared template (module docstring).
 
     Args:
@@ -334,6 +335,10 @@ def synthesize(source: SynthSource, seed: int, config: SynthConfig | None = None
             second stream, :func:`rescan_seed`. The true volumes stay the subject's, up to the
             nearest-neighbour resampling of the labels in the new pose and anatomy pushed out
             of the box (``params["volumes_mm3"]`` records the rescan's own label volumes).
+        repose: with ``rescan >= 1``, False keeps the subject's pose (no ``P``; the pose is still
+            drawn, so the intensity draws are those of ``repose=True``): new intensities of the
+            same brain in the same place, for a caller that moves the whole head itself
+            (:func:`basalseg.data.head.synthesize_head`).
 
     Raises:
         ValueError: ``config`` differs from the one given to :func:`prepare_source` in a setting
@@ -362,6 +367,8 @@ def synthesize(source: SynthSource, seed: int, config: SynthConfig | None = None
         scan_rng = np.random.default_rng(rescan_seed(seed, rescan))
         pose_rot = scan_rng.uniform(-0.5 * config.rotation_deg, 0.5 * config.rotation_deg, 3)
         pose_trans = scan_rng.uniform(-0.5 * config.translation_mm, 0.5 * config.translation_mm, 3)
+        if not repose:
+            pose_rot, pose_trans = np.zeros(3), np.zeros(3)
     pose = _rotation(pose_rot)
     shear_m = np.array([[1, shear[0], shear[1]], [0, 1, shear[2]], [0, 0, 1.0]])
     m = _rotation(rot) @ shear_m @ np.diag(scale)
@@ -374,7 +381,7 @@ def synthesize(source: SynthSource, seed: int, config: SynthConfig | None = None
     xc = cidx @ out.affine[:3, :3].T + out.affine[:3, 3]
     u_nl = np.stack([np.clip(_smooth_random(rng, cshape, config.nonlinear_spacing_mm, step, nl_std),
                              -config.nonlinear_max_mm, config.nonlinear_max_mm) for _ in range(3)], -1).reshape(-1, 3)
-    if int(rescan) > 0:
+    if int(rescan) > 0 and repose:
         # A rescan sees the subject through a rigid pose P (output space -> the subject's output
         # space): every output point x is replaced by P(x), and the subject's deformation is
         # evaluated there (interpolated on its coarse grid), so the anatomy is the subject's.
