@@ -290,3 +290,16 @@ fi
 # 14. issue 11, 2026-12-06: the T1-only ablation on today's cohorts (two students from scratch, T1 only and T1 + SDM
 #     band 5, the same cases, steps and seed; README "T1 + SDM against T1 only, on today's cohorts"):
 #     bash scripts/ablation_t1_vs_sdm.sh "$W" 2000
+# 15. 2026-12-07 (HEAD_REPEAT=1): the repeatability of localised whole heads (docs/UNCERTAINTY.md, "The study of
+#     localised whole heads"): 10 heads x 3 scans on one protocol each, segmented with the default --localise auto;
+#     its part of the table is written next to the table of step 13 (copy it over the shipped one to ship it).
+if [ "${HEAD_REPEAT:-0}" = 1 ]; then
+  C="$W/cohorts"
+  [ -f "$C/rescan_head_921/dataset.json" ] || $B synth --out "$C/rescan_head_921" --n 6 --seed 921 --template mni152 --template icbm2009c --contrast t1_gmm --head --rescans 2 --prefix rhead
+  [ -f "$C/rescan_head_922/dataset.json" ] || $B synth --out "$C/rescan_head_922" --n 4 --seed 922 --template mni152 --template icbm2009c --contrast t1_gmm --head --rescans 2 --prefix rhead922
+  H="--cohort $C/rescan_head_921 --cohort $C/rescan_head_922"
+  .venv/bin/python scripts/repeatability.py run $H --work "$W/rephead" --threads 1 --localise auto & \
+    .venv/bin/python scripts/repeatability.py run $H --work "$W/rephead" --threads 1 --localise auto --start 1; wait
+  .venv/bin/python scripts/repeatability.py analyse-localised --work "$W/rephead" --report rescan_head_921 --report rescan_head_922 \
+    --into BasalSegSAM/basalseg/weights/repeatability.json --table "$W/rephead/repeatability.json" --markdown "$W/rephead/analysis.md"
+fi

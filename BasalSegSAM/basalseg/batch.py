@@ -26,8 +26,8 @@
     the follow-up table: for every subject with several sessions, the change between consecutive
     sessions (in session-date order), one row per pair and structure, the columns of ``basalseg
     compare`` (:data:`basalseg.longitudinal.CHANGES_COLUMNS`: change in mL and %, %/year, each
-    scan's interval, the smallest detectable change and whether the change exceeds it), plus why a
-    pair has no SDC and its warnings. Only the header when no subject has two sessions.
+    scan's interval, the smallest detectable change and whether the change exceeds it), plus the
+    repeatability study the SDC comes from, or why a pair has none, and its warnings. Only the header when no subject has two sessions.
 ``failures.csv``
     the scans that have no result (``scan, input, kind, message, time``); empty when none.
 ``batch_log.jsonl``

@@ -39,8 +39,9 @@ Folders that are not complete BasalSegSAM results are refused. Warnings (printed
 backend, options or basalseg version differ, when the subjects recorded differ, when both
 results come from the same image, or when B is not later than A.
 
-The Python entry point for other front ends (the Slicer module's change table) is
-:func:`compare_results`.
+The Python entry point for other front ends is :func:`compare_results`. For a cohort,
+:func:`consecutive_changes` compares every subject's consecutive sessions (the report's
+longitudinal view, and ``changes.csv`` of a batch folder, :func:`changes_csv_text`).
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ class Comparison:
         interval_days: ``date_b - date_a`` in days, or None.
         warnings: differences that make the change less trustworthy.
         sdc_note: why there is no smallest detectable change (None when there is one).
+        sdc_study: which repeatability study the SDC comes from (None when there is none).
     """
 
     a: object
@@ -87,6 +89,7 @@ class Comparison:
     interval_days: int | None = None
     warnings: list[str] = field(default_factory=list)
     sdc_note: str | None = None
+    sdc_study: str | None = None
 
     def csv_text(self) -> str:
         buffer = io.StringIO()
@@ -310,6 +313,13 @@ def table_applies(table: dict | None, *records) -> tuple[bool, str]:
     return part is not None, why
 
 
+def study_name(part: dict, table: dict | None) -> str:
+    """How the text outputs name the study a part of the table (:func:`table_for`) holds."""
+    if table is not None and part is table.get("localised"):
+        return "localised whole-head rescans, one protocol each (docs/UNCERTAINTY.md)"
+    return "skull-stripped rescans segmented as they are (docs/UNCERTAINTY.md)"
+
+
 def add_sdc(row: dict, table: dict | None, structure: str, band_a: float | None = None,
             band_b: float | None = None) -> None:
     """Fill ``sdc_ml``, ``exceeds_sdc`` and ``change_over_sdc`` of a change row (module docstring)."""
@@ -348,9 +358,10 @@ def compare_records(a, b, date_a: str | None = None, date_b: str | None = None, 
         missing = [t for t, d in (("A", da), ("B", db)) if d is None]
         warnings.append(f"no acquisition date for {' and '.join(missing)}: no interval or annualised change "
                         "(give --date-a/--date-b YYYY-MM-DD)")
+    full_table = None
     if use_table:
-        table = load_table() if table is None else table
-        table, why = table_for(table, a, b)
+        full_table = load_table() if table is None else table
+        table, why = table_for(full_table, a, b)
     else:
         table, why = None, "not asked for"
     rows = []
@@ -382,6 +393,7 @@ def compare_records(a, b, date_a: str | None = None, date_b: str | None = None, 
     comparison = Comparison(a=a, b=b, rows=rows, date_a=da, date_b=db, date_source_a=src_a, date_source_b=src_b,
                             interval_days=days, warnings=warnings)
     comparison.sdc_note = None if table else f"no smallest detectable change: {why}"
+    comparison.sdc_study = study_name(table, full_table) if table else None
     return comparison
 
 
@@ -439,8 +451,9 @@ def consecutive_changes(records, table: dict | None = None) -> list[tuple]:
 
 
 #: ``changes.csv`` of a batch folder: :data:`COMPARE_COLUMNS` of each consecutive pair, with the
-#: subject first and, last, why there is no SDC and the pair's warnings (``; ``-separated).
-CHANGES_COLUMNS = ["subject"] + COMPARE_COLUMNS + ["sdc_note", "warnings"]
+#: subject first and, last, the study the SDC comes from, why there is none, and the pair's
+#: warnings (``; ``-separated).
+CHANGES_COLUMNS = ["subject"] + COMPARE_COLUMNS + ["sdc_study", "sdc_note", "warnings"]
 
 
 def changes_csv_text(pairs: list[tuple]) -> str:
@@ -453,7 +466,7 @@ def changes_csv_text(pairs: list[tuple]) -> str:
         if isinstance(c, BasalSegError):
             writer.writerow({"subject": subject, "scan_a": a.name, "scan_b": b.name, "warnings": f"not compared: {c}"})
             continue
-        extra = {"sdc_note": c.sdc_note or "", "warnings": "; ".join(" ".join(w.split()) for w in c.warnings)}
+        extra = {"sdc_study": c.sdc_study or "", "sdc_note": c.sdc_note or "", "warnings": "; ".join(" ".join(w.split()) for w in c.warnings)}
         for row in c.rows:
             writer.writerow({"subject": subject, **{k: _cell(row.get(k)) for k in COMPARE_COLUMNS}, **extra})
     return buffer.getvalue()
@@ -494,7 +507,8 @@ def format_table(comparison: Comparison) -> str:
                                   for i, (x, w) in enumerate(zip(cells, widths)))
     tail = []
     if sdc:
-        tail.append("SDC: smallest detectable change (95 % of scan-rescan differences are smaller; docs/UNCERTAINTY.md)")
+        tail.append("SDC: smallest detectable change (95 % of scan-rescan differences are smaller), from the study of "
+                    + (c.sdc_study or "docs/UNCERTAINTY.md"))
     elif getattr(c, "sdc_note", None):
         tail.append(c.sdc_note)
     return "\n".join(head + [fmt(cols), fmt(["-" * w for w in widths])] + [fmt(cells) for cells in lines] + tail) + "\n"

@@ -302,6 +302,8 @@ def _longitudinal_section(records: list[ResultRecord]) -> list[str]:
             parts.append(f'<div class="warn">{e(w)}</div>')
         if c.sdc_note:
             parts.append(f'<p class="meta">{e(c.sdc_note)}</p>')
+        elif c.sdc_study:
+            parts.append(f'<p class="meta">SDC from the study of {e(c.sdc_study)}</p>')
         parts.append(f'<table class="longitudinal" data-subject="{e(subject)}" data-a="{e(a.name)}" data-b="{e(b.name)}">'
                      "<thead><tr><th>structure</th><th>A mL (95 %)</th><th>B mL (95 %)</th><th>change mL</th>"
                      "<th>change %</th><th>%/year</th><th>SDC mL</th><th>real?</th></tr></thead><tbody>")

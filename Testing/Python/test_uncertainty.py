@@ -295,13 +295,17 @@ TABLE = {"format": "basalseg-repeatability", "student_sha256": "b" * 64,
          "repeatability": {s.name: {"cv_within": 0.02, "band_ratio": 0.1} for s in STRUCTURES}}
 
 
-def _with_uncertainty(folder, scale=None, seed=0):
-    """A synthetic result folder with an interval (band 1 % of each volume)."""
+def _with_uncertainty(folder, scale=None, seed=0, localised=False):
+    """A synthetic result folder with an interval (band 1 % of each volume); ``localised``: as a
+    whole head that ``--localise auto`` registered to the template."""
     from test_report import synthetic_result
 
     from basalseg.results import write_result
 
     result = synthetic_result(scale=scale, seed=seed)
+    if localised:
+        result.provenance.setdefault("options", {})["localise"] = "auto"
+        result.provenance["localisation"] = {"mode": "auto", "applied": True}
     vox = result.volume.voxel_volume_mm3 / 1000
     counts = {s.name: int((result.labels == s.label).sum()) for s in STRUCTURES}
     result.uncertainty = {"mode": "softmax", "seconds": 0.0, "measures": {
@@ -332,6 +336,34 @@ def test_compare_flags_a_10_percent_shrinkage_and_not_a_rescan(tmp_path):
     csv_rows = list(csv.DictReader(c.csv_text().splitlines()))
     assert next(r for r in csv_rows if r["structure"] == "Left-Putamen")["exceeds_sdc"] == "yes"
     assert next(r for r in csv_rows if r["structure"] == "Left-Caudate")["exceeds_sdc"] == "no"
+
+
+def test_compare_of_localised_heads_uses_the_head_study(tmp_path):
+    """Two localised results take the SDC of the table's ``localised`` part (here CV 5 % against the
+    top level's 2 %), and every output names the study; a localised result against one segmented as
+    it is gets none."""
+    from basalseg.longitudinal import changes_csv_text, compare_results, format_table
+
+    heads = {"options": {"localise": "on"}, "protocol": "same",
+             "repeatability": {s.name: {"cv_within": 0.05, "band_ratio": 0.1} for s in STRUCTURES}}
+    table = {**TABLE, "localised": heads}
+    a = _with_uncertainty(tmp_path / "A", localised=True)
+    b = _with_uncertainty(tmp_path / "B", scale={"left_putamen": 0.90}, seed=2, localised=True)
+    c = compare_results(a, b, "2020-01-01", "2021-01-01", table=table)
+    put = next(r for r in c.rows if r["structure"] == "Left-Putamen")
+    assert put["sdc_ml"] == pytest.approx(Z95 * np.hypot(0.05 * put["volume_ml_a"], 0.05 * put["volume_ml_b"]))
+    assert put["exceeds_sdc"] is False  # -10 % is within this study's SDC (~14 %), not the skull-stripped one's
+    assert c.sdc_note is None and "localised whole-head rescans" in c.sdc_study
+    assert "from the study of localised whole-head rescans" in format_table(c)
+    row = next(r for r in csv.DictReader(changes_csv_text([("sub-01", c.a, c.b, c)]).splitlines())
+               if r["structure"] == "Left-Putamen")
+    assert row["subject"] == "sub-01" and "localised whole-head" in row["sdc_study"] and row["sdc_note"] == ""
+    stripped = _with_uncertainty(tmp_path / "S", seed=3)
+    c = compare_results(a, stripped, "2020-01-01", "2021-01-01", table=table)
+    assert c.sdc_study is None and "went different ways" in c.sdc_note
+    assert all(r["sdc_ml"] is None for r in c.rows)
+    c = compare_results(_with_uncertainty(tmp_path / "S2", seed=4), stripped, "2020-01-01", "2021-01-01", table=table)
+    assert "skull-stripped rescans" in c.sdc_study
 
 
 def test_compare_scan_band_widens_the_sdc(tmp_path):
