@@ -345,6 +345,13 @@ def cmd_analyse_localised(args) -> int:
     if unlocalised:
         raise SystemExit(f"{len(unlocalised)} scan(s) were not localised (run --localise auto on whole heads): "
                          + ", ".join(unlocalised[:5]))
+    from basalseg.localise import HEAD_FRACTION
+
+    stripped = sorted(r["name"] for r in recs
+                      if float((r["localisation"].get("contrast") or {}).get("head_tissue_fraction", 0.0)) < HEAD_FRACTION)
+    if stripped:
+        raise SystemExit(f"{len(stripped)} scan(s) have no head around the brain (the localisation's head-tissue "
+                         "check): this study is of whole heads: " + ", ".join(stripped[:5]))
     table_path = Path(args.into)
     table = json.loads(table_path.read_text())
     sha = {r.get("student_sha256") for r in recs}
@@ -389,6 +396,7 @@ def cmd_analyse_localised(args) -> int:
     table["localised"] = {
         "date": datetime.date.today().isoformat(), "options": options,
         "protocol": "same",  # every rescan keeps its subject's protocol (basalseg.data.head, rescan=)
+        "input": "whole head",  # every scan passed the localisation's head-tissue check (checked above)
         "repeatability": {n: {k2: (round(v, 6) if isinstance(v, float) else v) for k2, v in rep[n].items()} for n in NAMES},
         "repeatability_cohorts": list(args.report),
         "interval_coverage": {n: round(cover[n], 4) for n in NAMES},

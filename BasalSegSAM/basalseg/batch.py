@@ -182,7 +182,7 @@ def _num(value) -> str:
 def write_cohort_tables(out_dir: str | os.PathLike, records) -> tuple[Path, Path, Path]:
     """Write ``OUT_DIR/volumes.csv`` (long), ``OUT_DIR/volumes_wide.csv`` and ``OUT_DIR/changes.csv``
     (module docstring) from result records."""
-    from .longitudinal import changes_csv_text, consecutive_changes
+    from .longitudinal import changes_csv_text, consecutive_changes, resolve_date
     from .outputs import atomic_write_text
     from .structures import STRUCTURES
 
@@ -198,7 +198,9 @@ def write_cohort_tables(out_dir: str | os.PathLike, records) -> tuple[Path, Path
     for r in records:
         brain = r.brain
         status = brain.get("status") or "not_computed"
-        common = {"scan": r.name, "subject": r.subject, "session": r.session, "session_date": r.session_date,
+        date = resolve_date(r)[0]  # a date corrected in the dataset since the scan was segmented wins
+        common = {"scan": r.name, "subject": r.subject, "session": r.session,
+                  "session_date": date.isoformat() if date else "",
                   "brain_mask_ml": _num(brain.get("brain_mask_ml")), "brain_volume_ml": _num(brain.get("brain_volume_ml")),
                   "brain_estimate": status}
         for row in r.volumes:
@@ -232,6 +234,7 @@ class BatchSummary:
     skipped: list[str] = field(default_factory=list)
     failed: list[dict] = field(default_factory=list)
     cohort_csv: Path | None = None
+    tables: tuple = ()  # volumes.csv, volumes_wide.csv, changes.csv
     report: Path | None = None
     warnings: list[str] = field(default_factory=list)
 
@@ -494,7 +497,8 @@ def run_batch(scans: list[Scan], out_dir: str | os.PathLike, pipeline, *, prompt
         summary.failed = [failures[s.name] for s in scans if s.name in failures]
         write_failures(out_dir, summary.failed)
         records, broken = find_results(out_dir)
-        summary.cohort_csv = write_cohort_tables(out_dir, records)[0]
+        summary.tables = write_cohort_tables(out_dir, records)
+        summary.cohort_csv = summary.tables[0]
         summary.warnings = cohort_warnings(records)
         if report:
             summary.report = build_report(out_dir, thresholds, embed=embed, records=records, broken=broken)

@@ -27,12 +27,19 @@ For each structure (and the brain-mask / brain volumes when both results have th
     student (sha256) and options a study was measured for, or took different paths.
 ``exceeds_sdc``, ``change_over_sdc``
     ``yes`` when ``|change_ml| > sdc_ml`` (a change larger than 95 % of scan-rescan differences),
-    and ``|change_ml| / sdc_ml``.
+    and ``|change_ml| / sdc_ml``. Each structure is tested on its own, at 95 %: of 8 structures
+    of an unchanged brain, about one pair in three has one ``yes`` by chance.
+``sdc_study``, ``sdc_note``, ``warnings``
+    the same on every row of a pair: the repeatability study the SDC comes from, or why there is
+    none, and the warnings below (``; ``-separated).
 
 **Dates**, for each scan, first found: ``--date-a`` / ``--date-b``; the session date that
 ``basalseg batch`` recorded in ``provenance.json`` (``scan_info``); the BIDS ``*_scans.tsv`` /
 ``*_sessions.tsv``, JSON sidecar or NIfTI header of the input image recorded in provenance (when
-it is still there; see :func:`basalseg.bids.session_date`). ``interval_days = date_B - date_A``.
+it is still there; see :func:`basalseg.bids.session_date`). When the input is still there and its
+dataset now gives another date than the recorded one (a corrected ``sessions.tsv``), the
+dataset's date wins and the source says so: a date fixed after segmentation needs no rerun.
+``interval_days = date_B - date_A``.
 
 Folders that are not complete BasalSegSAM results are refused. Warnings (printed, and kept in
 :attr:`Comparison.warnings`) when the inputs differ in voxel size, when the weights, foundation
@@ -57,12 +64,12 @@ from .errors import BasalSegError
 
 __all__ = ["Comparison", "compare_results", "compare_records", "resolve_date", "COMPARE_COLUMNS", "format_table",
            "add_sdc", "table_applies", "table_for", "effective_options", "session_groups",
-           "consecutive_changes", "changes_csv_text", "CHANGES_COLUMNS"]
+           "consecutive_changes", "changes_csv_text", "CHANGES_COLUMNS", "MULTIPLE_TESTS_NOTE"]
 
 COMPARE_COLUMNS = ["structure", "label", "volume_ml_a", "volume_ml_b", "change_ml", "percent_change",
                    "percent_change_symmetric", "annualised_percent_change", "interval_days", "date_a", "date_b",
                    "scan_a", "scan_b", "volume_ml_low_a", "volume_ml_high_a", "volume_ml_low_b", "volume_ml_high_b",
-                   "sdc_ml", "exceeds_sdc", "change_over_sdc"]
+                   "sdc_ml", "exceeds_sdc", "change_over_sdc", "sdc_study", "sdc_note", "warnings"]
 
 
 @dataclass
@@ -96,8 +103,14 @@ class Comparison:
         writer = csv.DictWriter(buffer, fieldnames=COMPARE_COLUMNS, lineterminator="\n")
         writer.writeheader()
         for row in self.rows:
-            writer.writerow({k: _cell(row.get(k)) for k in COMPARE_COLUMNS})
+            writer.writerow({**{k: _cell(row.get(k)) for k in COMPARE_COLUMNS}, **self.pair_columns()})
         return buffer.getvalue()
+
+    def pair_columns(self) -> dict:
+        """The columns that are the same on every row: the SDC's study or why there is none, and
+        the warnings (``; ``-separated)."""
+        return {"sdc_study": self.sdc_study or "", "sdc_note": self.sdc_note or "",
+                "warnings": "; ".join(" ".join(w.split()) for w in self.warnings)}
 
 
 def _cell(value) -> str:
@@ -125,14 +138,16 @@ def resolve_date(record, override: str | None = None) -> tuple[datetime.date | N
     if override:
         return _parse_date(override, "date"), "given on the command line"
     info = record.scan_info
-    if info.get("session_date"):
-        return _parse_date(info["session_date"], f"{record.folder}/provenance.json"), \
-            f"provenance.json ({info.get('date_source') or 'batch'})"
     path = record.input.get("path")
-    if path and Path(path).exists():
-        date, source = session_date(path)
-        if date:
-            return datetime.date.fromisoformat(date), source
+    current, current_source = session_date(path) if path and Path(path).exists() else (None, None)
+    if info.get("session_date"):
+        recorded = _parse_date(info["session_date"], f"{record.folder}/provenance.json")
+        if current and datetime.date.fromisoformat(current) != recorded:  # the dataset's dates were corrected since
+            return datetime.date.fromisoformat(current), \
+                f"{current_source}, corrected since the scan was segmented (provenance.json recorded {recorded})"
+        return recorded, f"provenance.json ({info.get('date_source') or 'batch'})"
+    if current:
+        return datetime.date.fromisoformat(current), current_source
     return None, None
 
 
@@ -191,13 +206,24 @@ def effective_options(provenance: dict) -> dict:
     return opts
 
 
+def _input_kind(record) -> str | None:
+    """``"whole head"`` or ``"skull-stripped"`` by the localisation's head-tissue check
+    (:mod:`basalseg.localise`: the shell around the registered brain), None when not recorded."""
+    from .localise import HEAD_FRACTION
+
+    fraction = (((record.provenance.get("localisation") or {}).get("contrast")) or {}).get("head_tissue_fraction")
+    if fraction is None:
+        return None
+    return "whole head" if float(fraction) >= HEAD_FRACTION else "skull-stripped"
+
+
 def _spacing_differs(a, b) -> bool:
     sa, sb = a.spacing, b.spacing
     return bool(sa and sb and (len(sa) != len(sb) or any(abs(x - y) > 1e-3 for x, y in zip(sa, sb))))
 
 
 def _fmt_spacing(spacing) -> str:
-    return "x".join(f"{x:g}" for x in spacing)
+    return "x".join(f"{x:.4g}" for x in spacing)
 
 
 def _check_pair(a, b) -> list[str]:
@@ -272,8 +298,8 @@ def table_for(table: dict | None, *records) -> tuple[dict | None, str]:
     """The part of the repeatability table measured for the student and options of these results:
     ``(part, why not)``. ``part`` is the table itself for results segmented as they are (its study
     of skull-stripped rescans, ``localise`` off), its ``"localised"`` part when every result was
-    localised (the study of whole-head rescans on one protocol: not for two scans that differ in
-    voxel size), or None with the reason."""
+    localised (the study of whole-head rescans on one protocol: only for two whole heads, by the
+    localisation's head-tissue check, of equal voxel size), or None with the reason."""
     if not table or not table.get("repeatability"):
         return None, "no repeatability table is shipped"
     want = table.get("student_sha256")
@@ -294,6 +320,15 @@ def table_for(table: dict | None, *records) -> tuple[dict | None, str]:
             return None, ("the repeatability table has no study of localised results (resampled onto the brain "
                           "template: a whole head, or a brain turned more than 10 deg), a path whose scan-rescan "
                           "repeatability it does not hold")
+    if part.get("input") == "whole head":
+        for tag, r in zip("AB", records):
+            kind = _input_kind(r)
+            if kind != "whole head":
+                return None, ("the study of localised results is of whole heads; "
+                              + (f"{tag} is a skull-stripped brain (localised because it was turned more than 10 deg)"
+                                 if kind else f"{tag} does not record whether its input was a whole head (made before "
+                                              "2026-12-02); segment it again")
+                              + ", whose scan-rescan repeatability it did not measure")
     if part.get("protocol") == "same" and len(records) == 2 and _spacing_differs(*records):
         return None, ("the study of localised results rescanned each head on the same protocol; these scans differ "
                       f"in voxel size ({_fmt_spacing(records[0].spacing)} and {_fmt_spacing(records[1].spacing)} mm), "
@@ -427,12 +462,14 @@ def compare_results(a_dir: str | os.PathLike, b_dir: str | os.PathLike, date_a: 
 
 def session_groups(records) -> dict[str, list]:
     """Subjects with at least two results (a subject that ``basalseg batch`` recorded), each list in
-    session order: date, then session name, then folder name; undated sessions last."""
+    session order: date (:func:`resolve_date`), then session name, then folder name; undated
+    sessions last."""
     groups: dict[str, list] = {}
     for r in records:
         if r.subject and r.subject != r.name:  # batch recorded a subject (outside BIDS it is the file name)
             groups.setdefault(r.subject, []).append(r)
-    return {k: sorted(v, key=lambda r: (r.session_date == "", r.session_date, r.session, r.name))
+    dates = {id(r): resolve_date(r)[0] for v in groups.values() if len(v) >= 2 for r in v}
+    return {k: sorted(v, key=lambda r: (dates[id(r)] is None, dates[id(r)] or datetime.date.min, r.session, r.name))
             for k, v in sorted(groups.items()) if len(v) >= 2}
 
 
@@ -450,10 +487,14 @@ def consecutive_changes(records, table: dict | None = None) -> list[tuple]:
     return out
 
 
+#: Said next to every SDC verdict: each structure is tested on its own.
+MULTIPLE_TESTS_NOTE = ("Each structure is tested on its own at 95 %: in an unchanged brain about one pair of scans in "
+                       "three shows one of the 8 structures over its SDC by chance; trust a change seen in more than "
+                       "one structure or over several sessions.")
+
 #: ``changes.csv`` of a batch folder: :data:`COMPARE_COLUMNS` of each consecutive pair, with the
-#: subject first and, last, the study the SDC comes from, why there is none, and the pair's
-#: warnings (``; ``-separated).
-CHANGES_COLUMNS = ["subject"] + COMPARE_COLUMNS + ["sdc_study", "sdc_note", "warnings"]
+#: subject first.
+CHANGES_COLUMNS = ["subject"] + COMPARE_COLUMNS
 
 
 def changes_csv_text(pairs: list[tuple]) -> str:
@@ -466,7 +507,7 @@ def changes_csv_text(pairs: list[tuple]) -> str:
         if isinstance(c, BasalSegError):
             writer.writerow({"subject": subject, "scan_a": a.name, "scan_b": b.name, "warnings": f"not compared: {c}"})
             continue
-        extra = {"sdc_study": c.sdc_study or "", "sdc_note": c.sdc_note or "", "warnings": "; ".join(" ".join(w.split()) for w in c.warnings)}
+        extra = c.pair_columns()
         for row in c.rows:
             writer.writerow({"subject": subject, **{k: _cell(row.get(k)) for k in COMPARE_COLUMNS}, **extra})
     return buffer.getvalue()
@@ -509,6 +550,7 @@ def format_table(comparison: Comparison) -> str:
     if sdc:
         tail.append("SDC: smallest detectable change (95 % of scan-rescan differences are smaller), from the study of "
                     + (c.sdc_study or "docs/UNCERTAINTY.md"))
+        tail.append(MULTIPLE_TESTS_NOTE)
     elif getattr(c, "sdc_note", None):
         tail.append(c.sdc_note)
     return "\n".join(head + [fmt(cols), fmt(["-" * w for w in widths])] + [fmt(cells) for cells in lines] + tail) + "\n"

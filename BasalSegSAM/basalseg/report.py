@@ -281,7 +281,7 @@ def build_report(out_dir: str | os.PathLike, thresholds: Thresholds | None = Non
 def _longitudinal_section(records: list[ResultRecord]) -> list[str]:
     """The longitudinal view: per subject with several sessions, the change between consecutive
     sessions as ``basalseg compare`` gives it (:func:`basalseg.longitudinal.compare_records`)."""
-    from .longitudinal import consecutive_changes
+    from .longitudinal import MULTIPLE_TESTS_NOTE, consecutive_changes
 
     pairs = consecutive_changes(records)
     if not pairs:
@@ -291,7 +291,8 @@ def _longitudinal_section(records: list[ResultRecord]) -> list[str]:
     parts = [f'<h2>Longitudinal ({len(groups)} subject{"s" if len(groups) > 1 else ""} with several sessions)</h2>',
              "<p>Change between consecutive sessions, as <code>basalseg compare</code> gives it. "
              "<b>real?</b>: yes when |change| exceeds the smallest detectable change (SDC: 95 % of scan-rescan "
-             "differences of the repeatability study are smaller; docs/UNCERTAINTY.md).</p>"]
+             "differences of the repeatability study are smaller; docs/UNCERTAINTY.md). "
+             f"{e(MULTIPLE_TESTS_NOTE)}</p>"]
     for subject, a, b, c in pairs:
         if isinstance(c, BasalSegError):
             parts.append(f'<div class="warn">{e(subject)}: {e(a.name)} &rarr; {e(b.name)}: {e(str(c))}</div>')

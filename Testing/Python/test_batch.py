@@ -424,6 +424,7 @@ def test_batch_command_real_pipeline(small_t1, small_prompts_1slice_path, weight
     captured = capsys.readouterr()
     assert rc == BATCH_FAILED_EXIT, captured.err
     assert "batch: 3 scans: 2 done, 0 skipped (already complete), 1 failed" in captured.out
+    assert f"follow-up:     {out / 'changes.csv'}" in captured.out
     assert "basalseg: error: 1 of 3 scans failed" in captured.err
     assert "basalseg: failed: sub-02: " in captured.err and "unreadable" in captured.err
     assert "batch" in captured.err and "<" in captured.err  # the tqdm bar with its ETA

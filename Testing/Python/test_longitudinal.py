@@ -79,6 +79,8 @@ def test_compare_command_writes_csv(tmp_path, monkeypatch, capsys):
     va, vb = _volumes(a)["Left-Putamen"], _volumes(b)["Left-Putamen"]
     assert float(putamen["change_ml"]) == pytest.approx(vb - va, rel=1e-5)
     assert float(putamen["annualised_percent_change"]) == pytest.approx(100 * (vb - va) / va * 365.25 / 182, rel=1e-5)
+    # why there is no SDC (these synthetic results are not the shipped student's) is in the file too
+    assert all("no smallest detectable change" in r["sdc_note"] and r["sdc_study"] == "" for r in rows)
 
 
 def test_dates_from_bids_when_provenance_has_none(tmp_path):
@@ -104,6 +106,38 @@ def test_dates_from_bids_when_provenance_has_none(tmp_path):
     assert c.warnings == []
     assert next(r for r in c.rows if r["structure"] == "Left-Thalamus")["percent_change"] < -5
     assert not any(r["structure"] == "BrainMask" for r in c.rows)  # no brain volumes in plain segment results
+
+
+def test_a_date_corrected_in_the_dataset_wins_over_the_recorded_one(tmp_path):
+    """batch records each session's date in provenance.json; when the dataset's sessions.tsv is
+    corrected later, compare (and so the report and changes.csv) use the corrected date and say so,
+    with no rerun; and the recorded date stays when the dataset agrees or is gone."""
+    from conftest import write_nifti
+
+    from basalseg.longitudinal import resolve_date
+    from basalseg.results import read_result, write_result
+
+    root = tmp_path / "bids" / "sub-07"
+    root.mkdir(parents=True)
+    tsv = root / "sub-07_sessions.tsv"
+    tsv.write_text("session_id\tacq_time\nses-a\t2019-05-01\nses-b\t2020-05-01\n")
+    folders = []
+    for ses, date in (("ses-a", "2019-05-01"), ("ses-b", "2020-05-01")):
+        r = synthetic_result(seed=len(folders))
+        anat = root / ses / "anat"
+        anat.mkdir(parents=True)
+        r.volume.path = str(write_nifti(anat / f"sub-07_{ses}_T1w.nii.gz", r.volume.data, r.volume.affine))
+        r.provenance["scan_info"] = {"subject": "sub-07", "session": ses, "session_date": date,
+                                     "date_source": "sub-07_sessions.tsv acq_time"}
+        folders.append(write_result(r, tmp_path / f"res-{ses}"))
+    assert compare_results(*folders).interval_days == 366
+    tsv.write_text("session_id\tacq_time\nses-a\t2019-05-01\nses-b\t2020-11-01\n")  # ses-b's date corrected
+    c = compare_results(*folders)
+    assert c.date_b == datetime.date(2020, 11, 1) and c.interval_days == 550
+    assert "corrected since the scan was segmented (provenance.json recorded 2020-05-01)" in c.date_source_b
+    assert c.date_source_a == "provenance.json (sub-07_sessions.tsv acq_time)"
+    tsv.unlink()  # the dataset gone or silent: the recorded date
+    assert resolve_date(read_result(folders[1])) == (datetime.date(2020, 5, 1), "provenance.json (sub-07_sessions.tsv acq_time)")
 
 
 def test_no_dates(tmp_path):

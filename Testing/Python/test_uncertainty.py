@@ -104,7 +104,7 @@ def test_shipped_table_is_valid():
         assert 0 < rep["cv_within"] < 0.5 and rep["sdc_ml"] > 0 and rep["band_ratio"] > 0
     # the study of localised whole heads: the same student and options but the localisation, one protocol
     part = table["localised"]
-    assert part["options"]["localise"] == "on" and part["protocol"] == "same"
+    assert part["options"]["localise"] == "on" and part["protocol"] == "same" and part["input"] == "whole head"
     assert {k: v for k, v in part["options"].items() if k != "localise"} == \
         {k: v for k, v in table["options"].items() if k != "localise"}
     for s in STRUCTURES:
@@ -295,7 +295,7 @@ TABLE = {"format": "basalseg-repeatability", "student_sha256": "b" * 64,
          "repeatability": {s.name: {"cv_within": 0.02, "band_ratio": 0.1} for s in STRUCTURES}}
 
 
-def _with_uncertainty(folder, scale=None, seed=0, localised=False):
+def _with_uncertainty(folder, scale=None, seed=0, localised=False, head_fraction=0.8):
     """A synthetic result folder with an interval (band 1 % of each volume); ``localised``: as a
     whole head that ``--localise auto`` registered to the template."""
     from test_report import synthetic_result
@@ -305,7 +305,8 @@ def _with_uncertainty(folder, scale=None, seed=0, localised=False):
     result = synthetic_result(scale=scale, seed=seed)
     if localised:
         result.provenance.setdefault("options", {})["localise"] = "auto"
-        result.provenance["localisation"] = {"mode": "auto", "applied": True}
+        result.provenance["localisation"] = {"mode": "auto", "applied": True,
+                                             "contrast": {} if head_fraction is None else {"head_tissue_fraction": head_fraction}}
     vox = result.volume.voxel_volume_mm3 / 1000
     counts = {s.name: int((result.labels == s.label).sum()) for s in STRUCTURES}
     result.uncertainty = {"mode": "softmax", "seconds": 0.0, "measures": {
@@ -344,7 +345,7 @@ def test_compare_of_localised_heads_uses_the_head_study(tmp_path):
     it is gets none."""
     from basalseg.longitudinal import changes_csv_text, compare_results, format_table
 
-    heads = {"options": {"localise": "on"}, "protocol": "same",
+    heads = {"options": {"localise": "on"}, "protocol": "same", "input": "whole head",
              "repeatability": {s.name: {"cv_within": 0.05, "band_ratio": 0.1} for s in STRUCTURES}}
     table = {**TABLE, "localised": heads}
     a = _with_uncertainty(tmp_path / "A", localised=True)
@@ -355,6 +356,7 @@ def test_compare_of_localised_heads_uses_the_head_study(tmp_path):
     assert put["exceeds_sdc"] is False  # -10 % is within this study's SDC (~14 %), not the skull-stripped one's
     assert c.sdc_note is None and "localised whole-head rescans" in c.sdc_study
     assert "from the study of localised whole-head rescans" in format_table(c)
+    assert "about one pair of scans in three" in format_table(c)  # 8 structures, each tested at 95 %
     row = next(r for r in csv.DictReader(changes_csv_text([("sub-01", c.a, c.b, c)]).splitlines())
                if r["structure"] == "Left-Putamen")
     assert row["subject"] == "sub-01" and "localised whole-head" in row["sdc_study"] and row["sdc_note"] == ""
@@ -364,6 +366,14 @@ def test_compare_of_localised_heads_uses_the_head_study(tmp_path):
     assert all(r["sdc_ml"] is None for r in c.rows)
     c = compare_results(_with_uncertainty(tmp_path / "S2", seed=4), stripped, "2020-01-01", "2021-01-01", table=table)
     assert "skull-stripped rescans" in c.sdc_study
+    # the study is of whole heads: not for a skull-stripped brain that was localised (turned > 10 deg) ...
+    turned = _with_uncertainty(tmp_path / "T", seed=5, localised=True, head_fraction=0.02)
+    c = compare_results(a, turned, "2020-01-01", "2021-01-01", table=table)
+    assert c.sdc_study is None and "B is a skull-stripped brain" in c.sdc_note
+    # ... nor for a result that does not record what its input was
+    old = _with_uncertainty(tmp_path / "O", seed=6, localised=True, head_fraction=None)
+    c = compare_results(old, a, "2020-01-01", "2021-01-01", table=table)
+    assert c.sdc_study is None and "A does not record whether its input was a whole head" in c.sdc_note
 
 
 def test_compare_scan_band_widens_the_sdc(tmp_path):
@@ -406,6 +416,7 @@ def test_report_longitudinal_view(tmp_path, monkeypatch):
     tables = re.findall(r'<table class="longitudinal" data-subject="([^"]+)" data-a="([^"]+)" data-b="([^"]+)"', page)
     assert tables == [("sub-01", "sub-01_ses-1", "sub-01_ses-2")]
     assert re.search(r'<tr data-structure="Left-Putamen">.*?data-real="yes"', page)
+    assert "about one pair of scans in three" in page and "SDC from the study of skull-stripped rescans" in page
     assert re.search(r'<tr data-structure="Left-Caudate">.*?data-real="no"', page)
     assert 'class="ci"' in page
 

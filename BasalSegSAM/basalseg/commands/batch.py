@@ -27,7 +27,8 @@ def register(sub) -> None:
         elif action.dest == "prompts":
             action.help = "one prompts.json for every scan (only for images on one common grid)"
         elif action.dest == "out":
-            action.help = "output folder: one result folder per scan, cohort volumes.csv, report.html"
+            action.help = ("output folder: one result folder per scan, the cohort tables volumes.csv, volumes_wide.csv, "
+                           "changes.csv (follow-up), report.html")
     p.add_argument("--prompts-dir", type=Path, default=None,
                    help="per-scan prompts: DIR/<scan>/prompts.json (e.g. an earlier batch folder with edited prompts), "
                         "DIR/<scan>.json or DIR/<scan>.prompts.json; scans without one use the prompt generator")
@@ -144,9 +145,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"batch: {summary.total} scans: {len(summary.done)} done, {len(summary.skipped)} skipped (already complete), "
               f"{len(summary.failed)} failed")
-        print(f"  cohort table: {summary.cohort_csv}")
+        tables = summary.tables or (summary.cohort_csv,)
+        print(f"  cohort tables: {', '.join(str(t) for t in tables[:2])}")
+        if len(tables) > 2:
+            print(f"  follow-up:     {tables[2]} (change between the sessions of each subject)")
         if summary.report:
-            print(f"  QC report:    {summary.report}")
+            print(f"  QC report:     {summary.report}")
     for w in summary.warnings:
         print(f"basalseg: warning: {w}", file=sys.stderr)
     if summary.failed:

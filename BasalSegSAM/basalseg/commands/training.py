@@ -77,10 +77,11 @@ def register(sub) -> None:
     p.add_argument("--image-dtype", default="int16", choices=["int16", "float32"],
                    help="int16 stores intensity x 1000 (3x smaller files)")
     p.add_argument("--rescans", type=int, default=0,
-                   help="also write K synthetic rescans of each subject (same anatomy and true volumes, new pose, "
-                        "bias, noise, blur, slice thickness and gamma draws); cases PREFIX_0000_r0 (the subject "
-                        "itself) ... PREFIX_0000_rK (docs/UNCERTAINTY.md); with --head: the same head and "
-                        "protocol (orientation, voxel size, slices) in a new pose, new intensities and noise")
+                   help="also write K synthetic rescans of each subject, cases PREFIX_0000_r0 (the subject itself) "
+                        "... PREFIX_0000_rK (docs/UNCERTAINTY.md): same anatomy and true volumes, a new pose and new "
+                        "intensities; skull-stripped subjects also get new slice-thickness draws, while --head "
+                        "rescans keep the subject's protocol (axis code, voxel size, slices, matrix; the head moved "
+                        "by up to 6 deg / 5 mm, recorded per case in params.head.rescan)")
     p.set_defaults(handler=run_synth)
 
 

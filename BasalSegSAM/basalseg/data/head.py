@@ -59,10 +59,11 @@ same draws, labels and grid as the head of the same seed).
 **Rescans** (``rescan=k``, ``basalseg synth --head --rescans K``): the same person scanned again
 on the same protocol, for the scan-rescan study of localised results (docs/UNCERTAINTY.md). The
 anatomy and the protocol are the subject's (every draw of steps 1-2 but the intensities; of step
-3 the orientation, voxel size, thick slices, crop choice, field-of-view cap and origin); the head
-sits in a new pose (a further rotation U(+-6 deg) per axis and translation U(+-5 mm)), and the
-field-of-view margins, every intensity (brain GMM, tissue means, stds and texture) and every
-acquisition draw of step 4 are new, from a second stream (``SeedSequence([seed, 11, 7919, k])``;
+3 the orientation, voxel size, thick slices and the output matrix, and the scanner origin); the
+head sits in a new pose (a further rotation U(+-6 deg) per axis and translation U(+-5 mm) about
+its posed centre), the field of view follows the brain to its new place, off by U(+-5 mm) per
+axis, and every intensity (brain GMM, tissue means, stds and texture) and every acquisition draw
+of step 4 are new, from a second stream (``SeedSequence([seed, 11, 7919, k])``;
 the brain's from :func:`~basalseg.data.synth.rescan_seed`, the artefacts' from
 ``SeedSequence([seed, 13, k])``). ``rescan=0`` is the subject, bit for bit.
 """
@@ -197,12 +198,12 @@ def synthesize_head(source: SynthSource, seed: int, config: SynthConfig | None =
         rescan: 0 = the subject itself. ``k >= 1``: a synthetic *rescan* of the same person on the
             same protocol (module docstring, "Rescans"): the anatomy (brain deformation, structure
             volumes, head layers, eyes, neck) and the protocol (axis orientation, voxel size,
-            thick-slice axis and thickness, crop or whole head, field-of-view cap, scanner origin)
-            are the subject's; the head is moved by a further rigid pose (rotations
-            U(+-:data:`RESCAN_ROTATION_DEG`), translations U(+-:data:`RESCAN_TRANSLATION_MM`) about
-            the posed head's centre), and every intensity and acquisition draw is new (brain GMM,
-            tissue means and texture, field-of-view margins, blur, bias, noise, gamma, k-space
-            artefacts), from streams of their own.
+            thick-slice axis and thickness, output matrix, scanner origin) are the subject's; the
+            head is moved by a further rigid pose (rotations U(+-:data:`RESCAN_ROTATION_DEG`),
+            translations U(+-:data:`RESCAN_TRANSLATION_MM`) about the posed head's centre), the
+            field of view follows the brain, off by U(+-:data:`RESCAN_TRANSLATION_MM`) per axis,
+            and every intensity and acquisition draw is new (brain GMM, tissue means and texture,
+            blur, bias, noise, gamma, k-space artefacts), from streams of their own.
     """
     head = head or HeadConfig()
     rescan = int(rescan)
@@ -321,39 +322,47 @@ def synthesize_head(source: SynthSource, seed: int, config: SynthConfig | None =
     crop = rng.uniform() < head.crop_prob
     pad = rng.uniform(0, head.fov_pad_mm, 6)
     crop_margin = float(rng.uniform(head.crop_min_mm, head.crop_min_mm + 25))
-    R = _rotation(rot)
-    repose, d_trans = None, np.zeros(3)
-    if rescan:  # the same protocol, the head placed anew, the field of view placed around it anew
-        d_rot = scan.uniform(-RESCAN_ROTATION_DEG, RESCAN_ROTATION_DEG, 3)
-        d_trans = scan.uniform(-RESCAN_TRANSLATION_MM, RESCAN_TRANSLATION_MM, 3)
-        pad = scan.uniform(0, head.fov_pad_mm, 6)
-        crop_margin = float(scan.uniform(head.crop_min_mm, head.crop_min_mm + 25))
-        R = _rotation(d_rot) @ R  # about the posed head's centre: R (x - c) + c + t -> D R (x - c) + c + t + d
-        repose = {"rotation_deg": d_rot.round(3).tolist(), "translation_mm": d_trans.round(3).tolist()}
+    cap = rng.uniform(*head.fov_mm, 3)  # a scanner's field of view: at most U(fov_mm) per axis
     centre_w = affine[:3, :3] @ centre_b + affine[:3, 3]
-    # world_out = R (x - c) + c + t + origin  for canvas world x
-    fwd = np.eye(4)
-    fwd[:3, :3] = R
-    fwd[:3, 3] = centre_w + trans + d_trans + origin - R @ centre_w
     head_mask = tissue > 0
     box_src = bmask if crop else head_mask
     bidx = np.argwhere(box_src)
     b_lo, b_hi = bidx.min(0), bidx.max(0)
     corners = np.array([[x, y, z, 1.0] for x in (b_lo[0], b_hi[0]) for y in (b_lo[1], b_hi[1]) for z in (b_lo[2], b_hi[2])])
-    world_c = (fwd @ affine @ corners.T)[:3].T
-    # output axes: direction columns orient * spacing
-    dirs = orient * spacing[None, :]
-    in_axes = world_c @ orient  # coordinates along each output axis direction (mm)
+    dirs = orient * spacing[None, :]  # output axes: direction columns orient * spacing
+
+    def posed(rotation: np.ndarray, shift: np.ndarray) -> np.ndarray:
+        """canvas world -> output world: ``R (x - c) + c + t + origin``."""
+        f = np.eye(4)
+        f[:3, :3] = rotation
+        f[:3, 3] = centre_w + shift + origin - rotation @ centre_w
+        return f
+
+    def brain_centre(f: np.ndarray) -> np.ndarray:  # along each output axis direction (mm)
+        return (f @ affine @ np.append(centre_b, 1.0))[:3] @ orient
+
+    fwd = posed(_rotation(rot), trans)
+    in_axes = (fwd @ affine @ corners.T)[:3].T @ orient  # the box's corners along each output axis (mm)
     a_lo = in_axes.min(0) - (crop_margin if crop else pad[:3])
     a_hi = in_axes.max(0) + (crop_margin if crop else pad[3:])
-    # a scanner's field of view: at most U(fov_mm) per axis, kept around the brain
-    cap = rng.uniform(*head.fov_mm, 3)  # the protocol's: a rescan keeps it
-    brain_c = (fwd @ affine @ np.append(centre_b, 1.0))[:3] @ orient
-    for a in range(3):
+    brain_c = brain_centre(fwd)
+    for a in range(3):  # at most the cap, kept around the brain
         if a_hi[a] - a_lo[a] > cap[a]:
             lo_a = min(max(brain_c[a] - cap[a] / 2, a_lo[a]), a_hi[a] - cap[a])
             a_lo[a], a_hi[a] = lo_a, lo_a + cap[a]
     out_shape = tuple(int(np.ceil((h - l) / s)) + 1 for l, h, s in zip(a_lo, a_hi, spacing))
+    repose = None
+    if rescan:
+        # the same protocol (the subject's grid: orientation, voxel size, matrix) on the head moved
+        # by D, t_d about its posed centre (R (x - c) + c + t -> D R (x - c) + c + t + t_d), the
+        # field of view placed on it as the operator places it: following the brain, off by a few mm
+        d_rot = scan.uniform(-RESCAN_ROTATION_DEG, RESCAN_ROTATION_DEG, 3)
+        d_trans = scan.uniform(-RESCAN_TRANSLATION_MM, RESCAN_TRANSLATION_MM, 3)
+        fov_shift = scan.uniform(-RESCAN_TRANSLATION_MM, RESCAN_TRANSLATION_MM, 3)
+        fwd = posed(_rotation(d_rot) @ _rotation(rot), trans + d_trans)
+        a_lo = a_lo + (brain_centre(fwd) - brain_c) + fov_shift
+        repose = {"rotation_deg": d_rot.round(3).tolist(), "translation_mm": d_trans.round(3).tolist(),
+                  "fov_shift_mm": fov_shift.round(3).tolist()}
     out_affine = np.eye(4)
     out_affine[:3, :3] = dirs
     out_affine[:3, 3] = orient @ a_lo
