@@ -348,7 +348,7 @@ def cmd_analyse_localised(args) -> int:
     from basalseg.localise import HEAD_FRACTION
 
     stripped = sorted(r["name"] for r in recs
-                      if float((r["localisation"].get("contrast") or {}).get("head_tissue_fraction", 0.0)) < HEAD_FRACTION)
+                      if float((r["localisation"].get("contrast") or {}).get("head_tissue_fraction") or 0.0) < HEAD_FRACTION)
     if stripped:
         raise SystemExit(f"{len(stripped)} scan(s) have no head around the brain (the localisation's head-tissue "
                          "check): this study is of whole heads: " + ", ".join(stripped[:5]))
@@ -360,7 +360,8 @@ def cmd_analyse_localised(args) -> int:
                          f"({table.get('student_sha256')})")
     options = dict(recs[0]["options"])
     options["localise"] = "on"  # what the localisation did (basalseg.longitudinal.effective_options)
-    differ = sorted(k for k in table.get("options", {}) if k != "localise" and options.get(k) != table["options"][k])
+    differ = sorted({k for r in recs for k in table.get("options", {})  # every scan's, "localise" by what it did
+                     if k != "localise" and r["options"].get(k) != table["options"][k]})
     if differ:
         raise SystemExit(f"the scans were segmented with other options ({', '.join(differ)}) than the table's")
     rep = {n: _repeatability(recs, n) for n in NAMES}

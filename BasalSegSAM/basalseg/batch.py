@@ -182,7 +182,7 @@ def _num(value) -> str:
 def write_cohort_tables(out_dir: str | os.PathLike, records) -> tuple[Path, Path, Path]:
     """Write ``OUT_DIR/volumes.csv`` (long), ``OUT_DIR/volumes_wide.csv`` and ``OUT_DIR/changes.csv``
     (module docstring) from result records."""
-    from .longitudinal import changes_csv_text, consecutive_changes, resolve_date
+    from .longitudinal import changes_csv_text, consecutive_changes, record_date
     from .outputs import atomic_write_text
     from .structures import STRUCTURES
 
@@ -198,7 +198,7 @@ def write_cohort_tables(out_dir: str | os.PathLike, records) -> tuple[Path, Path
     for r in records:
         brain = r.brain
         status = brain.get("status") or "not_computed"
-        date = resolve_date(r)[0]  # a date corrected in the dataset since the scan was segmented wins
+        date = record_date(r)[0]  # a date corrected in the dataset since the scan was segmented wins
         common = {"scan": r.name, "subject": r.subject, "session": r.session,
                   "session_date": date.isoformat() if date else "",
                   "brain_mask_ml": _num(brain.get("brain_mask_ml")), "brain_volume_ml": _num(brain.get("brain_volume_ml")),

@@ -62,7 +62,7 @@ from pathlib import Path
 
 from .errors import BasalSegError
 
-__all__ = ["Comparison", "compare_results", "compare_records", "resolve_date", "COMPARE_COLUMNS", "format_table",
+__all__ = ["Comparison", "compare_results", "compare_records", "resolve_date", "record_date", "COMPARE_COLUMNS", "format_table",
            "add_sdc", "table_applies", "table_for", "effective_options", "session_groups",
            "consecutive_changes", "changes_csv_text", "CHANGES_COLUMNS", "MULTIPLE_TESTS_NOTE"]
 
@@ -149,6 +149,23 @@ def resolve_date(record, override: str | None = None) -> tuple[datetime.date | N
     if current:
         return datetime.date.fromisoformat(current), current_source
     return None, None
+
+
+def record_date(record) -> tuple[datetime.date | None, str | None]:
+    """:func:`resolve_date` of a result for the cohort tables, the report and the session order:
+    read once per record, and never raising: a recorded date that cannot be read gives
+    ``(None, "unreadable: <why>")`` (the scan counts as undated there; ``compare`` and the pair's
+    row of ``changes.csv`` give the error itself)."""
+    cached = getattr(record, "__dict__", {}).get("_basalseg_date")
+    if cached is not None:
+        return cached
+    try:
+        out = resolve_date(record)
+    except BasalSegError as exc:
+        out = (None, f"unreadable: {exc}")
+    if hasattr(record, "__dict__"):
+        record.__dict__["_basalseg_date"] = out
+    return out
 
 
 def _describe_weights(prov: dict) -> dict:
@@ -325,7 +342,7 @@ def table_for(table: dict | None, *records) -> tuple[dict | None, str]:
             kind = _input_kind(r)
             if kind != "whole head":
                 return None, ("the study of localised results is of whole heads; "
-                              + (f"{tag} is a skull-stripped brain (localised because it was turned more than 10 deg)"
+                              + (f"{tag} is a skull-stripped brain (localised because it was turned more than 10 deg, or --localise on)"
                                  if kind else f"{tag} does not record whether its input was a whole head (made before "
                                               "2026-12-02); segment it again")
                               + ", whose scan-rescan repeatability it did not measure")
@@ -462,13 +479,13 @@ def compare_results(a_dir: str | os.PathLike, b_dir: str | os.PathLike, date_a: 
 
 def session_groups(records) -> dict[str, list]:
     """Subjects with at least two results (a subject that ``basalseg batch`` recorded), each list in
-    session order: date (:func:`resolve_date`), then session name, then folder name; undated
+    session order: date (:func:`record_date`), then session name, then folder name; undated
     sessions last."""
     groups: dict[str, list] = {}
     for r in records:
         if r.subject and r.subject != r.name:  # batch recorded a subject (outside BIDS it is the file name)
             groups.setdefault(r.subject, []).append(r)
-    dates = {id(r): resolve_date(r)[0] for v in groups.values() if len(v) >= 2 for r in v}
+    dates = {id(r): record_date(r)[0] for v in groups.values() if len(v) >= 2 for r in v}
     return {k: sorted(v, key=lambda r: (dates[id(r)] is None, dates[id(r)] or datetime.date.min, r.session, r.name))
             for k, v in sorted(groups.items()) if len(v) >= 2}
 

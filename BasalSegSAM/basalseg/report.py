@@ -165,9 +165,13 @@ def _pictures(out_dir: Path, records: list[ResultRecord], embed: bool, prompts: 
 
 def _scan_row(r: ResultRecord, fl: list, image: str, note: str | None) -> str:
     """One ``<tr class="scan">`` of the scans table."""
+    from .longitudinal import record_date
+
     e = _e
     flagged_structures = {(f.kind, f.structure) for f in fl}
-    who = " ".join(x for x in (r.subject if r.subject != r.name else "", r.session, r.session_date) if x)
+    date, source = record_date(r)  # a date corrected in the dataset since the scan was segmented wins
+    shown = date.isoformat() if date else ("date unreadable" if source else "")
+    who = " ".join(x for x in (r.subject if r.subject != r.name else "", r.session, shown) if x)
     parts = [f'<tr class="scan{" flagged" if fl else ""}" id="scan-{e(r.name)}" data-scan="{e(r.name)}" '
              f'data-flags="{len(fl)}">']
     parts.append(f'<td class="scan"><b>{e(r.name)}</b>' + (f"<br><small>{e(who)}</small>" if who else "") +
@@ -290,7 +294,7 @@ def _longitudinal_section(records: list[ResultRecord]) -> list[str]:
     e = _e
     parts = [f'<h2>Longitudinal ({len(groups)} subject{"s" if len(groups) > 1 else ""} with several sessions)</h2>',
              "<p>Change between consecutive sessions, as <code>basalseg compare</code> gives it. "
-             "<b>real?</b>: yes when |change| exceeds the smallest detectable change (SDC: 95 % of scan-rescan "
+             "<b>real change?</b>: yes when |change| exceeds the smallest detectable change (SDC: 95 % of scan-rescan "
              "differences of the repeatability study are smaller; docs/UNCERTAINTY.md). "
              f"{e(MULTIPLE_TESTS_NOTE)}</p>"]
     for subject, a, b, c in pairs:
@@ -307,7 +311,7 @@ def _longitudinal_section(records: list[ResultRecord]) -> list[str]:
             parts.append(f'<p class="meta">SDC from the study of {e(c.sdc_study)}</p>')
         parts.append(f'<table class="longitudinal" data-subject="{e(subject)}" data-a="{e(a.name)}" data-b="{e(b.name)}">'
                      "<thead><tr><th>structure</th><th>A mL (95 %)</th><th>B mL (95 %)</th><th>change mL</th>"
-                     "<th>change %</th><th>%/year</th><th>SDC mL</th><th>real?</th></tr></thead><tbody>")
+                     "<th>change %</th><th>%/year</th><th>SDC mL</th><th>real change?</th></tr></thead><tbody>")
         for row in c.rows:
             def cell(v, lo=None, hi=None, d=3):
                 if v is None:

@@ -84,6 +84,11 @@ class StubPipeline:
         result.volume = volume
         result.provenance["foundation_student_dice"] = foundation_student_dice(result.masks, result.classes,
                                                                                result.prompts)
+        vox = volume.voxel_volume_mm3 / 1000  # a volume interval, as the real pipeline records (band 2 %)
+        counts = {s.name: int((result.labels == s.label).sum()) for s in STRUCTURES}
+        result.uncertainty = {"mode": "softmax", "seconds": 0.0, "measures": {
+            n: {"voxels": c, "expected_ml": c * vox, "pb_sd_ml": 0.001, "band_ml": 0.02 * c * vox}
+            for n, c in counts.items()}}
         return result
 
 
@@ -296,7 +301,9 @@ def test_cohort_tables_match_the_scans(tmp_path):
         assert [(r["structure"], r["label"], r["volume_ml"], r["volume_mm3"], r["voxels"]) for r in mine] == \
             [(r["structure"], r["label"], r["volume_ml"], r["volume_mm3"], r["voxels"]) for r in per_scan]
         assert [(r["volume_ml_low"], r["volume_ml_high"]) for r in mine] == \
-            [(r.get("volume_ml_low", ""), r.get("volume_ml_high", "")) for r in per_scan]
+            [(r["volume_ml_low"], r["volume_ml_high"]) for r in per_scan]
+        for r in mine:  # the interval is there, in order, around the volume
+            assert float(r["volume_ml_low"]) < float(r["volume_ml"]) < float(r["volume_ml_high"])
         assert sum(float(r["volume_ml"]) for r in mine) == pytest.approx(sum(float(r["volume_ml"]) for r in per_scan))
         prov = json.loads((out / scan / "provenance.json").read_text())
         assert {r["brain_mask_ml"] for r in mine} == {repr(prov["brain_volume"]["brain_mask_ml"])}
@@ -309,8 +316,10 @@ def test_cohort_tables_match_the_scans(tmp_path):
     assert [w["scan"] for w in wide] == ["a", "bb", "ccc", "dddd"]
     assert wide[0]["Left-Putamen_ml"] == next(r["volume_ml"] for r in rows
                                               if r["scan"] == "a" and r["structure"] == "Left-Putamen")
-    assert wide[0]["Left-Putamen_ml_low"] == next(r["volume_ml_low"] for r in rows
-                                                  if r["scan"] == "a" and r["structure"] == "Left-Putamen")
+    for end in ("low", "high"):
+        assert wide[1][f"Right-Pallidum_ml_{end}"] == next(r[f"volume_ml_{end}"] for r in rows
+                                                           if r["scan"] == "bb" and r["structure"] == "Right-Pallidum")
+        assert float(wide[1][f"Right-Pallidum_ml_{end}"]) > 0
     # no subject with two sessions: the follow-up table is its header only
     from basalseg.longitudinal import CHANGES_COLUMNS
 

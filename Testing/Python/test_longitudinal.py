@@ -129,15 +129,51 @@ def test_a_date_corrected_in_the_dataset_wins_over_the_recorded_one(tmp_path):
         r.volume.path = str(write_nifti(anat / f"sub-07_{ses}_T1w.nii.gz", r.volume.data, r.volume.affine))
         r.provenance["scan_info"] = {"subject": "sub-07", "session": ses, "session_date": date,
                                      "date_source": "sub-07_sessions.tsv acq_time"}
-        folders.append(write_result(r, tmp_path / f"res-{ses}"))
+        folders.append(write_result(r, tmp_path / "out" / f"res-{ses}"))
     assert compare_results(*folders).interval_days == 366
     tsv.write_text("session_id\tacq_time\nses-a\t2019-05-01\nses-b\t2020-11-01\n")  # ses-b's date corrected
     c = compare_results(*folders)
     assert c.date_b == datetime.date(2020, 11, 1) and c.interval_days == 550
     assert "corrected since the scan was segmented (provenance.json recorded 2020-05-01)" in c.date_source_b
     assert c.date_source_a == "provenance.json (sub-07_sessions.tsv acq_time)"
+    # the batch folder's tables and report read the corrected date too
+    from basalseg.batch import write_cohort_tables
+    from basalseg.report import build_report
+
+    records = [read_result(f) for f in folders]
+    long_csv, wide_csv, changes = write_cohort_tables(tmp_path / "out", records)
+    assert {r["session_date"] for r in read_csv(wide_csv)} == {"2019-05-01", "2020-11-01"}
+    assert {r["interval_days"] for r in read_csv(changes)} == {"550"}
+    page = build_report(tmp_path / "out").read_text()
+    assert "sub-07 ses-b 2020-11-01" in page and "2020-05-01" not in page
     tsv.unlink()  # the dataset gone or silent: the recorded date
     assert resolve_date(read_result(folders[1])) == (datetime.date(2020, 5, 1), "provenance.json (sub-07_sessions.tsv acq_time)")
+
+
+def test_an_unreadable_recorded_date_costs_one_pair_not_the_tables(tmp_path):
+    """A hand-edited provenance.json whose session date cannot be read: the batch folder's tables
+    and report are still written, that scan undated; its pairs in changes.csv carry the error."""
+    from basalseg.batch import write_cohort_tables
+    from basalseg.longitudinal import record_date
+    from basalseg.report import build_report
+    from basalseg.results import read_result, write_result
+
+    folders = []
+    for i, date in enumerate(("2019-05-01", "n/a", "2021-05-01")):
+        r = synthetic_result(seed=i)
+        r.provenance["scan_info"] = {"subject": "sub-03", "session": f"ses-{i}", "session_date": date}
+        folders.append(write_result(r, tmp_path / "out" / f"sub-03_ses-{i}"))
+    records = [read_result(f) for f in folders]
+    assert record_date(records[1])[0] is None and "unreadable" in record_date(records[1])[1]
+    long_csv, wide_csv, changes = write_cohort_tables(tmp_path / "out", records)
+    assert [r["session_date"] for r in read_csv(wide_csv)] == ["2019-05-01", "", "2021-05-01"]
+    rows = read_csv(changes)
+    # dated sessions first in date order, the undated one last: (0, 2) compared, (2, 1) refused
+    assert {(r["scan_a"], r["scan_b"]) for r in rows} == {("sub-03_ses-0", "sub-03_ses-2"), ("sub-03_ses-2", "sub-03_ses-1")}
+    assert all(r["interval_days"] == "731" for r in rows if r["scan_b"] == "sub-03_ses-2")
+    refused = [r for r in rows if r["scan_b"] == "sub-03_ses-1"]
+    assert refused and all("n/a" in r["warnings"] for r in refused)
+    assert "date unreadable" in build_report(tmp_path / "out").read_text()
 
 
 def test_no_dates(tmp_path):

@@ -423,6 +423,9 @@ def synthesize_head(source: SynthSource, seed: int, config: SynthConfig | None =
     canvas_from_world = np.linalg.inv(fwd)
     params = dict(brain.params)
     params["volumes_mm3"] = volumes
+    params["layout"] = ("top-level entries: the brain as drawn on the template grid (its deformation and contrast; "
+                        "a rescan's pose there is none); 'volumes_mm3': the labels on the output grid; 'head': the "
+                        "head around it, its pose in the scanner, the field of view and the acquisition")
     params["head"] = {
         "generator_version": HEAD_GENERATOR_VERSION, "layers_mm": draws, "head_thickness_mm": round(head_radius, 2),
         "tissue_means": {k: round(v, 4) for k, v in means.items()}, "tissue_stds": {k: round(v, 4) for k, v in stds.items()},
