@@ -56,6 +56,7 @@ from __future__ import annotations
 import csv
 import datetime
 import io
+import re
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,27 +126,38 @@ def _cell(value) -> str:
 
 
 def _parse_date(text: str, what: str) -> datetime.date:
+    """An ISO 8601 date or date-time (``YYYY-MM-DD``, ``YYYY-MM-DDThh:mm:ss``, ``YYYYMMDD``) as a
+    date; anything else, trailing text included, is refused naming ``what``."""
     try:
-        return datetime.date.fromisoformat(str(text).strip()[:10])
+        return datetime.datetime.fromisoformat(str(text).strip()).date()
     except ValueError as exc:
         raise BasalSegError(f"{what}: {text!r} is not a date (use YYYY-MM-DD)") from exc
 
 
-def resolve_date(record, override: str | None = None) -> tuple[datetime.date | None, str | None]:
-    """The acquisition date of a result (see the module docstring): ``(date, source)``."""
+#: where a date that batch recorded came from, when it came from the dataset (not a NIfTI header)
+_DATASET_SOURCES = ("scans.tsv", "sessions.tsv", ".json")
+
+
+def resolve_date(record, override: str | None = None, what: str = "date") -> tuple[datetime.date | None, str | None]:
+    """The acquisition date of a result (see the module docstring): ``(date, source)``.
+    ``override``: a date given on the command line (``what`` names its option in an error)."""
     from .bids import session_date
 
-    if override:
-        return _parse_date(override, "date"), "given on the command line"
+    if override is not None:
+        return _parse_date(override, what), "given on the command line"
     info = record.scan_info
     path = record.input.get("path")
-    current, current_source = session_date(path) if path and Path(path).exists() else (None, None)
+    there = bool(path) and Path(path).exists()
+    current, current_source = session_date(path) if there else (None, None)
     if info.get("session_date"):
         recorded = _parse_date(info["session_date"], f"{record.folder}/provenance.json")
         if current and datetime.date.fromisoformat(current) != recorded:  # the dataset's dates were corrected since
             return datetime.date.fromisoformat(current), \
                 f"{current_source}, corrected since the scan was segmented (provenance.json recorded {recorded})"
-        return recorded, f"provenance.json ({info.get('date_source') or 'batch'})"
+        source = info.get("date_source") or "batch"
+        if there and not current and any(k in source for k in _DATASET_SOURCES):
+            return recorded, f"provenance.json ({source}; the dataset gives no date for it now)"
+        return recorded, f"provenance.json ({source})"
     if current:
         return datetime.date.fromisoformat(current), current_source
     return None, None
@@ -392,15 +404,21 @@ def add_sdc(row: dict, table: dict | None, structure: str, band_a: float | None 
     row.update({"sdc_ml": sdc, "exceeds_sdc": exceeds, "change_over_sdc": over})
 
 
+#: how to give a missing date: on ``compare``'s command line, or (batch tables, report) in the dataset
+DATE_HINT_COMPARE = "give --date-a/--date-b YYYY-MM-DD"
+DATE_HINT_DATASET = "add its acq_time to the dataset's sessions.tsv or scans.tsv, or compare the two with --date-a/--date-b"
+
+
 def compare_records(a, b, date_a: str | None = None, date_b: str | None = None, table: dict | None = None,
-                    use_table: bool = True) -> Comparison:
+                    use_table: bool = True, date_hint: str = DATE_HINT_COMPARE) -> Comparison:
     """:func:`compare_results` on two :class:`~basalseg.results.ResultRecord` (the report's
-    longitudinal view uses it). ``table``: the repeatability table (default: the shipped one)."""
+    longitudinal view uses it). ``table``: the repeatability table (default: the shipped one);
+    ``date_hint``: how the warning for a missing date says to give one."""
     from .structures import STRUCTURES
     from .uncertainty import load_table
 
-    da, src_a = resolve_date(a, date_a)
-    db, src_b = resolve_date(b, date_b)
+    da, src_a = resolve_date(a, date_a, "--date-a")
+    db, src_b = resolve_date(b, date_b, "--date-b")
     days = (db - da).days if da and db else None
     warnings = _check_pair(a, b)
     if days is not None and days <= 0:
@@ -409,7 +427,7 @@ def compare_records(a, b, date_a: str | None = None, date_b: str | None = None, 
     if days is None:
         missing = [t for t, d in (("A", da), ("B", db)) if d is None]
         warnings.append(f"no acquisition date for {' and '.join(missing)}: no interval or annualised change "
-                        "(give --date-a/--date-b YYYY-MM-DD)")
+                        f"({date_hint})")
     full_table = None
     if use_table:
         full_table = load_table() if table is None else table
@@ -477,28 +495,59 @@ def compare_results(a_dir: str | os.PathLike, b_dir: str | os.PathLike, date_a: 
     return compare_records(a, b, date_a, date_b, table)
 
 
+def _label_key(session: str) -> tuple:
+    """Natural order of session labels (``ses-2`` before ``ses-10``)."""
+    return tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.findall(r"\d+|\D+", session or ""))
+
+
 def session_groups(records) -> dict[str, list]:
     """Subjects with at least two results (a subject that ``basalseg batch`` recorded), each list in
-    session order: date (:func:`record_date`), then session name, then folder name; undated
-    sessions last."""
+    session order: the dated sessions by date (:func:`record_date`), then session label, then
+    folder name; an undated session placed after the last dated one whose session label comes
+    before its own (natural order: ``ses-2`` before ``ses-10``), so it sits between its neighbours;
+    undated sessions without a label last."""
     groups: dict[str, list] = {}
     for r in records:
         if r.subject and r.subject != r.name:  # batch recorded a subject (outside BIDS it is the file name)
             groups.setdefault(r.subject, []).append(r)
-    dates = {id(r): record_date(r)[0] for v in groups.values() if len(v) >= 2 for r in v}
-    return {k: sorted(v, key=lambda r: (dates[id(r)] is None, dates[id(r)] or datetime.date.min, r.session, r.name))
-            for k, v in sorted(groups.items()) if len(v) >= 2}
+    out = {}
+    for subject, recs in sorted(groups.items()):
+        if len(recs) < 2:
+            continue
+        dated = sorted((r for r in recs if record_date(r)[0] is not None),
+                       key=lambda r: (record_date(r)[0], _label_key(r.session), r.name))
+        order = list(dated)
+        for u in sorted((r for r in recs if record_date(r)[0] is None), key=lambda r: (_label_key(r.session), r.name)):
+            before = [i for i, d in enumerate(order) if u.session and _label_key(d.session) <= _label_key(u.session)]
+            order.insert(before[-1] + 1 if before else (0 if u.session else len(order)), u)
+        out[subject] = order
+    return out
+
+
+def _order_warnings(a, b) -> list[str]:
+    """What :func:`session_groups` had to guess about a consecutive pair."""
+    out = []
+    for tag, r in (("A", a), ("B", b)):
+        if record_date(r)[0] is None and r.session:
+            out.append(f"{tag} ({r.session}) has no date: placed between its neighbours by its session label")
+    if (record_date(a)[0] is not None and record_date(b)[0] is not None and a.session and b.session
+            and _label_key(a.session) > _label_key(b.session)):
+        out.append(f"the dates put {a.session} before {b.session}, the session labels after it: check the dates")
+    return out
 
 
 def consecutive_changes(records, table: dict | None = None) -> list[tuple]:
-    """The change between consecutive sessions of every subject with several (the report's
-    longitudinal view and the batch folder's ``changes.csv``): ``(subject, A, B, Comparison)``,
-    or ``(subject, A, B, BasalSegError)`` for a pair that cannot be compared."""
+    """The change between consecutive sessions (:func:`session_groups`) of every subject with
+    several (the report's longitudinal view and the batch folder's ``changes.csv``):
+    ``(subject, A, B, Comparison)``, or ``(subject, A, B, BasalSegError)`` for a pair that cannot
+    be compared."""
     out = []
     for subject, recs in session_groups(records).items():
         for a, b in zip(recs, recs[1:]):
             try:
-                out.append((subject, a, b, compare_records(a, b, table=table)))
+                c = compare_records(a, b, table=table, date_hint=DATE_HINT_DATASET)
+                c.warnings.extend(_order_warnings(a, b))
+                out.append((subject, a, b, c))
             except BasalSegError as exc:
                 out.append((subject, a, b, exc))
     return out

@@ -170,7 +170,8 @@ def _scan_row(r: ResultRecord, fl: list, image: str, note: str | None) -> str:
     e = _e
     flagged_structures = {(f.kind, f.structure) for f in fl}
     date, source = record_date(r)  # a date corrected in the dataset since the scan was segmented wins
-    shown = date.isoformat() if date else ("date unreadable" if source else "")
+    shown = (date.isoformat() + (" (corrected in the dataset)" if "corrected since" in (source or "") else "")
+             if date else ("date unreadable" if source else ""))
     who = " ".join(x for x in (r.subject if r.subject != r.name else "", r.session, shown) if x)
     parts = [f'<tr class="scan{" flagged" if fl else ""}" id="scan-{e(r.name)}" data-scan="{e(r.name)}" '
              f'data-flags="{len(fl)}">']

@@ -83,6 +83,35 @@ def test_compare_command_writes_csv(tmp_path, monkeypatch, capsys):
     assert all("no smallest detectable change" in r["sdc_note"] and r["sdc_study"] == "" for r in rows)
 
 
+def test_compare_out_never_replaces_a_result_file_an_input_or_an_existing_file(tmp_path, monkeypatch, capsys):
+    from conftest import run_cli
+
+    from basalseg.results import read_result
+
+    register_commands(monkeypatch)
+    a, b = _pair(tmp_path)
+    before = {p: p.read_bytes() for p in b.iterdir() if p.is_file()}
+    for out in (b / "volumes.csv", b / "provenance.json"):  # even with --overwrite
+        assert run_cli(["compare", a, b, "--out", out, "--overwrite"]) == 2
+        assert "is a file of the result folder" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in b.iterdir() if p.is_file()} == before
+    read_result(b)  # still a complete result
+    mine = tmp_path / "mine.csv"
+    mine.write_text("my own notes\n")
+    assert run_cli(["compare", a, b, "--out", mine]) == 2
+    assert "already exists; give --overwrite" in capsys.readouterr().err and mine.read_text() == "my own notes\n"
+    assert run_cli(["compare", a, b, "--out", mine, "--overwrite"]) == 0
+    assert read_csv(mine)[0]["structure"] == "Left-Thalamus"
+
+
+@pytest.mark.parametrize("given", ["2020-01-150", "2020-01-15 garbage", "", "2020/01/15"])
+def test_a_malformed_date_on_the_command_line_is_refused_by_name(tmp_path, given):
+    a, b = _pair(tmp_path)
+    with pytest.raises(BasalSegError, match="--date-b: .* is not a date"):
+        compare_results(a, b, "2020-01-01", given)
+    assert compare_results(a, b, "2020-01-01T08:30:00", "20210101").interval_days == 366
+
+
 def test_dates_from_bids_when_provenance_has_none(tmp_path):
     """Results made by ``basalseg segment`` on BIDS files: dates come from the tree's sessions.tsv."""
     from conftest import write_nifti
@@ -146,7 +175,13 @@ def test_a_date_corrected_in_the_dataset_wins_over_the_recorded_one(tmp_path):
     assert {r["interval_days"] for r in read_csv(changes)} == {"550"}
     page = build_report(tmp_path / "out").read_text()
     assert "sub-07 ses-b 2020-11-01" in page and "2020-05-01" not in page
-    tsv.unlink()  # the dataset gone or silent: the recorded date
+    assert "2020-11-01 (corrected in the dataset)" in page
+    tsv.write_text("session_id\tacq_time\nses-a\t2019-05-01\nses-b\tn/a\n")  # the dataset silent: the recorded date, said so
+    assert resolve_date(read_result(folders[1])) == (
+        datetime.date(2020, 5, 1), "provenance.json (sub-07_sessions.tsv acq_time; the dataset gives no date for it now)")
+    tsv.unlink()
+    assert resolve_date(read_result(folders[1]))[1].endswith("the dataset gives no date for it now)")
+    (root / "ses-b" / "anat" / "sub-07_ses-b_T1w.nii.gz").unlink()  # the input gone: nothing to check against
     assert resolve_date(read_result(folders[1])) == (datetime.date(2020, 5, 1), "provenance.json (sub-07_sessions.tsv acq_time)")
 
 
@@ -168,12 +203,34 @@ def test_an_unreadable_recorded_date_costs_one_pair_not_the_tables(tmp_path):
     long_csv, wide_csv, changes = write_cohort_tables(tmp_path / "out", records)
     assert [r["session_date"] for r in read_csv(wide_csv)] == ["2019-05-01", "", "2021-05-01"]
     rows = read_csv(changes)
-    # dated sessions first in date order, the undated one last: (0, 2) compared, (2, 1) refused
-    assert {(r["scan_a"], r["scan_b"]) for r in rows} == {("sub-03_ses-0", "sub-03_ses-2"), ("sub-03_ses-2", "sub-03_ses-1")}
-    assert all(r["interval_days"] == "731" for r in rows if r["scan_b"] == "sub-03_ses-2")
-    refused = [r for r in rows if r["scan_b"] == "sub-03_ses-1"]
-    assert refused and all("n/a" in r["warnings"] for r in refused)
+    # the undated scan sits between its neighbours by its session label; both its pairs carry the error
+    assert [(r["scan_a"], r["scan_b"]) for r in rows] == [("sub-03_ses-0", "sub-03_ses-1"), ("sub-03_ses-1", "sub-03_ses-2")]
+    assert all(r["warnings"].startswith("not compared:") and "'n/a' is not a date" in r["warnings"] for r in rows)
     assert "date unreadable" in build_report(tmp_path / "out").read_text()
+
+
+def test_session_order_places_an_undated_session_by_its_label_and_questions_contradicting_dates(tmp_path):
+    """changes.csv's chain: dated sessions by date, an undated one between its neighbours by its
+    session label (with a warning), and a warning when the dates contradict the session labels."""
+    from basalseg.batch import write_cohort_tables
+    from basalseg.longitudinal import session_groups
+    from basalseg.results import read_result, write_result
+
+    dates = {"ses-1": "2019-01-01", "ses-2": None, "ses-3": "2021-01-01", "ses-10": "2020-06-01"}
+    folders = []
+    for i, (ses, date) in enumerate(dates.items()):
+        r = synthetic_result(seed=i)
+        r.provenance["scan_info"] = {"subject": "sub-04", "session": ses, **({"session_date": date} if date else {})}
+        folders.append(write_result(r, tmp_path / "out" / f"sub-04_{ses}"))
+    records = [read_result(f) for f in folders]
+    assert [r.session for r in session_groups(records)["sub-04"]] == ["ses-1", "ses-2", "ses-10", "ses-3"]
+    rows = read_csv(write_cohort_tables(tmp_path / "out", records)[2])
+    warn = {(r["scan_a"], r["scan_b"]): r["warnings"] for r in rows}
+    assert "B (ses-2) has no date: placed between its neighbours" in warn[("sub-04_ses-1", "sub-04_ses-2")]
+    assert "sessions.tsv or scans.tsv" in warn[("sub-04_ses-1", "sub-04_ses-2")]  # batch has no --date options
+    assert "A (ses-2) has no date" in warn[("sub-04_ses-2", "sub-04_ses-10")]
+    assert "the dates put ses-10 before ses-3, the session labels after it" in warn[("sub-04_ses-10", "sub-04_ses-3")]
+    assert "check the dates" not in warn[("sub-04_ses-1", "sub-04_ses-2")]
 
 
 def test_no_dates(tmp_path):

@@ -458,6 +458,25 @@ def test_report_command(tmp_path, capsys, monkeypatch):
     assert rc == 2 and "no results in it" in err and list((tmp_path / "empty").iterdir()) == []
 
 
+def test_report_command_refreshes_a_batch_folders_tables_and_leaves_a_users_own(tmp_path, capsys, monkeypatch):
+    """In a batch folder ``report`` writes the cohort tables again from what it read (so they never
+    disagree with report.html); a volumes.csv that is not batch's is not touched."""
+    from basalseg.batch import COHORT_COLUMNS, write_cohort_tables
+    from basalseg.results import find_results
+
+    out = make_cohort(tmp_path / "out")
+    write_cohort_tables(out, find_results(out)[0])
+    (out / "volumes_wide.csv").write_text("stale\n")
+    assert run_report_cli(monkeypatch, ["report", out]) == 0
+    assert "refreshed the cohort tables: volumes.csv, volumes_wide.csv, changes.csv" in capsys.readouterr().out
+    assert read_csv(out / "volumes_wide.csv")[0]["scan"] and list(read_csv(out / "volumes.csv")[0]) == COHORT_COLUMNS
+    own = make_cohort(tmp_path / "own")
+    (own / "volumes.csv").write_text("name,ml\nme,1\n")
+    assert run_report_cli(monkeypatch, ["report", own]) == 0
+    assert "refreshed" not in capsys.readouterr().out
+    assert (own / "volumes.csv").read_text() == "name,ml\nme,1\n" and not (own / "changes.csv").exists()
+
+
 def run_report_cli(monkeypatch, argv) -> int:
     """``basalseg.commands.main`` in this process."""
     register_commands(monkeypatch)

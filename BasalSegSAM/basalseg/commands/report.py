@@ -38,7 +38,10 @@ def thresholds(args: argparse.Namespace):
 
 
 def register(sub) -> None:
-    p = sub.add_parser("report", help="write OUT_DIR/report.html: QC montages, volumes and flags of every result in OUT_DIR")
+    p = sub.add_parser("report", help="write OUT_DIR/report.html: QC montages, volumes and flags of every result in OUT_DIR",
+                       description="Write OUT_DIR/report.html; in a batch folder also the cohort tables again "
+                                   "(volumes.csv, volumes_wide.csv, changes.csv), so that all of them read the "
+                                   "results and the dataset's dates as they are now.")
     p.add_argument("out_dir", type=Path, help="folder of result folders (a basalseg batch --out folder)")
     add_threshold_options(p)
     p.add_argument("--no-prompts", action="store_true", help="do not draw prompt boxes on the montages")
@@ -61,6 +64,24 @@ def run(args: argparse.Namespace) -> int:
     path = build_report(args.out_dir, limits, embed=args.embed, prompts=not args.no_prompts, records=records,
                         broken=broken)
     print(f"wrote {path} ({len(records)} results, {len(failures)} failed)")
+    if _is_batch_folder(args.out_dir):  # its tables from the same reading as the report (dates corrected since, ...)
+        from ..batch import write_cohort_tables
+
+        tables = write_cohort_tables(args.out_dir, records)
+        print("refreshed the cohort tables: " + ", ".join(p.name for p in tables))
     for folder, reason in broken:
         print(f"basalseg: warning: {folder} is not a complete result ({reason}); left out", file=sys.stderr)
     return 0
+
+
+def _is_batch_folder(folder: Path) -> bool:
+    """A folder whose ``volumes.csv`` is a ``basalseg batch`` cohort table (its first columns), so
+    ``report`` may write the cohort tables again; a user's own ``volumes.csv`` is left alone."""
+    from ..batch import COHORT_COLUMNS
+
+    try:
+        with open(folder / "volumes.csv", encoding="utf-8") as f:
+            header = f.readline().strip().split(",")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return header[:5] == COHORT_COLUMNS[:5]
