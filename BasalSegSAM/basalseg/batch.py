@@ -324,7 +324,8 @@ def process_scan(scan: Scan, out_dir: str | os.PathLike, pipeline, *, prompts=No
     provenance = dict(result.provenance)
     provenance["scan_info"] = {**scan.info(), "prompts_file": str(source) if source else None}
     try:
-        provenance["brain_volume"] = estimate_brain_volumes(volume.data, volume.voxel_volume_mm3, skull_stripped)
+        seen = result.volume if result.volume is not None else volume  # as the pipeline saw it (conformed intensities)
+        provenance["brain_volume"] = estimate_brain_volumes(seen.data, seen.voxel_volume_mm3, skull_stripped)
     except Exception as exc:  # noqa: BLE001 - a QC figure must not cost the result
         provenance["brain_volume"] = {"status": "not_estimated", "reason": f"error: {type(exc).__name__}: {exc}"}
     result.provenance = provenance

@@ -46,7 +46,7 @@ from .foundation.boxed import BoxedMasks, hull
 from .foundation.runner import default_batch, run_planes
 from .imageio import Volume
 from .inputcheck import check_t1_like
-from .intensity import normalize01
+from .intensity import conform_intensities, normalize01, saturation_flag
 from .prompter import generate_prompts, predict_coarse
 from .prompts import PromptSet, normalise_planes, plane_prompt_sets
 from .sdm import DEFAULT_BAND, majority_vote
@@ -297,6 +297,28 @@ class Pipeline:
                                "prompter_region": None if region is None else [[s.start, s.stop] for s in region]})
         return prompts, coarse, image01, grid
 
+    @staticmethod
+    def conformed(volume: Volume) -> Volume:
+        """The input with the intensities every stage expects
+        (:func:`basalseg.intensity.conform_intensities`: an offset, negative voxels, lone extreme
+        voxels); what was changed is logged as a warning and kept in ``meta["notes"]`` (recorded
+        in ``provenance.json`` ``input.notes``). An ordinary T1 is returned as it is."""
+        data, notes = conform_intensities(volume.data)
+        if not notes:
+            return volume
+        for note in notes:
+            log.warning("%s: %s", volume.path or "image", note)
+        meta = {**volume.meta, "notes": list(volume.meta.get("notes") or []) + notes}
+        return Volume(data, volume.affine, volume.path, meta)
+
+    def _qc_flags(self, result: SegmentResult, volume: Volume) -> list[dict]:
+        from .scan_qc import scan_flags
+
+        flags = scan_flags(result.labels, volume.voxel_volume_mm3, result.missing,
+                           result.provenance.get("foundation_student_dice"))
+        saturated = saturation_flag(volume.data)
+        return flags + ([saturated] if saturated else [])
+
     def prompts_for(self, volume: Volume) -> tuple[PromptSet, np.ndarray, np.ndarray, Grid, "Localisation"]:
         """Stage 2 as :meth:`segment` runs it: localised first when ``config.localise`` says so.
 
@@ -307,6 +329,7 @@ class Pipeline:
         """
         from .localise import localise
 
+        volume = self.conformed(volume)
         work, loc = localise(volume, self.config.localise or "off", threads=self.config.threads or 1)
         prompts, coarse, image01, grid = self.generate_prompts(work)  # records work.path = volume.path
         if loc.applied:
@@ -322,8 +345,7 @@ class Pipeline:
         ``NotT1Error`` from the localisation checks."""
         from .localise import localise, map_back
 
-        from .scan_qc import scan_flags
-
+        volume = self.conformed(volume)
         mode = self.config.localise or "off"
         prompt_transform = prompts.template_to_input() if prompts is not None else None
         if mode == "off" and prompt_transform is not None:
@@ -331,8 +353,7 @@ class Pipeline:
                                "(source.localisation in prompts.json); run with --localise auto or on, not off")
         if mode == "off":
             result = self.segment_as_given(volume, prompts, progress, should_stop, cache)
-            result.provenance["qc_flags"] = scan_flags(result.labels, volume.voxel_volume_mm3, result.missing,
-                                                       result.provenance.get("foundation_student_dice"))
+            result.provenance["qc_flags"] = self._qc_flags(result, volume)
             return result
         t0 = time.perf_counter()
         if prompt_transform is not None:
@@ -361,8 +382,7 @@ class Pipeline:
         result.timings["localise"] = loc.seconds
         result.timings["total"] = time.perf_counter() - t0
         result.provenance["localisation"] = loc.to_dict()
-        result.provenance["qc_flags"] = scan_flags(result.labels, volume.voxel_volume_mm3, result.missing,
-                                                   result.provenance.get("foundation_student_dice"))
+        result.provenance["qc_flags"] = self._qc_flags(result, volume)
         return result
 
     def segment_as_given(self, volume: Volume, prompts: PromptSet | None = None, progress: ProgressFn | None = None,

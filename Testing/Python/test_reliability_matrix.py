@@ -535,6 +535,51 @@ def test_row_integer_extremes_work(case, small_t1, box_prompts_path, weights_dir
     assert np.array_equal(labels, expected_labels(load_prompts(box_prompts_path), small_t1.shape, small_t1.affine))
 
 
+#: a T1 whose stored intensities are not where the stages expect them (basalseg.intensity.conform_intensities)
+ODD_INTENSITIES = {
+    "offset (background at -500)": (lambda d: d - 500.0, "an offset; the image was shifted"),
+    "z-scored": (lambda d: (d - d.mean()) / d.std(), "an offset; the image was shifted"),
+    "5 hot voxels at 1e6": (lambda d: np.where(np.arange(d.size).reshape(d.shape) % 4999 == 5, 1e6, d),
+                             "brighter than 3 times the image's 99.9th percentile"),
+}
+
+
+@pytest.mark.parametrize("case", list(ODD_INTENSITIES))
+def test_row_odd_intensities_are_conformed_and_said(case, small_t1, box_prompts_path, weights_dir, stand_ins,
+                                                    monkeypatch, tmp_path, caplog):
+    """An offset, a z-scored image or a few hot voxels: the networks see the original's normalised
+    image, and the change is warned of and recorded (provenance.json input.notes)."""
+    import basalseg.pipeline
+
+    change, words = ODD_INTENSITIES[case]
+    image = write_nifti(tmp_path / "odd.nii.gz", change(small_t1.data.astype(np.float64)).astype(np.float32),
+                        small_t1.affine)
+    seen = []
+    real = basalseg.pipeline.normalize01
+    monkeypatch.setattr(basalseg.pipeline, "normalize01", lambda data: seen.append(real(data)) or seen[-1])
+    out = tmp_path / "out"
+    status, _, err = cli([*seg_args(image, weights_dir, box_prompts_path), "--out", out])
+    assert status == 0, err
+    assert any(r.levelname == "WARNING" and words in r.getMessage() for r in caplog.records)  # printed by the CLI
+    reference = real(basalseg.pipeline.to_canonical(basalseg.pipeline.Volume(small_t1.data, small_t1.affine))[0])
+    differs = np.abs(seen[0] - reference) > 2e-3
+    assert differs.mean() < 0.002, "normalised image differs from the original's"  # (the hot voxels themselves)
+    notes = json.loads((out / "provenance.json").read_text())["input"]["notes"]
+    assert any(words in n for n in notes)
+
+
+def test_row_saturated_image_is_flagged(small_t1, box_prompts_path, weights_dir, stand_ins, tmp_path):
+    """A T1 clipped at its 80th percentile (the brightest tissue all one value): the saturated QC flag."""
+    clipped = np.minimum(small_t1.data, np.percentile(small_t1.data[small_t1.data > 0], 80))
+    for name, data, flagged in (("clipped", clipped, True), ("original", small_t1.data, False)):
+        image = write_nifti(tmp_path / f"{name}.nii.gz", data.astype(np.float32), small_t1.affine)
+        status, out_text, err = cli([*seg_args(image, weights_dir, box_prompts_path), "--out", tmp_path / name])
+        assert status == 0, err
+        flags = json.loads((tmp_path / name / "provenance.json").read_text())["qc_flags"]
+        assert any(f["kind"] == "saturated" for f in flags) == flagged
+        assert ("saturated" in out_text + err) == flagged  # the CLI prints the QC flags
+
+
 @pytest.mark.parametrize("case,words", [
     ("float64huge", ("overflow 32-bit floats",)),
     ("slope", ("overflow 32-bit floats",)),  # int16 voxels times scl_slope 1e38
