@@ -11,8 +11,9 @@
   axis (the pallidum, the smallest structure, spans about 15-20 mm in each direction).
 
 :func:`coverage_flags` is the QC flag for a plausible but partial coverage: structures whose
-labels touch the edge of the field of view (recorded in ``provenance.json`` as ``qc_flags``,
-printed by the command line, shown in the Slicer module and the cohort report).
+labels touch the edge of the field of view; :func:`thick_slice_flags` the one for slices thicker
+than :data:`THICK_SLICE_MM` (both recorded in ``provenance.json`` as ``qc_flags``, printed by the
+command line, shown in the Slicer module and the cohort report).
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ from .errors import InputImageError
 from .imageio import Volume
 from .structures import STRUCTURES
 
-__all__ = ["check_t1_like", "coverage_flags", "looks_like_labels", "MIN_EXTENT_MM", "LABEL_MAX_VALUES",
+__all__ = ["check_t1_like", "coverage_flags", "thick_slice_flags", "THICK_SLICE_MM", "looks_like_labels", "MIN_EXTENT_MM", "LABEL_MAX_VALUES",
            "LABEL_EQUAL_FRACTION"]
 
 #: an image must extend at least this far (mm) along each voxel axis
 MIN_EXTENT_MM = 15.0
+#: voxels longer than this (mm) along some axis: thick slices (a 2D clinical acquisition)
+THICK_SLICE_MM = 3.0
 #: a label image has at most this many distinct values
 LABEL_MAX_VALUES = 1024
 #: ... and more than this fraction of equal neighbouring foreground voxels
@@ -98,3 +101,20 @@ def coverage_flags(labels: np.ndarray) -> list[dict]:
     return [{"kind": "partial_coverage", "structure": None, "structures": touching,
              "message": f"{', '.join(touching)} reach the edge of the image: they may continue beyond the field of "
                         "view, so their volumes may be too small"}]
+
+
+def thick_slice_flags(spacing) -> list[dict]:
+    """``[]`` or one ``{"kind": "thick_slices", ...}`` flag when a voxel axis is longer than
+    :data:`THICK_SLICE_MM`: the structures span only a few such slices (a pallidum 3-4 of 5 mm),
+    so their volumes are less accurate than on ~1 mm scans, and the 95 % volume intervals and the
+    smallest detectable changes were measured on scans of mostly ~1 mm voxels."""
+    spacing = [float(v) for v in spacing]
+    thick = [(axis, mm) for axis, mm in enumerate(spacing) if mm > THICK_SLICE_MM]
+    if not thick:
+        return []
+    axis, mm = max(thick, key=lambda t: t[1])
+    return [{"kind": "thick_slices", "structure": None,
+             "message": f"{mm:.1f} mm voxels along voxel axis {axis} (slices thicker than {THICK_SLICE_MM:g} mm): "
+                        "the structures span only a few slices, so their volumes are less accurate than on a "
+                        "~1 mm scan, and the volume intervals and smallest detectable changes, measured on mostly "
+                        "~1 mm scans, may be too narrow"}]

@@ -472,10 +472,18 @@ def localise(volume: Volume, mode: str = "auto", strip_margin_mm: float = 3.0, t
             f"the image does not have T1 contrast: median white matter {_g(wm)}, cortex {_g(cx)}, ventricles {_g(ven)} "
             f"(T1: white matter brightest, ventricles darkest); a T2, FLAIR or PD image given as T1?{misaligned}")
     if not ncc >= MIN_NCC:
+        # white matter brighter than cortex brighter than ventricles where the template has them: a
+        # T1 that aligned but looks unlike the template elsewhere (e.g. bright vessels and meninges)
+        t1_like = None not in (wm, cx, ven) and wm > cx > ven
+        enhanced = (" Where the template has white matter, cortex and ventricles, this image has a T1's order of "
+                    f"intensities (medians {_g(wm)} > {_g(cx)} > {_g(ven)}): it may be a brain T1 unlike the template "
+                    "elsewhere, such as a contrast-enhanced (gadolinium) T1 with bright vessels and meninges, which "
+                    "this pipeline was not made for; a pre-contrast T1 of the session is the one to segment."
+                    if t1_like and ncc >= MIN_NCC / 2 else "")
         raise NoBrainFoundError(
             f"no brain found: after aligning the image to the brain template its correlation with it is {ncc:.2f} "
-            f"(a brain T1 gives > {MIN_NCC}); is this a brain MRI covering the whole brain? A brain T1 can also fail "
-            f"to align: {_ALIGN_FAILURE}")
+            f"(a brain T1 gives > {MIN_NCC}); is this a brain MRI covering the whole brain?{enhanced} A brain T1 can "
+            f"also fail to align: {_ALIGN_FAILURE}")
     # head tissue around the brain: shell voxels brighter than a quarter of the brain's median
     level = 0.25 * float(np.median(aligned[inner]))
     shell = _shell()

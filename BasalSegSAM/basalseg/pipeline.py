@@ -45,7 +45,7 @@ from .foundation import FoundationBackend, SliceMaskCache, make_backend, pick_de
 from .foundation.boxed import BoxedMasks, hull
 from .foundation.runner import default_batch, run_planes
 from .imageio import Volume
-from .inputcheck import check_t1_like
+from .inputcheck import check_t1_like, thick_slice_flags
 from .intensity import conform_intensities, normalize01, saturation_flag
 from .prompter import generate_prompts, predict_coarse
 from .prompts import PromptSet, normalise_planes, plane_prompt_sets
@@ -317,7 +317,7 @@ class Pipeline:
         flags = scan_flags(result.labels, volume.voxel_volume_mm3, result.missing,
                            result.provenance.get("foundation_student_dice"))
         saturated = saturation_flag(volume.data)
-        return flags + ([saturated] if saturated else [])
+        return flags + ([saturated] if saturated else []) + thick_slice_flags(volume.spacing)
 
     def prompts_for(self, volume: Volume) -> tuple[PromptSet, np.ndarray, np.ndarray, Grid, "Localisation"]:
         """Stage 2 as :meth:`segment` runs it: localised first when ``config.localise`` says so.

@@ -5,7 +5,7 @@ The same flags as the cohort report (:mod:`basalseg.cohortqc`, same thresholds,
 
 * ``missing``: a structure not found by the prompt generator, or found but empty;
 * ``asymmetry``: ``|L - R| / ((L + R) / 2)`` of a left/right pair above 20 %;
-* ``disagreement``: foundation vs student Dice on the prompted slices below 0.70;
+* ``disagreement``: foundation vs student Dice on the prompted slices below 0.70 (pallidi 0.55);
 * ``implausible``: a structure's volume outside :data:`PLAUSIBLE_ML` (wide adult and child
   ranges, a factor ~2 beyond published normal values either way), or the 8 together outside
   12-70 mL: a wrong image, a wrong voxel size in the header, or a segmentation gone wrong.
@@ -59,6 +59,6 @@ def scan_flags(labels: np.ndarray, voxel_volume_mm3: float, missing: list[str], 
                 flag("asymmetry", f"{part} asymmetry {100 * ai:.0f}% (> {100 * t.asymmetry:.0f}%)", part)
     by_key = {s.key: s for s in STRUCTURES}
     for key, d in (dice or {}).items():
-        if d is not None and d < t.dice and key in by_key:
-            flag("disagreement", f"{by_key[key].name}: foundation vs student Dice {d:.3f} (< {t.dice:.2f})", key)
+        if d is not None and key in by_key and d < t.dice_for(key):
+            flag("disagreement", f"{by_key[key].name}: foundation vs student Dice {d:.3f} (< {t.dice_for(key):.2f})", key)
     return out

@@ -260,6 +260,7 @@ def test_no_brain_found(kind):
         localise(Volume(data, np.diag([1.0, 1.0, 1.0, 1.0])), "on")
     # and what to do if it is a brain T1 the registration could not align (severe artefacts and bias)
     assert "N4" in str(info.value) and "--localise off" in str(info.value)
+    assert "contrast-enhanced" not in str(info.value)  # said only of images with a T1's tissue order
 
 
 def test_t2_like_contrast_is_rejected(mni):
@@ -368,5 +369,14 @@ def test_scan_flags_name_implausible_asymmetric_and_disagreeing_results():
     assert not any(k == "implausible" for k, _ in kinds)
     assert not any(s == "left_thalamus" for _, s in kinds)
     # the same labels read with a 10x too large voxel volume (a wrong header): implausible
+    # the pallidi's threshold is 0.15 lower (their masks agree less on good results too)
+    dis = {f["structure"] for f in scan_flags(labels, 1.0, [], {"left_pallidum": 0.65, "right_pallidum": 0.5,
+                                                                 "right_caudate": 0.65}) if f["kind"] == "disagreement"}
+    assert dis == {"right_pallidum", "right_caudate"}
     assert any(f["kind"] == "implausible" for f in scan_flags(labels, 10.0, [], {}))
+    from basalseg.inputcheck import thick_slice_flags
+
+    assert thick_slice_flags([1.0, 1.2, 3.0]) == []
+    (thick,) = thick_slice_flags([0.45, 6.0, 0.45])
+    assert thick["kind"] == "thick_slices" and "6.0 mm voxels along voxel axis 1" in thick["message"]
     assert any(f["kind"] == "missing" for f in scan_flags(labels, 1.0, ["left_pallidum"], {}))

@@ -21,7 +21,8 @@ def add_threshold_options(p) -> None:
     p.add_argument("--asymmetry-threshold", type=float, default=100 * t.asymmetry,
                    help=f"asymmetry: |L-R|/((L+R)/2) above this many percent (default {100 * t.asymmetry:g})")
     p.add_argument("--dice-threshold", type=float, default=t.dice,
-                   help=f"disagreement: foundation-vs-student Dice below this (default {t.dice:g})")
+                   help=f"disagreement: foundation-vs-student Dice below this (default {t.dice:g}; "
+                        "0.15 lower for the pallidi)")
     p.add_argument("--embed", action="store_true", help="inline the montages in report.html (one self-contained file)")
 
 
