@@ -26,6 +26,8 @@ __all__ = ["normalize01", "foreground_mask", "conform_intensities", "saturation_
 OUTLIER_FACTOR = 3.0
 #: more than this fraction of the foreground at the image's maximum value: a saturated image
 SATURATED_FRACTION = 0.01
+#: an image with at least this fraction of its voxels at about 0 has a zero background
+ZERO_BACKGROUND = 0.10
 #: percentiles are estimated on every n-th voxel of larger images
 _SAMPLES = 2_000_000
 
@@ -71,56 +73,68 @@ def normalize01(data: np.ndarray, p_low: float = 0.5, p_high: float = 99.5, max_
 
 
 def _sample(data: np.ndarray) -> np.ndarray:
-    flat = data.reshape(-1)
-    return flat[:: max(1, int(np.ceil(flat.size / _SAMPLES)))]
+    """Every n-th voxel (at most about :data:`_SAMPLES`), in memory order: no copy of the image
+    (NIfTI arrays are Fortran-ordered, whose C-order reshape would copy them whole)."""
+    flat = np.ravel(data, order="K")
+    return flat[:: max(1, int(np.ceil(flat.size / _SAMPLES)))].copy()
 
 
 def conform_intensities(data: np.ndarray) -> tuple[np.ndarray, list[str]]:
     """``(data, notes)``: the intensities every stage expects (module docstring), and what was changed.
 
-    * an **offset**: when the lowest 0.1 % of voxels lie below 0, the image is shifted so that
-      they lie at 0 (the air or background of a T1 is its darkest part);
+    * an **offset**: when the lowest 0.1 % of voxels lie below 0, the image is shifted so that they
+      lie at 0 (the background or darkest tissue of a T1 is its darkest part; a z-scored image, or
+      one stored over a signed type's whole range, is the same image shifted) -- unless the image
+      has a zero background (at least :data:`ZERO_BACKGROUND` of it within 0.5 % of the range
+      around 0: a skull-stripped brain), whose negative voxels are a spline's undershoot;
     * voxels still **below 0** are set to 0;
     * **outliers**: voxels brighter than :data:`OUTLIER_FACTOR` times the 99.9th percentile of the
       positive voxels are set to the brightest voxel that is not one.
 
-    ``data`` itself is returned (no copy) when nothing applies, which is the case for ordinary
-    T1s: their results are the same with or without this step.
+    ``data`` itself is returned when nothing applies (no voxel below 0, no outlier: ordinary
+    T1s, whose results are then the same with or without this step); otherwise one float32 copy
+    (in ``data``'s memory order) is made and changed in place.
     """
     data = np.asarray(data, dtype=np.float32)
     notes: list[str] = []
     sample = _sample(data)
     low = float(np.percentile(sample, 0.1))
+    high = float(np.percentile(sample, 99.9))
     out, factor = data, 1.0
-    if low < 0:
+    zero_background = float(np.mean(np.abs(sample) <= 0.005 * (high - low))) >= ZERO_BACKGROUND if high > low else False
+    offset = low < 0 and not zero_background
+    if offset:
         # float64 arithmetic in blocks (no float32 overflow: an image spanning -3e38..3e38 spans
         # 6e38 after the shift, so such a span is also scaled down; the stages are scale-invariant)
         span = float(data.max()) - low
         factor = 1.0 if span < 1e30 else 1e6 / span
-        out = np.empty(data.shape, dtype=np.float32)
-        src, dst = data.reshape(-1), out.reshape(-1)
+        out = np.empty_like(data)
+        src, dst = np.ravel(data, order="K"), np.ravel(out, order="K")  # views: same memory order
         step = 1 << 22
         for start in range(0, src.size, step):
             dst[start : start + step] = (src[start : start + step].astype(np.float64) - low) * factor
         sample = ((sample.astype(np.float64) - low) * factor).astype(np.float32)
     negative = int(np.count_nonzero(out < 0))
     if negative:
-        out = np.maximum(out, np.float32(0))
-    if low < 0:
-        notes.append(f"the image's lowest 0.1 % of intensities lie below 0 (at {low:.4g}): an offset; the image was "
-                     f"shifted by {-low:.4g} so that its background lies at 0"
+        out = out if out is not data else data.copy(order="K")
+        np.maximum(out, np.float32(0), out=out)
+    if offset:
+        notes.append(f"the image's background and its lowest 0.1 % of intensities lie below 0 (at {low:.4g}): an "
+                     f"offset; the image was shifted by {-low:.4g} so that its background lies at 0"
                      + (f" (and scaled by {factor:.3g} to fit 32-bit floats)" if factor != 1.0 else "")
                      + (f" ({negative} voxel(s) still below 0 were set to 0)" if negative else ""))
     elif negative:
-        notes.append(f"{negative} voxel(s) below 0 were set to 0")
+        notes.append(f"{negative} voxel(s) below 0 around the image's zero background (the undershoot of an "
+                     "interpolation) were set to 0")
     positive = sample[sample > 0]
     if positive.size:
         cap = OUTLIER_FACTOR * float(np.percentile(positive, 99.9))
         hot = int(np.count_nonzero(out > cap))
         if cap > 0 and hot:
             top = float(out.max())
-            brightest = float(out[out <= cap].max())  # the brightest voxel that is not an outlier
-            out = np.where(out > cap, np.float32(brightest), out).astype(np.float32, copy=False)
+            brightest = float(np.max(out, where=out <= cap, initial=0.0))  # the brightest voxel that is not an outlier
+            out = out if out is not data else data.copy(order="K")
+            np.putmask(out, out > cap, np.float32(brightest))
             notes.append(f"{hot} voxel(s) brighter than {OUTLIER_FACTOR:g} times the image's 99.9th percentile (up to "
                          f"{top:.4g}, against {cap / OUTLIER_FACTOR:.4g}) were set to the brightest other voxel's "
                          f"{brightest:.4g}: outliers such as spikes would otherwise set the intensity range")

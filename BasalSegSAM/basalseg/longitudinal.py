@@ -125,11 +125,18 @@ def _cell(value) -> str:
     return str(value)
 
 
+#: an ISO 8601 date, optionally with a time of day and zone (the same on every Python version)
+_ISO = re.compile(r"(\d{4})-?(\d{2})-?(\d{2})(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:?\d{2})?)?")
+
+
 def _parse_date(text: str, what: str) -> datetime.date:
-    """An ISO 8601 date or date-time (``YYYY-MM-DD``, ``YYYY-MM-DDThh:mm:ss``, ``YYYYMMDD``) as a
-    date; anything else, trailing text included, is refused naming ``what``."""
+    """An ISO 8601 date or date-time (``YYYY-MM-DD``, ``YYYY-MM-DDThh:mm[:ss[.f]][Z|+hh:mm]``,
+    ``YYYYMMDD``) as a date; anything else, trailing text included, is refused naming ``what``."""
+    m = _ISO.fullmatch(str(text).strip())
     try:
-        return datetime.datetime.fromisoformat(str(text).strip()).date()
+        if m is None:
+            raise ValueError(text)
+        return datetime.date(int(m.group(1)), int(m.group(2)), int(m.group(3)))
     except ValueError as exc:
         raise BasalSegError(f"{what}: {text!r} is not a date (use YYYY-MM-DD)") from exc
 
@@ -500,12 +507,19 @@ def _label_key(session: str) -> tuple:
     return tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.findall(r"\d+|\D+", session or ""))
 
 
+def _numbered_alike(a: str, b: str) -> bool:
+    """Two session labels that differ only in their numbers (``ses-2`` / ``ses-10``,
+    ``ses-m06`` / ``ses-m12``): only such labels say which session came first (``ses-pre`` and
+    ``ses-post``, ``screening`` and ``baseline`` do not, alphabetically)."""
+    return bool(a and b) and re.search(r"\d", a) is not None and re.sub(r"\d+", "#", a) == re.sub(r"\d+", "#", b)
+
+
 def session_groups(records) -> dict[str, list]:
     """Subjects with at least two results (a subject that ``basalseg batch`` recorded), each list in
     session order: the dated sessions by date (:func:`record_date`), then session label, then
     folder name; an undated session placed after the last dated one whose session label comes
-    before its own (natural order: ``ses-2`` before ``ses-10``), so it sits between its neighbours;
-    undated sessions without a label last."""
+    before its own (natural order: ``ses-2`` before ``ses-10``; only labels that differ in their
+    numbers alone are compared), so it sits between its neighbours; other undated sessions last."""
     groups: dict[str, list] = {}
     for r in records:
         if r.subject and r.subject != r.name:  # batch recorded a subject (outside BIDS it is the file name)
@@ -518,8 +532,9 @@ def session_groups(records) -> dict[str, list]:
                        key=lambda r: (record_date(r)[0], _label_key(r.session), r.name))
         order = list(dated)
         for u in sorted((r for r in recs if record_date(r)[0] is None), key=lambda r: (_label_key(r.session), r.name)):
-            before = [i for i, d in enumerate(order) if u.session and _label_key(d.session) <= _label_key(u.session)]
-            order.insert(before[-1] + 1 if before else (0 if u.session else len(order)), u)
+            alike = [i for i, d in enumerate(order) if _numbered_alike(d.session, u.session)]
+            before = [i for i in alike if _label_key(order[i].session) <= _label_key(u.session)]
+            order.insert(before[-1] + 1 if before else (alike[0] if alike else len(order)), u)
         out[subject] = order
     return out
 
@@ -527,10 +542,12 @@ def session_groups(records) -> dict[str, list]:
 def _order_warnings(a, b) -> list[str]:
     """What :func:`session_groups` had to guess about a consecutive pair."""
     out = []
-    for tag, r in (("A", a), ("B", b)):
-        if record_date(r)[0] is None and r.session:
-            out.append(f"{tag} ({r.session}) has no date: placed between its neighbours by its session label")
-    if (record_date(a)[0] is not None and record_date(b)[0] is not None and a.session and b.session
+    for tag, r, other in (("A", a, b), ("B", b, a)):
+        if record_date(r)[0] is None:
+            out.append(f"{tag} ({r.session or r.name}) has no date: "
+                       + ("placed between its neighbours by its session label" if _numbered_alike(r.session, other.session)
+                          else "placed after the dated sessions"))
+    if (record_date(a)[0] is not None and record_date(b)[0] is not None and _numbered_alike(a.session, b.session)
             and _label_key(a.session) > _label_key(b.session)):
         out.append(f"the dates put {a.session} before {b.session}, the session labels after it: check the dates")
     return out

@@ -263,6 +263,18 @@ def test_no_brain_found(kind):
     assert "contrast-enhanced" not in str(info.value)  # said only of images with a T1's tissue order
 
 
+def test_a_t1_that_aligns_but_correlates_poorly_is_told_it_may_be_enhanced(mni, monkeypatch):
+    """A brain T1 whose tissue order is a T1's but whose correlation with the template falls short
+    (as a strongly contrast-enhanced T1's does): 'no brain found', saying it may be enhanced.
+    Emulated by demanding more correlation than any image can reach (the MNI template reaches 1)."""
+    import basalseg.localise as localise_module
+
+    monkeypatch.setattr(localise_module, "MIN_NCC", 1.01)
+    with pytest.raises(NoBrainFoundError, match="no brain found") as info:
+        localise(mni, "on")
+    assert "contrast-enhanced (gadolinium) T1" in str(info.value) and "a T1's order of intensities" in str(info.value)
+
+
 def test_t2_like_contrast_is_rejected(mni):
     _, brain, labels, grid, _, _ = _template()
     img = mni.data / np.percentile(mni.data[mni.data > 0], 99)

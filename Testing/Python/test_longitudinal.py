@@ -231,6 +231,18 @@ def test_session_order_places_an_undated_session_by_its_label_and_questions_cont
     assert "A (ses-2) has no date" in warn[("sub-04_ses-2", "sub-04_ses-10")]
     assert "the dates put ses-10 before ses-3, the session labels after it" in warn[("sub-04_ses-10", "sub-04_ses-3")]
     assert "check the dates" not in warn[("sub-04_ses-1", "sub-04_ses-2")]
+    # labels that are not numbered alike say nothing of the order: an undated ses-post goes last
+    # (not before ses-pre, as alphabetically), and dated pre -> post raises no question
+    more = []
+    for i, (ses, date) in enumerate((("ses-pre", "2020-01-01"), ("ses-post", None), ("ses-screening", "2019-06-01"))):
+        r = synthetic_result(seed=10 + i)
+        r.provenance["scan_info"] = {"subject": "sub-05", "session": ses, **({"session_date": date} if date else {})}
+        more.append(read_result(write_result(r, tmp_path / "out" / f"sub-05_{ses}")))
+    assert [r.session for r in session_groups(more)["sub-05"]] == ["ses-screening", "ses-pre", "ses-post"]
+    rows = read_csv(write_cohort_tables(tmp_path / "out", more)[2])
+    warn = {(r["scan_a"], r["scan_b"]): r["warnings"] for r in rows}
+    assert "B (ses-post) has no date: placed after the dated sessions" in warn[("sub-05_ses-pre", "sub-05_ses-post")]
+    assert "check the dates" not in " ".join(warn.values())
 
 
 def test_no_dates(tmp_path):
