@@ -103,6 +103,23 @@ def conform_intensities(data: np.ndarray) -> tuple[np.ndarray, list[str]]:
     out, factor = data, 1.0
     zero_background = float(np.mean(np.abs(sample) <= 0.005 * (high - low))) >= ZERO_BACKGROUND if high > low else False
     offset = low < 0 and not zero_background
+    inside = sample[sample != 0]
+    inside_low = float(np.percentile(inside, 0.1)) if inside.size else 0.0
+    if (low < 0 and zero_background and float(np.mean(sample == 0)) >= ZERO_BACKGROUND
+            and inside_low < -0.05 * (high - inside_low)):
+        # a background of exact zeros around a brain with substantially negative intensities (a
+        # skull-stripped brain z-scored inside its mask): the brain shifted, the background kept
+        out = np.empty_like(data)
+        src, dst = np.ravel(data, order="K"), np.ravel(out, order="K")
+        step = 1 << 22
+        for start in range(0, src.size, step):
+            block = src[start : start + step]
+            dst[start : start + step] = np.where(block != 0, np.maximum(block.astype(np.float64) - inside_low, 0.0), 0.0)
+        notes.append(f"a background of zeros around intensities down to {inside_low:.4g} (a skull-stripped brain "
+                     f"standardised inside its mask?): the non-zero voxels were shifted by {-inside_low:.4g} so that "
+                     "the darkest lie at 0, the background kept at 0")
+        sample = np.where(sample != 0, np.maximum(sample - inside_low, 0), 0).astype(np.float32)
+        low = 0.0
     if offset:
         # float64 arithmetic in blocks (no float32 overflow: an image spanning -3e38..3e38 spans
         # 6e38 after the shift, so such a span is also scaled down; the stages are scale-invariant)

@@ -92,3 +92,14 @@ def test_no_copy_of_an_ordinary_fortran_ordered_image(template):
     assert peak < 0.7 * image.nbytes  # a boolean mask or two (1 byte a voxel) and samples, no float copy
     shifted, _ = conform_intensities(np.asfortranarray(template - np.float32(100)))
     assert shifted.flags.f_contiguous  # a changed image keeps its memory order
+
+
+def test_a_brain_standardised_inside_its_mask_keeps_its_zero_background(template):
+    """A skull-stripped brain z-scored inside its mask (background exactly 0, half the brain below
+    0): the brain is shifted up, the background stays 0, and the stages see the original's contrast."""
+    brain = template > 0
+    z = np.where(brain, (template - template[brain].mean()) / template[brain].std(), 0).astype(np.float32)
+    out, notes = conform_intensities(z)
+    assert len(notes) == 1 and "standardised inside its mask" in notes[0]
+    assert (out[~brain] == 0).all() and out.min() == 0
+    assert np.corrcoef(normalize01(out)[brain], normalize01(template)[brain])[0, 1] > 0.999
