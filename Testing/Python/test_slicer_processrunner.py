@@ -133,7 +133,9 @@ def test_cancel_kills_the_child_and_its_own_child_within_seconds(child):
     runner = ProcessRunner(terminateTimeout=2.0)
     runner.start(child("hang"))
     events = []
-    assert _wait_for(lambda: any(e.kind == "child" for e in (events.extend(runner.poll()) or events)))
+    # the child reports its own child, then its progress: wait for both (the second line may come
+    # a poll later than the first)
+    assert _wait_for(lambda: {"child", "progress"} <= {e.kind for e in (events.extend(runner.poll()) or events)})
     grandchild = next(e.data["pid"] for e in events if e.kind == "child")
     assert pid_alive(runner.pid) and pid_alive(grandchild)
     assert runner.overall == pytest.approx(0.4)
