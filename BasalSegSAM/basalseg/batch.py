@@ -179,9 +179,10 @@ def _num(value) -> str:
     return "" if value is None else repr(float(value)) if not isinstance(value, int) else str(value)
 
 
-def write_cohort_tables(out_dir: str | os.PathLike, records) -> tuple[Path, Path, Path]:
+def write_cohort_tables(out_dir: str | os.PathLike, records, pairs: list[tuple] | None = None) -> tuple[Path, Path, Path]:
     """Write ``OUT_DIR/volumes.csv`` (long), ``OUT_DIR/volumes_wide.csv`` and ``OUT_DIR/changes.csv``
-    (module docstring) from result records."""
+    (module docstring) from result records (``pairs``: their
+    :func:`basalseg.longitudinal.consecutive_changes`, when already made for the report)."""
     from .longitudinal import changes_csv_text, consecutive_changes, record_date
     from .outputs import atomic_write_text
     from .structures import STRUCTURES
@@ -217,7 +218,7 @@ def write_cohort_tables(out_dir: str | os.PathLike, records) -> tuple[Path, Path
         wide_w.writerow(wide)
     atomic_write_text(out_dir / "volumes.csv", long_buf.getvalue())
     atomic_write_text(out_dir / "volumes_wide.csv", wide_buf.getvalue())
-    atomic_write_text(out_dir / "changes.csv", changes_csv_text(consecutive_changes(records)))
+    atomic_write_text(out_dir / "changes.csv", changes_csv_text(consecutive_changes(records) if pairs is None else pairs))
     return out_dir / "volumes.csv", out_dir / "volumes_wide.csv", out_dir / "changes.csv"
 
 
@@ -441,6 +442,7 @@ def run_batch(scans: list[Scan], out_dir: str | os.PathLike, pipeline, *, prompt
     """
     from . import __version__
     from .cohortqc import cohort_warnings
+    from .longitudinal import consecutive_changes
     from .progress import BatchProgress
     from .report import build_report
     from .results import find_results, read_failures, write_failures
@@ -498,11 +500,12 @@ def run_batch(scans: list[Scan], out_dir: str | os.PathLike, pipeline, *, prompt
         summary.failed = [failures[s.name] for s in scans if s.name in failures]
         write_failures(out_dir, summary.failed)
         records, broken = find_results(out_dir)
-        summary.tables = write_cohort_tables(out_dir, records)
+        pairs = consecutive_changes(records)  # changes.csv and the report's longitudinal view
+        summary.tables = write_cohort_tables(out_dir, records, pairs)
         summary.cohort_csv = summary.tables[0]
         summary.warnings = cohort_warnings(records)
         if report:
-            summary.report = build_report(out_dir, thresholds, embed=embed, records=records, broken=broken)
+            summary.report = build_report(out_dir, thresholds, embed=embed, records=records, broken=broken, pairs=pairs)
         log("end", done=len(summary.done), skipped=len(summary.skipped), failed=len(summary.failed),
             interrupted=interrupted is not None, results_in_cohort=len(records))
     if interrupted is not None:

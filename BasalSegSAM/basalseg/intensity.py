@@ -61,15 +61,19 @@ def normalize01(data: np.ndarray, p_low: float = 0.5, p_high: float = 99.5, max_
         # (Nearly) constant foreground. "lo + 1" is lo again above 2**53 (a two-valued int64 image),
         # which made 0/0 = NaN voxels; a step relative to lo stays representable.
         hi = lo + max(1.0, abs(lo) * 1e-6)
-    # float64 arithmetic (no overflow at float32's extremes) in blocks, float32 out: the result
-    # used to be a float64 array, 8 bytes per canonical voxel instead of the documented 4.
+    # float32 out: the result used to be a float64 array, 8 bytes per canonical voxel instead of the
+    # documented 4
     out = np.empty(data.shape, dtype=np.float32)
-    src, dst = data.reshape(-1), out.reshape(-1)
+    _map_blocks(data.reshape(-1), out.reshape(-1), lambda block: np.clip((block - lo) / (hi - lo), 0.0, 1.0))
+    return out
+
+
+def _map_blocks(src: np.ndarray, dst: np.ndarray, fn) -> None:
+    """``dst[:] = fn(src)`` for flat arrays, in blocks of 4 Mi voxels and in float64 (no overflow at
+    float32's extremes; the float64 temporaries stay one block in size)."""
     step = 1 << 22
     for start in range(0, src.size, step):
-        block = (src[start : start + step].astype(np.float64) - lo) / (hi - lo)
-        dst[start : start + step] = np.clip(block, 0.0, 1.0)
-    return out
+        dst[start : start + step] = fn(src[start : start + step].astype(np.float64))
 
 
 def _sample(data: np.ndarray) -> np.ndarray:
@@ -100,42 +104,41 @@ def conform_intensities(data: np.ndarray) -> tuple[np.ndarray, list[str]]:
     sample = _sample(data)
     low = float(np.percentile(sample, 0.1))
     high = float(np.percentile(sample, 99.9))
-    out, factor = data, 1.0
-    zero_background = float(np.mean(np.abs(sample) <= 0.005 * (high - low))) >= ZERO_BACKGROUND if high > low else False
-    offset = low < 0 and not zero_background
-    inside = sample[sample != 0]
-    inside_low = float(np.percentile(inside, 0.1)) if inside.size else 0.0
-    if (low < 0 and zero_background and float(np.mean(sample == 0)) >= ZERO_BACKGROUND
-            and inside_low < -0.05 * (high - inside_low)):
-        # a background of exact zeros around a brain with substantially negative intensities (a
-        # skull-stripped brain z-scored inside its mask): the brain shifted, the background kept
-        out = np.empty_like(data)
-        src, dst = np.ravel(data, order="K"), np.ravel(out, order="K")
-        step = 1 << 22
-        for start in range(0, src.size, step):
-            block = src[start : start + step]
-            dst[start : start + step] = np.where(block != 0, np.maximum(block.astype(np.float64) - inside_low, 0.0), 0.0)
-        notes.append(f"a background of zeros around intensities down to {inside_low:.4g} (a skull-stripped brain "
-                     f"standardised inside its mask?): the non-zero voxels were shifted by {-inside_low:.4g} so that "
-                     "the darkest lie at 0, the background kept at 0")
-        sample = np.where(sample != 0, np.maximum(sample - inside_low, 0), 0).astype(np.float32)
-        low = 0.0
-    if offset:
-        # float64 arithmetic in blocks (no float32 overflow: an image spanning -3e38..3e38 spans
-        # 6e38 after the shift, so such a span is also scaled down; the stages are scale-invariant)
-        span = float(data.max()) - low
+    out = data
+    shift, keep_zeros = None, False  # what to subtract; whether exact zeros stay 0 (a masked brain)
+    if low < 0:
+        zero_background = high > low and float(np.mean(np.abs(sample) <= 0.005 * (high - low))) >= ZERO_BACKGROUND
+        if not zero_background:
+            shift = low  # an offset
+        elif float(np.mean(sample == 0)) >= ZERO_BACKGROUND:
+            inside = sample[sample != 0]
+            inside_low = float(np.percentile(inside, 0.1))
+            if inside_low < -0.05 * (high - inside_low):
+                # a background of exact zeros around a brain with substantially negative intensities
+                # (a skull-stripped brain z-scored inside its mask): the brain shifted, the zeros kept
+                shift, keep_zeros = inside_low, True
+    if shift is not None:
+        # an image spanning -3e38..3e38 spans 6e38 after the shift: such a span is also scaled down
+        # (the stages are scale-invariant)
+        span = float(data.max()) - shift
         factor = 1.0 if span < 1e30 else 1e6 / span
+
+        def moved(block):
+            shifted = (block - shift) * factor
+            return np.where(block != 0, np.maximum(shifted, 0.0), 0.0) if keep_zeros else shifted
+
         out = np.empty_like(data)
-        src, dst = np.ravel(data, order="K"), np.ravel(out, order="K")  # views: same memory order
-        step = 1 << 22
-        for start in range(0, src.size, step):
-            dst[start : start + step] = (src[start : start + step].astype(np.float64) - low) * factor
-        sample = ((sample.astype(np.float64) - low) * factor).astype(np.float32)
-    negative = int(np.count_nonzero(out < 0))
+        _map_blocks(np.ravel(data, order="K"), np.ravel(out, order="K"), moved)  # views: same memory order
+        sample = moved(sample.astype(np.float64)).astype(np.float32)
+    negative = int(np.count_nonzero(out < 0)) if out.min() < 0 else 0
     if negative:
         out = out if out is not data else data.copy(order="K")
         np.maximum(out, np.float32(0), out=out)
-    if offset:
+    if keep_zeros:
+        notes.append(f"a background of zeros around intensities down to {shift:.4g} (a skull-stripped brain "
+                     f"standardised inside its mask?): the non-zero voxels were shifted by {-shift:.4g} so that "
+                     "the darkest lie at 0, the background kept at 0")
+    elif shift is not None:
         notes.append(f"the image's background and its lowest 0.1 % of intensities lie below 0 (at {low:.4g}): an "
                      f"offset; the image was shifted by {-low:.4g} so that its background lies at 0"
                      + (f" (and scaled by {factor:.3g} to fit 32-bit floats)" if factor != 1.0 else "")
@@ -146,9 +149,9 @@ def conform_intensities(data: np.ndarray) -> tuple[np.ndarray, list[str]]:
     positive = sample[sample > 0]
     if positive.size:
         cap = OUTLIER_FACTOR * float(np.percentile(positive, 99.9))
-        hot = int(np.count_nonzero(out > cap))
-        if cap > 0 and hot:
-            top = float(out.max())
+        top = float(out.max())
+        hot = int(np.count_nonzero(out > cap)) if cap > 0 and top > cap else 0
+        if hot:
             brightest = float(np.max(out, where=out <= cap, initial=0.0))  # the brightest voxel that is not an outlier
             out = out if out is not data else data.copy(order="K")
             np.putmask(out, out > cap, np.float32(brightest))

@@ -103,9 +103,13 @@ class Comparison:
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=COMPARE_COLUMNS, lineterminator="\n")
         writer.writeheader()
-        for row in self.rows:
-            writer.writerow({**{k: _cell(row.get(k)) for k in COMPARE_COLUMNS}, **self.pair_columns()})
+        writer.writerows(self.csv_rows())
         return buffer.getvalue()
+
+    def csv_rows(self) -> list[dict]:
+        """The rows of :meth:`csv_text` (:data:`COMPARE_COLUMNS`, formatted)."""
+        extra = self.pair_columns()
+        return [{**{k: _cell(row.get(k)) for k in COMPARE_COLUMNS}, **extra} for row in self.rows]
 
     def pair_columns(self) -> dict:
         """The columns that are the same on every row: the SDC's study or why there is none, and
@@ -170,20 +174,37 @@ def resolve_date(record, override: str | None = None, what: str = "date") -> tup
     return None, None
 
 
-def record_date(record) -> tuple[datetime.date | None, str | None]:
-    """:func:`resolve_date` of a result for the cohort tables, the report and the session order:
-    read once per record, and never raising: a recorded date that cannot be read gives
-    ``(None, "unreadable: <why>")`` (the scan counts as undated there; ``compare`` and the pair's
-    row of ``changes.csv`` give the error itself)."""
+def _resolved(record) -> tuple[datetime.date | None, str | None] | BasalSegError:
+    """:func:`resolve_date` of a result without a date given, or its error: read once per record
+    (the dataset's tables are read again otherwise for every table, pair and report row)."""
     cached = getattr(record, "__dict__", {}).get("_basalseg_date")
     if cached is not None:
         return cached
     try:
         out = resolve_date(record)
     except BasalSegError as exc:
-        out = (None, f"unreadable: {exc}")
+        out = exc
     if hasattr(record, "__dict__"):
         record.__dict__["_basalseg_date"] = out
+    return out
+
+
+def record_date(record) -> tuple[datetime.date | None, str | None]:
+    """:func:`resolve_date` of a result for the cohort tables, the report and the session order:
+    read once per record, and never raising: a recorded date that cannot be read gives
+    ``(None, "unreadable: <why>")`` (the scan counts as undated there; ``compare`` and the pair's
+    row of ``changes.csv`` give the error itself)."""
+    out = _resolved(record)
+    return (None, f"unreadable: {out}") if isinstance(out, BasalSegError) else out
+
+
+def _date_of(record, override: str | None, what: str) -> tuple[datetime.date | None, str | None]:
+    """:func:`resolve_date`, the recorded or dataset date read once per record (:func:`_resolved`)."""
+    if override is not None:
+        return resolve_date(record, override, what)
+    out = _resolved(record)
+    if isinstance(out, BasalSegError):
+        raise out
     return out
 
 
@@ -424,8 +445,8 @@ def compare_records(a, b, date_a: str | None = None, date_b: str | None = None, 
     from .structures import STRUCTURES
     from .uncertainty import load_table
 
-    da, src_a = resolve_date(a, date_a, "--date-a")
-    db, src_b = resolve_date(b, date_b, "--date-b")
+    da, src_a = _date_of(a, date_a, "--date-a")
+    db, src_b = _date_of(b, date_b, "--date-b")
     days = (db - da).days if da and db else None
     warnings = _check_pair(a, b)
     if days is not None and days <= 0:
@@ -590,9 +611,7 @@ def changes_csv_text(pairs: list[tuple]) -> str:
         if isinstance(c, BasalSegError):
             writer.writerow({"subject": subject, "scan_a": a.name, "scan_b": b.name, "warnings": f"not compared: {c}"})
             continue
-        extra = c.pair_columns()
-        for row in c.rows:
-            writer.writerow({"subject": subject, **{k: _cell(row.get(k)) for k in COMPARE_COLUMNS}, **extra})
+        writer.writerows({"subject": subject, **row} for row in c.csv_rows())
     return buffer.getvalue()
 
 

@@ -311,7 +311,9 @@ class Pipeline:
         meta = {**volume.meta, "notes": list(volume.meta.get("notes") or []) + notes}
         return Volume(data, volume.affine, volume.path, meta)
 
-    def _qc_flags(self, result: SegmentResult, volume: Volume) -> list[dict]:
+    @staticmethod
+    def _qc_flags(result: SegmentResult, volume: Volume) -> list[dict]:
+        """The result's QC flags (:mod:`basalseg.scan_qc`), the saturated image's and thick slices'."""
         from .scan_qc import scan_flags
 
         flags = scan_flags(result.labels, volume.voxel_volume_mm3, result.missing,

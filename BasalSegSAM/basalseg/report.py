@@ -225,7 +225,7 @@ def _failure_rows(failures: list[dict]) -> str:
 
 def build_report(out_dir: str | os.PathLike, thresholds: Thresholds | None = None, embed: bool = False,
                  prompts: bool = True, verify: bool = True, records: list[ResultRecord] | None = None,
-                 broken: list[tuple[Path, str]] | None = None) -> Path:
+                 broken: list[tuple[Path, str]] | None = None, pairs: list[tuple] | None = None) -> Path:
     """Write ``OUT_DIR/report.html`` (and any missing or stale montages in ``OUT_DIR/report/``).
 
     Args:
@@ -235,6 +235,8 @@ def build_report(out_dir: str | os.PathLike, thresholds: Thresholds | None = Non
         prompts: draw prompt boxes on montages made here.
         verify: check each result's files against the sha256 in its provenance.
         records, broken: already-read results and damaged folders (else :func:`basalseg.results.find_results`).
+        pairs: the records' :func:`basalseg.longitudinal.consecutive_changes`, when already made
+            (for ``changes.csv``).
 
     Returns:
         The page's path.
@@ -277,18 +279,19 @@ def build_report(out_dir: str | os.PathLike, thresholds: Thresholds | None = Non
         asymmetry_percent=f"{100 * thresholds.asymmetry:g}", dice=f"{thresholds.dice:.2f}",
         stats_rows="\n".join(stats_rows), scan_columns=scan_columns,
         scan_rows="\n".join(_scan_row(r, flags[r.name], images[r.name], notes.get(r.name)) for r in records),
-        longitudinal="\n".join(_longitudinal_section(records)), failures=_failure_rows(failures))
+        longitudinal="\n".join(_longitudinal_section(records, pairs)), failures=_failure_rows(failures))
     path = out_dir / REPORT_NAME
     atomic_write_text(path, page)
     return path
 
 
-def _longitudinal_section(records: list[ResultRecord]) -> list[str]:
+def _longitudinal_section(records: list[ResultRecord], pairs: list[tuple] | None = None) -> list[str]:
     """The longitudinal view: per subject with several sessions, the change between consecutive
-    sessions as ``basalseg compare`` gives it (:func:`basalseg.longitudinal.compare_records`)."""
+    sessions as ``basalseg compare`` gives it (:func:`basalseg.longitudinal.consecutive_changes`,
+    unless given)."""
     from .longitudinal import MULTIPLE_TESTS_NOTE, consecutive_changes
 
-    pairs = consecutive_changes(records)
+    pairs = consecutive_changes(records) if pairs is None else pairs
     if not pairs:
         return []
     groups = {subject for subject, *_ in pairs}

@@ -62,13 +62,16 @@ def run(args: argparse.Namespace) -> int:
     if not records and not broken and not failures:
         raise BasalSegError(f"{args.out_dir}: no results in it (no folder below it holds a BasalSegSAM "
                             "provenance.json); give the --out folder of segment or batch")
+    from ..longitudinal import consecutive_changes
+
+    pairs = consecutive_changes(records)  # the report's longitudinal view and a batch folder's changes.csv
     path = build_report(args.out_dir, limits, embed=args.embed, prompts=not args.no_prompts, records=records,
-                        broken=broken)
+                        broken=broken, pairs=pairs)
     print(f"wrote {path} ({len(records)} results, {len(failures)} failed)")
     if _is_batch_folder(args.out_dir):  # its tables from the same reading as the report (dates corrected since, ...)
         from ..batch import write_cohort_tables
 
-        tables = write_cohort_tables(args.out_dir, records)
+        tables = write_cohort_tables(args.out_dir, records, pairs)
         print("refreshed the cohort tables: " + ", ".join(p.name for p in tables))
     for folder, reason in broken:
         print(f"basalseg: warning: {folder} is not a complete result ({reason}); left out", file=sys.stderr)
