@@ -32,6 +32,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--localise", action="append", choices=["auto", "on", "off"], default=None)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--localise-transform", default="affine", choices=["affine", "rigid"],
+                   help="the localisation's transform (default affine, the pipeline's; rigid: before 2026-12-07)")
     p.add_argument("--weights", default=None)
     p.add_argument("--limit", type=int, default=None, help="first N cases only")
     p.add_argument("--tables-only", action="store_true",
@@ -48,7 +50,8 @@ def main(argv=None) -> int:
     variants = args.localise or ["off", "on"]
     cases = read_cohort(args.cohort)[: args.limit]
     (args.out / "cases").mkdir(parents=True, exist_ok=True)
-    pipelines = {} if args.tables_only else {v: Pipeline(PipelineConfig(weights_dir=args.weights, threads=args.threads, localise=v)) for v in variants}
+    pipelines = {} if args.tables_only else {v: Pipeline(PipelineConfig(weights_dir=args.weights, threads=args.threads, localise=v,
+                                                                                 localise_transform=args.localise_transform)) for v in variants}
     rows = []
     if args.tables_only:
         for case in cases:

@@ -313,9 +313,11 @@ def cmd_analyse(args) -> int:
         Path(args.markdown).write_text(text)
     if args.table:
         sample = (fit + rep_all)[0]
+        options, kind = _effective(fit + rep_all)
         table = {
             "format": "basalseg-repeatability", "version": 1, "date": datetime.date.today().isoformat(),
-            "student_sha256": sample.get("student_sha256"), "options": sample.get("options"),
+            "student_sha256": sample.get("student_sha256"), "options": options,
+            **({"input": kind} if kind else {}),
             "interval": {"scale": "band_ml", "z": Z, "level": 0.95, "fitted_on": args.fit,
                          "method": "one k for all structures: the smallest k with 95 % of |volume - reference| <= z k band_ml "
                                    "over the fit cohorts' scans and structures",
@@ -329,6 +331,28 @@ def cmd_analyse(args) -> int:
         }
         Path(args.table).write_text(json.dumps(table, indent=1) + "\n")
     return 0
+
+
+def _effective(recs: list) -> tuple[dict, str | None]:
+    """The study's options as they acted (``localise``: ``on`` when every scan was localised, ``off``
+    when none was; basalseg.longitudinal.effective_options) and, for a localised study, the kind of
+    input every scan was (``skull-stripped`` or ``whole head``, by the localisation's head-tissue
+    check); exits when the scans went different ways or were of both kinds."""
+    from basalseg.localise import HEAD_FRACTION
+
+    applied = {bool((r.get("localisation") or {}).get("applied")) for r in recs}
+    if len(applied) > 1:
+        raise SystemExit("some scans were localised and some were not: a study measures one way")
+    options = dict(recs[0].get("options") or {})
+    options["localise"] = "on" if applied == {True} else "off"
+    if applied != {True}:
+        options.pop("localise_transform", None)
+        return options, None
+    kinds = {"whole head" if float(((r["localisation"].get("contrast") or {}).get("head_tissue_fraction")) or 0.0)
+             >= HEAD_FRACTION else "skull-stripped" for r in recs}
+    if len(kinds) > 1:
+        raise SystemExit("the scans are whole heads and skull-stripped brains: a study measures one kind")
+    return options, kinds.pop()
 
 
 def cmd_analyse_localised(args) -> int:

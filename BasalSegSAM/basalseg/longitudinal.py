@@ -231,8 +231,9 @@ def _bids_subject(record) -> str | None:
 
 
 #: What a result made before an option was recorded was made with (``provenance.json``
-#: ``options``): results before 2026-12-04 record no ``mirror_tta`` and ran the student once.
-LEGACY_OPTIONS = {"mirror_tta": False}
+#: ``options``): results before 2026-12-04 record no ``mirror_tta`` and ran the student once;
+#: results before 2026-12-07 record no ``localise_transform`` and were localised rigidly.
+LEGACY_OPTIONS = {"mirror_tta": False, "localise_transform": "rigid"}
 
 
 def option_differences(a: dict | None, b: dict | None) -> list[tuple]:
@@ -252,7 +253,8 @@ def effective_options(provenance: dict) -> dict:
     """A result's ``options`` as they acted: :data:`LEGACY_OPTIONS` for options it does not record,
     and ``localise`` by what the localisation did: ``"off"`` when it was asked for (``auto``) but
     not applied (a skull-stripped brain in the template's pose, segmented as it is: exactly what
-    ``off`` does), ``"on"`` when ``auto`` applied it (exactly what ``on`` does)."""
+    ``off`` does), ``"on"`` when ``auto`` applied it (exactly what ``on`` does); without
+    ``localise_transform`` when the input was not localised (the transform did not act)."""
     opts = dict(provenance.get("options") or {})
     opts = {**{k: v for k, v in LEGACY_OPTIONS.items() if k not in opts}, **opts}
     applied = (provenance.get("localisation") or {}).get("applied")
@@ -260,6 +262,8 @@ def effective_options(provenance: dict) -> dict:
         opts["localise"] = "off"
     elif opts.get("localise") == "auto" and applied is True:
         opts["localise"] = "on"
+    if opts.get("localise") in ("off", None):
+        opts.pop("localise_transform", None)  # nothing was aligned: the transform did not act
     return opts
 
 
@@ -351,12 +355,25 @@ def _row(structure: str, label, va: float | None, vb: float | None, days: int | 
     return row
 
 
+def _part_way(part: dict) -> str:
+    """How a study's scans went: ``"on"`` (localised) or ``"off"`` (segmented as they are)."""
+    return (part.get("options") or {}).get("localise") or "off"
+
+
+def _part_input(part: dict) -> str | None:
+    """What a study's scans were: ``"whole head"``, ``"skull-stripped"``, or None (not recorded:
+    the skull-stripped study of tables made before 2026-12-07, segmented as they were)."""
+    return part.get("input")
+
+
 def table_for(table: dict | None, *records) -> tuple[dict | None, str]:
     """The part of the repeatability table measured for the student and options of these results:
-    ``(part, why not)``. ``part`` is the table itself for results segmented as they are (its study
-    of skull-stripped rescans, ``localise`` off), its ``"localised"`` part when every result was
-    localised (the study of whole-head rescans on one protocol: only for two whole heads, by the
-    localisation's head-tissue check, of equal voxel size), or None with the reason."""
+    ``(part, why not)``. A table holds up to two studies, the table itself and its ``"localised"``
+    part; the part used is the one whose scans went the same way as these results (localised, or
+    segmented as they are: ``options.localise``, by what the localisation did) and were the same
+    kind of input (``input``: a whole head or a skull-stripped brain, by the localisation's
+    head-tissue check), and only for two scans of equal voxel size when its rescans kept the
+    protocol. None with the reason when no part was measured for them."""
     if not table or not table.get("repeatability"):
         return None, "no repeatability table is shipped"
     want = table.get("student_sha256")
@@ -367,27 +384,32 @@ def table_for(table: dict | None, *records) -> tuple[dict | None, str]:
     opts = [effective_options(r.provenance) for r in records]
     localised = [o.get("localise") == "on" for o in opts]
     if any(localised) and not all(localised):
-        return None, ("one result was localised (resampled onto the brain template: a whole head, or a brain turned "
-                      "more than 10 deg) and the other was segmented as it is: the two went different ways, and the "
-                      "repeatability studies measured each way on its own")
-    part = table
-    if localised and all(localised):
-        part = table.get("localised")
-        if not part or not part.get("repeatability"):
-            return None, ("the repeatability table has no study of localised results (resampled onto the brain "
-                          "template: a whole head, or a brain turned more than 10 deg), a path whose scan-rescan "
-                          "repeatability it does not hold")
-    if part.get("input") == "whole head":
-        for tag, r in zip("AB", records):
-            kind = _input_kind(r)
-            if kind != "whole head":
-                return None, ("the study of localised results is of whole heads; "
-                              + (f"{tag} is a skull-stripped brain (localised because it was turned more than 10 deg, or --localise on)"
-                                 if kind else f"{tag} does not record whether its input was a whole head (made before "
-                                              "2026-12-02); segment it again")
-                              + ", whose scan-rescan repeatability it did not measure")
+        return None, ("one result was localised (resampled onto the brain template) and the other was segmented as "
+                      "it is: the two went different ways, and the repeatability studies measured each way on its own")
+    way = "on" if localised and all(localised) else "off"
+    parts = [p for p in (table, table.get("localised")) if p and p.get("repeatability")]
+    measured = [p for p in parts if _part_way(p) == way]
+    if not measured:
+        return None, (("the repeatability table has no study of localised results (resampled onto the brain "
+                       "template), a path whose scan-rescan repeatability it does not hold") if way == "on" else
+                      ("the repeatability table has no study of results segmented as they are (--localise off, or a "
+                       "crop smaller than a brain), a path whose scan-rescan repeatability it does not hold"))
+    kinds = [_input_kind(r) for r in records]
+    matching = [p for p in measured if _part_input(p) is None or all(k == _part_input(p) for k in kinds)]
+    if not matching:
+        want_kind = _part_input(measured[0])
+        for tag, kind in zip("AB", kinds):
+            if kind != want_kind:
+                what = (f"{tag} is a {kind}" if kind == "whole head" else f"{tag} is a skull-stripped brain") if kind \
+                    else (f"{tag} does not record whether its input was a whole head (made before 2026-12-02); "
+                          "segment it again")
+                studied = " and ".join(sorted({f"{_part_input(p)}s" for p in measured}))
+                return None, (f"the repeatability {'study' if len(measured) == 1 else 'studies'} of "
+                              f"{'localised' if way == 'on' else 'unlocalised'} results {'is' if len(measured) == 1 else 'are'} "
+                              f"of {studied}; {what}, whose scan-rescan repeatability it did not measure")
+    part = matching[0]
     if part.get("protocol") == "same" and len(records) == 2 and _spacing_differs(*records):
-        return None, ("the study of localised results rescanned each head on the same protocol; these scans differ "
+        return None, ("that repeatability study rescanned each head on the same protocol; these scans differ "
                       f"in voxel size ({_fmt_spacing(records[0].spacing)} and {_fmt_spacing(records[1].spacing)} mm), "
                       "whose scan-rescan repeatability it did not measure")
     ref = part.get("options") or {}
@@ -405,10 +427,12 @@ def table_applies(table: dict | None, *records) -> tuple[bool, str]:
     return part is not None, why
 
 
-def study_name(part: dict, table: dict | None) -> str:
+def study_name(part: dict, table: dict | None = None) -> str:
     """How the text outputs name the study a part of the table (:func:`table_for`) holds."""
-    if table is not None and part is table.get("localised"):
+    if _part_input(part) == "whole head":
         return "localised whole-head rescans, one protocol each (docs/UNCERTAINTY.md)"
+    if _part_way(part) == "on":
+        return "skull-stripped rescans, localised (docs/UNCERTAINTY.md)"
     return "skull-stripped rescans segmented as they are (docs/UNCERTAINTY.md)"
 
 

@@ -7,7 +7,7 @@ so there is one list of each and building a parser never imports torch.
 
 from __future__ import annotations
 
-__all__ = ["DEVICES", "ENCODERS", "FOUNDATIONS", "PLANES", "PROGRESS_MODES", "LOCALISE_MODES"]
+__all__ = ["DEVICES", "ENCODERS", "FOUNDATIONS", "PLANES", "PROGRESS_MODES", "LOCALISE_MODES", "LOCALISE_TRANSFORMS"]
 
 #: LiteMedSAM encoder implementations (:class:`basalseg.foundation.litemedsam_fast.FastLiteMedSAMBackend`).
 ENCODERS = ("fused", "onnx", "compile", "torch")
@@ -27,3 +27,6 @@ PROGRESS_MODES = ("auto", "bar", "json", "none")
 
 #: ``--localise`` values (:mod:`basalseg.localise`).
 LOCALISE_MODES = ("auto", "on", "off")
+
+#: ``--localise-transform`` values (:func:`basalseg.localise.localise`; the first is the default).
+LOCALISE_TRANSFORMS = ("affine", "rigid")

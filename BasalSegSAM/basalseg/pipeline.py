@@ -104,6 +104,9 @@ class PipelineConfig:
         localise: ``"auto"``, ``"on"`` or ``"off"`` (this class's default; the command line's is
             ``auto``): brain localisation for whole-head inputs in any pose and its QC checks
             (:mod:`basalseg.localise`).
+        localise_transform: ``"affine"`` (default since 2026-12-07: the rigid registration refined
+            to 12 parameters, so the networks see the brain at the template's size and shape) or
+            ``"rigid"`` (before; :func:`basalseg.localise.localise`).
         mirror_tta: left-right test-time augmentation of the student (the default): the mean of its
             logits on the crop and on the crop's mirror image (:func:`basalseg.student.predict_student`),
             one more student pass (about 0.6 s on 2 CPU cores); held-out Dice +0.001 to +0.002 and
@@ -128,6 +131,7 @@ class PipelineConfig:
     calibrate: bool = True
     uncertainty: str = "softmax"
     localise: str = "off"
+    localise_transform: str = "affine"
     mirror_tta: bool = True
 
 
@@ -332,7 +336,8 @@ class Pipeline:
         from .localise import localise
 
         volume = self.conformed(volume)
-        work, loc = localise(volume, self.config.localise or "off", threads=self.config.threads or 1)
+        work, loc = localise(volume, self.config.localise or "off", threads=self.config.threads or 1,
+                             transform=self.config.localise_transform)
         prompts, coarse, image01, grid = self.generate_prompts(work)  # records work.path = volume.path
         if loc.applied:
             prompts.source["localisation"] = _prompt_localisation(loc)
@@ -369,7 +374,7 @@ class Pipeline:
 
             work, loc = volume, Localisation(mode, False, "auto: prompts were given (on the input's own grid); not localised")
         else:
-            work, loc = localise(volume, mode, threads=self.config.threads or 1)
+            work, loc = localise(volume, mode, threads=self.config.threads or 1, transform=self.config.localise_transform)
         if not loc.applied:
             result = self.segment_as_given(volume, prompts, progress, should_stop, cache)
         else:
@@ -590,7 +595,8 @@ class Pipeline:
                         "min_prompt_pixels": self.config.min_prompt_pixels, "stride": self.config.stride,
                         "context": bool(self.config.context), "planes": list(self.planes),
                         "calibration": _list_or_none(self.student_offsets() if self._student is not None else None),
-                        "localise": self.config.localise, "mirror_tta": bool(self.config.mirror_tta)},
+                        "localise": self.config.localise, "localise_transform": self.config.localise_transform,
+                        "mirror_tta": bool(self.config.mirror_tta)},
         }
 
 

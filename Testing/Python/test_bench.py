@@ -176,7 +176,7 @@ def test_encoder_flops_counts_a_known_module_and_gemm_is_measured():
 
 
 def test_bench_times_the_localisation_segment_does_by_default(mni_t1, weights_dir, tmp_path):
-    """``segment``'s default (--localise auto) registers a whole brain for its QC checks: the bench
+    """``segment``'s default (--localise auto) registers and resamples a whole brain: the bench
     times it as a shared stage and says what it decided; a crop smaller than a brain, prompts from
     a file and --localise off skip it, as ``segment`` does."""
     import nibabel as nib
@@ -189,7 +189,8 @@ def test_bench_times_the_localisation_segment_does_by_default(mni_t1, weights_di
     report = bench.run_bench(path, prompts="dk", weights_dir=weights_dir, device="cpu", slices=1, naive=False,
                              warm_up=False)
     loc = report["localisation"]
-    assert loc["mode"] == "auto" and not loc["applied"] and "skull-stripped" in loc["reason"], loc
+    assert loc["mode"] == "auto" and loc["applied"] and "skull-stripped" in loc["reason"], loc  # localised since 2026-12-07
+    assert any(n.startswith("localised: the stages ran on the input resampled") for n in report["notes"])
     assert report["stages"]["localise"] > 0.2  # a registration ran (81 starts and more at 6 and 3 mm)
     assert report["optimised_total"] >= report["stages"]["localise"] + report["stages"]["foundation"]
     assert any(line.startswith("localise (register, QC)") for line in bench.format_report(report))

@@ -92,6 +92,11 @@ def test_cohort_drops_failed_registrations_and_resumes(posed_case, tmp_path, mon
 
     monkeypatch.setattr(mod, "localise_case", lambda *a, **k: pytest.fail("re-localised a recorded case"))
     assert [c.name for c in localise_cohort(src, out)] == ["good"]
+    # one cohort, one transform: the default (affine) is recorded, and resuming it rigidly is refused
+    assert meta["basalseg_localised"]["transform"] == "affine" and records["good"]["localise_transform"] == "affine"
+    assert records["good"]["transform"] in ("affine", "rigid")  # what was kept (rigid when the refinement did not help)
+    with pytest.raises(ValueError, match="localised with the affine transform, not rigid"):
+        localise_cohort(src, out, transform="rigid")
 
 
 def test_low_label_overlap_is_dropped(posed_case, tmp_path):

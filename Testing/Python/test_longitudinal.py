@@ -397,3 +397,50 @@ def test_repeatability_table_applies_to_what_the_localisation_did_not_to_the_opt
                               effective_options(record("auto", True).provenance)) == []
     assert option_differences(effective_options(off), effective_options(record("auto", True).provenance)) == \
         [("localise", "off", "on")]
+
+
+def test_a_table_of_two_localised_studies_is_chosen_by_the_kind_of_input():
+    """Since 2026-12-07 ``auto`` localises skull-stripped brains too: the table's own study is then of
+    localised skull-stripped rescans (``input: skull-stripped``) beside the whole-head one, and a
+    pair is given the study of its own kind; results segmented as they are get none."""
+    from types import SimpleNamespace
+
+    from basalseg.longitudinal import study_name, table_for
+
+    opts = {"band": 5.0, "mirror_tta": True, "localise": "on", "localise_transform": "affine"}
+    heads = {"repeatability": {"Left-Thalamus": {"cv_within": 0.04}}, "options": opts, "input": "whole head"}
+    table = {"repeatability": {"Left-Thalamus": {"cv_within": 0.03}}, "options": opts, "input": "skull-stripped",
+             "localised": heads}
+
+    def record(kind_fraction, localise="auto", applied=True, transform="affine"):
+        options = {"band": 5.0, "mirror_tta": True, "localise": localise}
+        if transform:
+            options["localise_transform"] = transform
+        return SimpleNamespace(provenance={"options": options, "localisation": {
+            "applied": applied, "contrast": {"head_tissue_fraction": kind_fraction}}}, spacing=(1.0, 1.0, 1.0))
+
+    stripped, head = record(0.01), record(0.6)
+    assert table_for(table, stripped, record(0.02)) == (table, "")
+    assert study_name(table, table) == "skull-stripped rescans, localised (docs/UNCERTAINTY.md)"
+    assert table_for(table, head, record(0.5)) == (heads, "")
+    assert study_name(heads, table).startswith("localised whole-head rescans")
+    part, why = table_for(table, stripped, head)
+    assert part is None and "B is a whole head" in why, why
+    part, why = table_for(table, record(0.01, "off", False), record(0.01, "off", False))
+    assert part is None and "no study of results segmented as they are" in why, why
+    # a result localised rigidly before 2026-12-07 records no transform: rigid, not this study's
+    part, why = table_for(table, stripped, record(0.01, transform=None))
+    assert part is None and "other options (localise_transform)" in why, why
+
+
+def test_the_localisation_transform_is_an_option_only_when_the_input_was_localised():
+    from basalseg.longitudinal import effective_options, option_differences
+
+    old = {"options": {"localise": "auto", "mirror_tta": True}, "localisation": {"applied": True}}
+    new = {"options": {"localise": "auto", "localise_transform": "affine", "mirror_tta": True},
+           "localisation": {"applied": True}}
+    assert option_differences(effective_options(old), effective_options(new)) == [("localise_transform", "rigid", "affine")]
+    off_old = {"options": {"localise": "off", "mirror_tta": True}, "localisation": {"applied": False}}
+    off_new = {"options": {"localise": "off", "localise_transform": "affine", "mirror_tta": True},
+               "localisation": {"applied": False}}
+    assert option_differences(effective_options(off_old), effective_options(off_new)) == []

@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..options import DEVICES, ENCODERS, FOUNDATIONS, LOCALISE_MODES, PLANES, PROGRESS_MODES
+from ..options import DEVICES, ENCODERS, FOUNDATIONS, LOCALISE_MODES, LOCALISE_TRANSFORMS, PLANES, PROGRESS_MODES
 
 __all__ = ["out_folder", "parse_planes", "add_out_option", "add_overwrite_option", "add_device_option",
            "add_threads_option", "add_progress_option", "add_weights_option", "add_foundation_options",
@@ -124,6 +124,11 @@ def add_run_options(p, with_student: bool = True) -> None:
                    help="brain localisation for whole-head T1s in any pose: rigid registration to the MNI152 "
                         "brain, skull-stripped resampling, results mapped back (auto: only for inputs that do "
                         "not look skull-stripped; basalseg.localise)")
+    p.add_argument("--localise-transform", default=LOCALISE_TRANSFORMS[0], choices=list(LOCALISE_TRANSFORMS),
+                   help="how a localised input is aligned to the brain template: affine (default: the rigid "
+                        "registration refined to 12 parameters, so the networks see the brain at the template's "
+                        "size and shape; volumes are still measured on the input grid) or rigid (before "
+                        "2026-12-07)")
     if not with_student:
         return
     add_foundation_options(p, help="frozen 2D foundation model (litemedsam works offline)",
@@ -198,6 +203,7 @@ _CONFIG_FIELDS = {
     "calibrate": lambda a: not a.no_calibration,
     "mirror_tta": lambda a: bool(a.mirror_tta),
     "localise": lambda a: a.localise or LOCALISE_DEFAULT,
+    "localise_transform": lambda a: a.localise_transform,
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..options import LOCALISE_TRANSFORMS
 from .options import add_device_option, add_foundation_options, add_threads_option, device
 
 __all__ = ["register", "run_train", "run_synth"]
@@ -67,6 +68,9 @@ def register(sub) -> None:
                    help="with --head: write the heads to OUT/source and, into OUT, each one put through the "
                         "inference's brain localisation with its labels (basalseg.data.localised; failed "
                         "registrations dropped)")
+    p.add_argument("--localise-transform", default=LOCALISE_TRANSFORMS[0], choices=list(LOCALISE_TRANSFORMS),
+                   help="with --localised: the localisation's transform (default affine, inference's default since "
+                        "2026-12-07; the localised cohorts of the shipped weights were made rigid)")
     p.add_argument("--artefacts", type=float, default=0.0, metavar="P",
                    help="with --head: probability of k-space artefacts per subject (Gibbs ringing and motion-like "
                         "ghosts; default 0: none)")
@@ -139,7 +143,8 @@ def run_synth(args: argparse.Namespace) -> int:
         from ..data.localised import localise_cohort
 
         bar = tqdm(total=args.n, desc=f"localise {args.out.name}", unit="scan")
-        paths = localise_cohort(out, args.out, progress=lambda done, total: bar.update(done - bar.n))
+        paths = localise_cohort(out, args.out, progress=lambda done, total: bar.update(done - bar.n),
+                                transform=args.localise_transform)
         bar.close()
     print(f"wrote {len(paths)} synthetic subjects to {args.out}")
     return 0

@@ -1,7 +1,7 @@
 """Training cohorts that look like what inference sees after brain localisation (issue 11).
 
-At inference a whole-head T1 goes through :func:`basalseg.localise.localise`: rigid registration
-to the MNI152 1 mm brain, resampling into its 182 x 218 x 182 1 mm RAS grid (trilinear) and a
+At inference a whole-head T1 goes through :func:`basalseg.localise.localise`: registration
+to the MNI152 1 mm brain (rigid, refined to affine by default since 2026-12-07), resampling into its 182 x 218 x 182 1 mm RAS grid (trilinear) and a
 skull strip with the template's brain mask dilated by ``strip_margin_mm``. The networks then see
 only such images. :func:`localise_case` puts a labelled case through **that same function**
 (``mode="on"``) and carries its labels through the same transform (nearest neighbour: template
@@ -59,12 +59,14 @@ def label_overlap(labels: np.ndarray, reference: np.ndarray) -> float:
 
 
 def localise_case(volume: Volume, labels: np.ndarray, strip_margin_mm: float = 3.0,
-                  threads: int = 1) -> tuple[Volume, np.ndarray, dict]:
+                  threads: int = 1, transform: str = "affine") -> tuple[Volume, np.ndarray, dict]:
     """The localised image (as inference makes it), its labels on the same grid, and the QC record.
 
     Args:
         volume: the input image (any grid, pose, axis code).
         labels: FreeSurfer-valued labels on ``volume``'s grid.
+        transform: the localisation's transform (:data:`basalseg.options.LOCALISE_TRANSFORMS`;
+            inference's default ``affine``; cohorts localised before 2026-12-07 were ``rigid``).
 
     Returns:
         ``(image on the template grid, skull-stripped; int16 labels on that grid; record)`` with
@@ -76,7 +78,7 @@ def localise_case(volume: Volume, labels: np.ndarray, strip_margin_mm: float = 3
     from ..localise import _template, localise
 
     labels = np.asarray(labels).reshape(volume.shape)
-    image, loc = localise(volume, "on", strip_margin_mm=strip_margin_mm, threads=threads)
+    image, loc = localise(volume, "on", strip_margin_mm=strip_margin_mm, threads=threads, transform=transform)
     grid = loc.grid
     # same mapping as localise(): template voxel -> template world -> input world -> input voxel
     vox = np.linalg.inv(volume.affine) @ loc.template_to_input @ grid.affine
@@ -87,18 +89,19 @@ def localise_case(volume: Volume, labels: np.ndarray, strip_margin_mm: float = 3
               "label_overlap": round(label_overlap(out_labels, template_labels), 4),
               "rotation_deg": loc.rotation_deg, "template_to_input": np.round(loc.template_to_input, 5).tolist(),
               "head_tissue_fraction": loc.contrast.get("head_tissue_fraction"), "search": loc.search,
+              "transform": loc.transform, "scale": loc.scale,
               "seconds": round(loc.seconds, 2)}
     return image, out_labels, record
 
 
-def _method(strip_margin_mm: float, min_overlap: float) -> dict:
-    return {"function": "basalseg.localise.localise(mode='on')", "strip_margin_mm": strip_margin_mm,
+def _method(strip_margin_mm: float, min_overlap: float, transform: str) -> dict:
+    return {"function": "basalseg.localise.localise(mode='on')", "strip_margin_mm": strip_margin_mm, "transform": transform,
             "labels": "nearest neighbour through the same transform", "min_overlap": min_overlap,
             "failed": "dropped (localisation error, or label_overlap < min_overlap)"}
 
 
 def localise_cohort(source: str | os.PathLike, out_dir: str | os.PathLike, *, strip_margin_mm: float = 3.0,
-                    min_overlap: float = MIN_OVERLAP, threads: int = 1, progress=None) -> list:
+                    min_overlap: float = MIN_OVERLAP, threads: int = 1, progress=None, transform: str = "affine") -> list:
     """Localise every case of the cohort ``source`` into a new cohort ``out_dir`` (module docstring).
 
     Resumable: a case with a record in ``out_dir/localisation/`` is not redone. Images are stored
@@ -111,7 +114,8 @@ def localise_cohort(source: str | os.PathLike, out_dir: str | os.PathLike, *, st
         The kept cases as :class:`basalseg.data.cohort.CohortCase`.
 
     Raises:
-        ValueError: ``out_dir`` is ``source`` or already holds a ``dataset.json`` of another source.
+        ValueError: ``out_dir`` is ``source`` or already holds a ``dataset.json`` of another source
+            or transform.
     """
     from ..localise import NoBrainFoundError, NotT1Error
     from .cohort import CohortCase, case_paths, read_cohort, write_json_atomic, write_nifti_atomic
@@ -123,6 +127,9 @@ def localise_cohort(source: str | os.PathLike, out_dir: str | os.PathLike, *, st
         old = json.loads((root / "dataset.json").read_text(encoding="utf-8")).get("basalseg_localised", {})
         if Path(old.get("source", "")).resolve() != source.resolve():
             raise ValueError(f"{root} already holds a dataset.json (not localised from {source}); choose another folder")
+        if old.get("transform", "rigid") != transform:  # cohorts before 2026-12-07 record none: rigid
+            raise ValueError(f"{root} was localised with the {old.get('transform', 'rigid')} transform, not {transform}; "
+                             "choose another folder (one cohort, one transform)")
     cases = read_cohort(source)
     (root / "localisation").mkdir(parents=True, exist_ok=True)
     records, kept = [], []
@@ -131,11 +138,14 @@ def localise_cohort(source: str | os.PathLike, out_dir: str | os.PathLike, *, st
         image_path, label_path = case_paths(root, case.name)
         if rec_path.is_file():
             record = json.loads(rec_path.read_text(encoding="utf-8"))
+            if record.get("localise_transform", "rigid") != transform:  # records before 2026-12-07: rigid
+                raise ValueError(f"{root}: {case.name} was localised with the {record.get('localise_transform', 'rigid')} "
+                                 f"transform, not {transform}; choose another folder (one cohort, one transform)")
         else:
             volume, labels = case.load()
             t0 = time.perf_counter()
             try:
-                image, out_labels, record = localise_case(volume, labels, strip_margin_mm, threads)
+                image, out_labels, record = localise_case(volume, labels, strip_margin_mm, threads, transform)
             except (NoBrainFoundError, NotT1Error) as exc:
                 record = {"status": "dropped", "reason": f"localisation refused it: {exc}"}
             else:
@@ -150,7 +160,8 @@ def localise_cohort(source: str | os.PathLike, out_dir: str | os.PathLike, *, st
                     write_nifti_atomic(image_path, data, image.affine, dtype=np.dtype("int16" if integer else "float32"))
                     write_nifti_atomic(label_path, out_labels, image.affine, dtype=np.int16)
                     record["status"] = "kept"
-            record = {"name": case.name, **record, "total_seconds": round(time.perf_counter() - t0, 2)}
+            record = {"name": case.name, **record, "localise_transform": transform,
+                      "total_seconds": round(time.perf_counter() - t0, 2)}
             write_json_atomic(rec_path, record)
         records.append(record)
         if record["status"] == "kept":
@@ -163,7 +174,7 @@ def localise_cohort(source: str | os.PathLike, out_dir: str | os.PathLike, *, st
         meta = {"channel_names": {"0": "T1"}, "labels": {"background": 0, **{s.name: s.label for s in STRUCTURES}}}
     meta.update({"name": root.name, "numTraining": len(kept), "file_ending": ".nii.gz",
                  "description": f"{meta.get('description', 'cohort')}; localised as at inference (basalseg.data.localised)",
-                 "basalseg_localised": {"source": str(source), **_method(strip_margin_mm, min_overlap),
+                 "basalseg_localised": {"source": str(source), **_method(strip_margin_mm, min_overlap, transform),
                                         "n_dropped": len(records) - len(kept), "cases": records}})
     write_json_atomic(root / "dataset.json", meta)
     if not kept:
