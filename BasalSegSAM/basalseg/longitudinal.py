@@ -22,8 +22,9 @@ For each structure (and the brain-mask / brain volumes when both results have th
     ratio of its within-subject SD to the mean ``band_ml`` in the repeatability study shipped
     with the weights (``weights/repeatability.json``), ``band_X`` the scan's own ``band_ml``; so
     a scan less certain than the study's gets a larger SDC, never a smaller one. The study is the one
-    of the path both results took (:func:`table_for`): skull-stripped rescans segmented as they are,
-    or whole-head rescans that were localised. Blank when the results were not made with the
+    of the path both results took and of their kind of input (:func:`table_for`): localised
+    skull-stripped rescans or localised whole-head rescans (tables before 2026-12-07: skull-stripped
+    rescans segmented as they are). Blank when the results were not made with the
     student (sha256) and options a study was measured for, or took different paths.
 ``exceeds_sdc``, ``change_over_sdc``
     ``yes`` when ``|change_ml| > sdc_ml`` (a change larger than 95 % of scan-rescan differences),

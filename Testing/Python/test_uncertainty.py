@@ -102,11 +102,12 @@ def test_shipped_table_is_valid():
         assert table["interval"]["k"][s.name] > 0
         rep = table["repeatability"][s.name]
         assert 0 < rep["cv_within"] < 0.5 and rep["sdc_ml"] > 0 and rep["band_ratio"] > 0
-    # the study of localised whole heads: the same student and options but the localisation, one protocol
+    # since 2026-12-07 both studies are of localised scans (affine): skull-stripped brains at the top
+    # level, whole heads (one protocol) in the "localised" part; the same student and options
+    assert table["options"]["localise"] == "on" and table["input"] == "skull-stripped"
     part = table["localised"]
     assert part["options"]["localise"] == "on" and part["protocol"] == "same" and part["input"] == "whole head"
-    assert {k: v for k, v in part["options"].items() if k != "localise"} == \
-        {k: v for k, v in table["options"].items() if k != "localise"}
+    assert part["options"] == table["options"] and table["options"]["localise_transform"] == "affine"
     for s in STRUCTURES:
         rep = part["repeatability"][s.name]
         assert 0 < rep["cv_within"] < 0.5 and rep["sdc_ml"] > 0 and rep["band_ratio"] > 0 and rep["n_subjects"] >= 5
