@@ -10,6 +10,8 @@
 # as inference runs it. Both are scored uncalibrated and calibrated (each on the independent validation cohort,
 # seeds 131-133), with the shipped student next to them, on the held-out cohorts (seeds 901, 902, 911).
 # Usage: bash scripts/ablation_t1_vs_sdm.sh [WORK_DIR] [STEPS]     (default: ./runs, 2000 steps; about 1.4 h on 2 cores)
+# (Its localised cohorts are made with the rigid localisation, as they were on 2026-12-06; inference localises
+# with an affine transform since 2026-12-07: README "Results".)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W="${1:-runs}"; STEPS="${2:-2000}"
@@ -18,16 +20,16 @@ C="$W/cohorts"; A="$W/train_abl"
 mkdir -p "$C"
 synth() { [ -f "$C/$1/dataset.json" ] || $B synth --out "$C/$1" "${@:2}"; }
 # cohorts, two at a time
-{ synth train_lhead_tpl --n 10 --seed 121 --template mni152 --template icbm2009c --contrast template --head --localised --prefix lhead_tpl
+{ synth train_lhead_tpl --n 10 --seed 121 --template mni152 --template icbm2009c --contrast template --head --localised --localise-transform rigid --prefix lhead_tpl
   synth heldout_head --n 8 --seed 911 --template mni152 --template icbm2009c --contrast t1_gmm --head --prefix head
-  [ -f "$C/heldout_head_localised/dataset.json" ] || .venv/bin/python -c "from basalseg.data.localised import localise_cohort as l; l('$C/heldout_head', '$C/heldout_head_localised')"
+  [ -f "$C/heldout_head_localised/dataset.json" ] || .venv/bin/python -c "from basalseg.data.localised import localise_cohort as l; l('$C/heldout_head', '$C/heldout_head_localised', transform='rigid')"
 } &
-{ synth train_lhead_gmm --n 10 --seed 122 --template mni152 --template icbm2009c --contrast t1_gmm --head --localised --prefix lhead_gmm
+{ synth train_lhead_gmm --n 10 --seed 122 --template mni152 --template icbm2009c --contrast t1_gmm --head --localised --localise-transform rigid --prefix lhead_gmm
   synth train_gmm8 --n 8 --seed 102 --template mni152 --contrast t1_gmm --prefix train_gmm
   synth train_wide --n 8 --seed 151 --template mni152 --template icbm2009c --contrast t1_gmm --structure-volume-range 0.25 --prefix train_wide
   synth heldout_mni_seed --n 10 --seed 901 --template mni152 --contrast template --prefix heldout_mni_seed
   synth heldout_icbm --n 10 --seed 902 --template icbm2009c --contrast template --prefix heldout_icbm
-  synth val_lhead --n 4 --seed 131 --template mni152 --template icbm2009c --contrast t1_gmm --head --localised --prefix val_lhead
+  synth val_lhead --n 4 --seed 131 --template mni152 --template icbm2009c --contrast t1_gmm --head --localised --localise-transform rigid --prefix val_lhead
   synth val_icbm --n 2 --seed 132 --template icbm2009c --contrast template --prefix val_icbm
   synth val_mni --n 2 --seed 133 --template mni152 --contrast t1_gmm --prefix val_mni
 } &

@@ -268,7 +268,7 @@ if [ "${TTA_EVAL:-0}" = 1 ]; then
   C="$W/cohorts"
   [ -f "$C/heldout_stripped_posed/dataset.json" ] || $B synth --out "$C/heldout_stripped_posed" --n 8 --seed 943 \
     --template mni152 --template icbm2009c --contrast t1_gmm --head --skull-stripped --prefix stripped_posed
-  [ -f "$C/heldout_head_localised/dataset.json" ] || .venv/bin/python -c "from basalseg.data.localised import localise_cohort as l; l('$C/heldout_head', '$C/heldout_head_localised')"
+  [ -f "$C/heldout_head_localised/dataset.json" ] || .venv/bin/python -c "from basalseg.data.localised import localise_cohort as l; l('$C/heldout_head', '$C/heldout_head_localised', transform='rigid')"
   [ -f "$C/val_lhead/dataset.json" ] || $B synth --out "$C/val_lhead" --n 4 --seed 131 --template mni152 --template icbm2009c --contrast t1_gmm --head --localised --localise-transform rigid --prefix val_lhead
   [ -f "$C/val_icbm/dataset.json" ] || $B synth --out "$C/val_icbm" --n 2 --seed 132 --template icbm2009c --contrast template --prefix val_icbm
   [ -f "$C/val_mni/dataset.json" ] || $B synth --out "$C/val_mni" --n 2 --seed 133 --template mni152 --contrast t1_gmm --prefix val_mni

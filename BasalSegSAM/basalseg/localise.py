@@ -537,9 +537,9 @@ def localise(volume: Volume, mode: str = "auto", strip_margin_mm: float = 3.0, t
         if transform == "affine" and ncc >= MIN_NCC:  # a brain was found: fit its size and shape too
             refined, _, _ = refine_affine(source, matrix, threads)
             if refined is not None:
-                matrix = refined
-                aligned, ncc = _align(source, matrix, t_grid, t_img, inner)
-                kept_transform = "affine"
+                aligned2, ncc2 = _align(source, refined, t_grid, t_img, inner)
+                if ncc2 >= MIN_NCC:  # never turn a found brain into a refusal
+                    matrix, aligned, ncc, kept_transform = refined, aligned2, ncc2, "affine"
         matrix = np.linalg.inv(shift) @ matrix  # template -> centred copy -> the input's own world
     else:
         matrix = np.asarray(template_to_input, dtype=np.float64)

@@ -253,8 +253,9 @@ def option_differences(a: dict | None, b: dict | None) -> list[tuple]:
 def effective_options(provenance: dict) -> dict:
     """A result's ``options`` as they acted: :data:`LEGACY_OPTIONS` for options it does not record,
     and ``localise`` by what the localisation did: ``"off"`` when it was asked for (``auto``) but
-    not applied (a skull-stripped brain in the template's pose, segmented as it is: exactly what
-    ``off`` does), ``"on"`` when ``auto`` applied it (exactly what ``on`` does); without
+    not applied (a crop smaller than a brain, or, before 2026-12-07, a skull-stripped brain in the
+    template's pose, segmented as it is: exactly what ``off`` does), ``"on"`` when ``auto`` applied
+    it (exactly what ``on`` does); without
     ``localise_transform`` when the input was not localised (the transform did not act)."""
     opts = dict(provenance.get("options") or {})
     opts = {**{k: v for k, v in LEGACY_OPTIONS.items() if k not in opts}, **opts}
@@ -356,6 +357,14 @@ def _row(structure: str, label, va: float | None, vb: float | None, days: int | 
     return row
 
 
+def _a_kind(kind: str) -> str:
+    return "a whole head" if kind == "whole head" else "a skull-stripped brain"
+
+
+def _kind_plural(kind: str | None) -> str:
+    return "whole heads" if kind == "whole head" else "skull-stripped brains"
+
+
 def _part_way(part: dict) -> str:
     """How a study's scans went: ``"on"`` (localised) or ``"off"`` (segmented as they are)."""
     return (part.get("options") or {}).get("localise") or "off"
@@ -396,15 +405,17 @@ def table_for(table: dict | None, *records) -> tuple[dict | None, str]:
                       ("the repeatability table has no study of results segmented as they are (--localise off, or a "
                        "crop smaller than a brain), a path whose scan-rescan repeatability it does not hold"))
     kinds = [_input_kind(r) for r in records]
+    if len(records) == 2 and None not in kinds and kinds[0] != kinds[1]:
+        return None, (f"A is {_a_kind(kinds[0])} and B is {_a_kind(kinds[1])}: each repeatability study measured "
+                      "one kind of input, and none measured a pair of both")
     matching = [p for p in measured if _part_input(p) is None or all(k == _part_input(p) for k in kinds)]
     if not matching:
         want_kind = _part_input(measured[0])
         for tag, kind in zip("AB", kinds):
             if kind != want_kind:
-                what = (f"{tag} is a {kind}" if kind == "whole head" else f"{tag} is a skull-stripped brain") if kind \
-                    else (f"{tag} does not record whether its input was a whole head (made before 2026-12-02); "
-                          "segment it again")
-                studied = " and ".join(sorted({f"{_part_input(p)}s" for p in measured}))
+                what = f"{tag} is {_a_kind(kind)}" if kind else (
+                    f"{tag} does not record whether its input was a whole head (made before 2026-12-02); segment it again")
+                studied = " and ".join(sorted({_kind_plural(_part_input(p)) for p in measured}))
                 return None, (f"the repeatability {'study' if len(measured) == 1 else 'studies'} of "
                               f"{'localised' if way == 'on' else 'unlocalised'} results {'is' if len(measured) == 1 else 'are'} "
                               f"of {studied}; {what}, whose scan-rescan repeatability it did not measure")
@@ -413,7 +424,9 @@ def table_for(table: dict | None, *records) -> tuple[dict | None, str]:
         return None, ("that repeatability study rescanned each head on the same protocol; these scans differ "
                       f"in voxel size ({_fmt_spacing(records[0].spacing)} and {_fmt_spacing(records[1].spacing)} mm), "
                       "whose scan-rescan repeatability it did not measure")
-    ref = part.get("options") or {}
+    ref = dict(part.get("options") or {})
+    if way == "on":  # a localised study that records no transform (before 2026-12-07) was rigid
+        ref.setdefault("localise_transform", LEGACY_OPTIONS["localise_transform"])
     for o in opts:
         differ = sorted(k for k in ref if k in o and o[k] != ref[k])
         if differ:

@@ -385,6 +385,7 @@ class Pipeline:
             classes_in = map_back(result.probabilities, result.roi, loc, volume)
             result.labels = classes_to_labels(classes_in).astype(np.int16, copy=False)
             result.volume = volume
+            _to_input_ml(result.uncertainty, loc)
             result.timings["map_back"] = time.perf_counter() - t
         result.timings["localise"] = loc.seconds
         result.timings["total"] = time.perf_counter() - t0
@@ -600,9 +601,25 @@ class Pipeline:
         }
 
 
+def _to_input_ml(uncertainty: dict | None, loc) -> None:
+    """The uncertainty measures of a localised run in the input's millilitres (in place): they were
+    counted on the template grid, whose voxel holds ``|det A|`` mm^3 of the input (``A`` the linear
+    part of ``loc.template_to_input``; 1 for a rigid transform, the brain's volume ratio to the
+    template's for an affine one), while ``volume_ml`` is counted on the input grid. Records the
+    factor as ``ml_per_template_ml``; the ``voxels`` stay template-grid counts."""
+    if not uncertainty or not uncertainty.get("measures"):
+        return
+    scale = abs(float(np.linalg.det(np.asarray(loc.template_to_input, np.float64)[:3, :3])))
+    for entry in uncertainty["measures"].values():
+        for key, value in list(entry.items()):
+            if key.endswith("_ml") and isinstance(value, (int, float)):
+                entry[key] = float(value) * scale
+    uncertainty["ml_per_template_ml"] = round(scale, 6)
+
+
 def _prompt_localisation(loc) -> dict:
     """What a localised image's prompts record of the localisation (``PromptSet.template_to_input``)."""
-    return {k: v for k, v in loc.to_dict().items() if k in ("applied", "template_to_input", "rotation_deg", "reason")}
+    return {k: v for k, v in loc.to_dict().items() if k in ("applied", "template_to_input", "rotation_deg", "reason", "transform")}
 
 
 class _Stages:

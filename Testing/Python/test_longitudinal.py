@@ -444,3 +444,25 @@ def test_the_localisation_transform_is_an_option_only_when_the_input_was_localis
     off_new = {"options": {"localise": "off", "localise_transform": "affine", "mirror_tta": True},
                "localisation": {"applied": False}}
     assert option_differences(effective_options(off_old), effective_options(off_new)) == []
+
+
+def test_a_localised_study_that_records_no_transform_was_rigid():
+    """A table made before 2026-12-07 records no ``localise_transform``: its localised study was
+    rigid, so it gives no SDC to results localised with the affine default."""
+    from types import SimpleNamespace
+
+    from basalseg.longitudinal import table_for
+
+    heads = {"repeatability": {"Left-Thalamus": {"cv_within": 0.04}}, "input": "whole head",
+             "options": {"band": 5.0, "mirror_tta": True, "localise": "on"}}
+    table = {"repeatability": {"Left-Thalamus": {"cv_within": 0.03}},
+             "options": {"band": 5.0, "mirror_tta": True, "localise": "off"}, "localised": heads}
+
+    def record(transform):
+        options = {"band": 5.0, "mirror_tta": True, "localise": "auto", **({"localise_transform": transform} if transform else {})}
+        return SimpleNamespace(provenance={"options": options, "localisation": {
+            "applied": True, "contrast": {"head_tissue_fraction": 0.6}}}, spacing=(1.0, 1.0, 1.0))
+
+    assert table_for(table, record(None), record("rigid")) == (heads, "")
+    part, why = table_for(table, record("affine"), record("affine"))
+    assert part is None and "other options (localise_transform)" in why, why

@@ -367,7 +367,7 @@ def test_compare_of_localised_heads_uses_the_head_study(tmp_path):
     assert all(r["sdc_ml"] is None for r in c.rows)
     c = compare_results(_with_uncertainty(tmp_path / "S2", seed=4), stripped, "2020-01-01", "2021-01-01", table=table)
     assert "skull-stripped rescans" in c.sdc_study
-    # the study is of whole heads: not for a skull-stripped brain that was localised (turned > 10 deg) ...
+    # the study is of whole heads: not for a skull-stripped brain that was localised ...
     turned = _with_uncertainty(tmp_path / "T", seed=5, localised=True, head_fraction=0.02)
     c = compare_results(a, turned, "2020-01-01", "2021-01-01", table=table)
     assert c.sdc_study is None and "B is a skull-stripped brain" in c.sdc_note
@@ -439,3 +439,22 @@ def test_slicer_volumes_table_gets_the_interval_columns(mrml_scene):
     assert mrmlbridge.intervalsFromRows([{"structure": "x", "volume_ml_low": None, "volume_ml_high": None}]) is None
     plain = mrmlbridge.volumesToTable(labels, 1.0, table, scene=mrml_scene)  # e.g. after manual edits: no interval
     assert "volume_ml_low" not in mrmlbridge.tableRows(plain)[0]
+
+
+def test_a_localised_runs_measures_are_in_the_inputs_millilitres():
+    """The student's measures are counted on the template grid; with an affine localisation a
+    template voxel holds |det A| mm^3 of the input, so they are scaled to the input's mL (as
+    ``volume_ml``, counted on the input grid, is); the voxel counts stay template-grid counts."""
+    from types import SimpleNamespace
+
+    from basalseg.pipeline import _to_input_ml
+
+    matrix = np.diag([1.1, 1.0, 1.2, 1.0])
+    matrix[:3, 3] = [5.0, -3.0, 40.0]
+    record = {"mode": "softmax", "measures": {"Left-Thalamus": {"voxels": 1000, "expected_ml": 1.0, "band_ml": 0.1,
+                                                                "pb_sd_ml": 0.01}}}
+    _to_input_ml(record, SimpleNamespace(template_to_input=matrix))
+    entry = record["measures"]["Left-Thalamus"]
+    assert entry["voxels"] == 1000 and record["ml_per_template_ml"] == pytest.approx(1.32)
+    assert (entry["expected_ml"], entry["band_ml"], entry["pb_sd_ml"]) == pytest.approx((1.32, 0.132, 0.0132))
+    _to_input_ml(None, SimpleNamespace(template_to_input=matrix))  # --no-uncertainty: nothing to scale

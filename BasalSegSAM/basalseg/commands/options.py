@@ -121,9 +121,10 @@ def add_run_options(p, with_student: bool = True) -> None:
     add_threads_option(p, help="CPU threads for torch")
     add_progress_option(p, help="progress display: a bar on a terminal, JSON lines for a parent process")
     p.add_argument("--localise", default=LOCALISE_DEFAULT, choices=list(LOCALISE_MODES),
-                   help="brain localisation for whole-head T1s in any pose: rigid registration to the MNI152 "
-                        "brain, skull-stripped resampling, results mapped back (auto: only for inputs that do "
-                        "not look skull-stripped; basalseg.localise)")
+                   help="brain localisation for whole heads and skull-stripped brains in any pose: registration "
+                        "to the MNI152 brain (see --localise-transform), skull-stripped resampling onto its grid, "
+                        "results mapped back (auto: every input holding a whole brain; not a crop smaller than a "
+                        "brain, nor with --prompts made on the input's own grid; basalseg.localise)")
     p.add_argument("--localise-transform", default=LOCALISE_TRANSFORMS[0], choices=list(LOCALISE_TRANSFORMS),
                    help="how a localised input is aligned to the brain template: affine (default: the rigid "
                         "registration refined to 12 parameters, so the networks see the brain at the template's "
