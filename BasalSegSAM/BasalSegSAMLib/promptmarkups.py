@@ -121,11 +121,16 @@ def rasFromPixel(x: float, y: float, k: float, affine: np.ndarray) -> np.ndarray
 
 
 def slicePlaneOfGrid(affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(normal, transverse)`` unit vectors (world RAS) of the grid's slices ``k``: the ``k`` axis
-    and the ``x`` (= ``i``) axis. For a canonical grid they are S and R (an axial view); for a
-    localised image's prompts (``PromptSet.world_grid``) the template's axes in the head's pose."""
+    """``(normal, transverse)`` unit vectors (world RAS) of the grid's slices ``k``: the normal of
+    the plane spanned by the ``x`` and ``y`` axes (on the ``k`` axis's side; the ``k`` axis itself
+    for an orthogonal grid, not for a sheared one) and the ``x`` (= ``i``) axis. For a canonical
+    grid they are S and R (an axial view); for a localised image's prompts (``PromptSet.world_grid``)
+    the template's axes in the head's pose and shape (affine since 2026-12-07)."""
     linear = np.asarray(affine, dtype=np.float64)[:3, :3]
-    normal, transverse = linear[:, 2], linear[:, 0]
+    normal = np.cross(linear[:, 0], linear[:, 1])
+    if float(normal @ linear[:, 2]) < 0:
+        normal = -normal
+    transverse = linear[:, 0]
     return normal / np.linalg.norm(normal), transverse / np.linalg.norm(transverse)
 
 

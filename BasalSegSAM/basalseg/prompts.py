@@ -262,8 +262,8 @@ class PromptSet:
     def world_grid(self) -> Grid:
         """The grid whose affine takes a prompt's ``(x, y, k)`` voxel to world RAS mm **of the image
         the prompts were made for**: ``grid`` itself, or for a localised image's prompts
-        ``template_to_input @ grid.affine`` (a rigidly moved copy of the template grid: its axes
-        are the template's, turned into the head's pose). Same shape as ``grid``."""
+        ``template_to_input @ grid.affine`` (the template grid moved into the head's pose, and since
+        2026-12-07 scaled and sheared to the head's brain by the affine localisation). Same shape as ``grid``."""
         matrix = self.template_to_input()
         return self.grid if matrix is None else Grid(tuple(self.grid.shape), matrix @ np.asarray(self.grid.affine, np.float64))
 

@@ -180,3 +180,22 @@ def test_malformed_prompt_json_is_refused_with_its_cause():
 # ---------------------------------------------------------------------------------------------
 # the per-slice editor
 # ---------------------------------------------------------------------------------------------
+
+
+def test_the_slice_plane_of_a_sheared_grid_is_the_plane_of_its_slices():
+    """A localised image's prompt grid is affine since 2026-12-07 (scaled and sheared to the head's
+    brain): its slices' normal is perpendicular to their x and y axes, not the k axis itself, so
+    the view set to it shows the prompt slices; an orthogonal grid's normal is its k axis."""
+    sheared = np.eye(4)
+    sheared[:3, :3] = [[1.05, 0.0, 0.08], [0.0, 0.97, -0.06], [0.0, 0.0, 1.1]]  # k axis leans 5 deg
+    normal, transverse = pm.slicePlaneOfGrid(sheared)
+    assert abs(float(normal @ sheared[:3, 0])) < 1e-12 and abs(float(normal @ sheared[:3, 1])) < 1e-12
+    assert float(normal @ sheared[:3, 2]) > 0 and np.allclose(transverse, [1.0, 0.0, 0.0])
+    slice_to_ras = np.eye(4)
+    slice_to_ras[:3, 2] = normal
+    assert pm.viewShowsGridSlices(slice_to_ras, sheared)
+    flipped = np.diag([1.0, 1.0, -1.0, 1.0]) @ sheared  # an orthogonal-in-plane grid: the k axis, sign kept
+    assert float(pm.slicePlaneOfGrid(flipped)[0] @ flipped[:3, 2]) > 0
+    grid = _canonical_grid()
+    k_axis = np.asarray(grid.affine)[:3, 2]
+    assert np.allclose(pm.slicePlaneOfGrid(grid.affine)[0], k_axis / np.linalg.norm(k_axis))
