@@ -334,22 +334,23 @@ def cmd_analyse(args) -> int:
 
 
 def _effective(recs: list) -> tuple[dict, str | None]:
-    """The study's options as they acted (``localise``: ``on`` when every scan was localised, ``off``
-    when none was; basalseg.longitudinal.effective_options) and, for a localised study, the kind of
-    input every scan was (``skull-stripped`` or ``whole head``, by the localisation's head-tissue
-    check); exits when the scans went different ways or were of both kinds."""
-    from basalseg.localise import HEAD_FRACTION
+    """The study's options as they acted (basalseg.longitudinal.effective_options: ``localise`` ``on``
+    when every scan was localised, ``off`` when none was) and, for a localised study, the kind of
+    input every scan was (basalseg.longitudinal's head-tissue rule; a scan that records no measure
+    counts as skull-stripped); exits when the scans went different ways or were of both kinds."""
+    from types import SimpleNamespace
 
-    applied = {bool((r.get("localisation") or {}).get("applied")) for r in recs}
-    if len(applied) > 1:
+    from basalseg.longitudinal import _input_kind, effective_options
+
+    provenances = [{"options": r.get("options") or {}, "localisation": r.get("localisation") or {}} for r in recs]
+    effective = [effective_options(p) for p in provenances]
+    ways = {o.get("localise") == "on" for o in effective}
+    if len(ways) > 1:
         raise SystemExit("some scans were localised and some were not: a study measures one way")
-    options = dict(recs[0].get("options") or {})
-    options["localise"] = "on" if applied == {True} else "off"
-    if applied != {True}:
-        options.pop("localise_transform", None)
+    options = effective[0]
+    if ways != {True}:
         return options, None
-    kinds = {"whole head" if float(((r["localisation"].get("contrast") or {}).get("head_tissue_fraction")) or 0.0)
-             >= HEAD_FRACTION else "skull-stripped" for r in recs}
+    kinds = {_input_kind(SimpleNamespace(provenance=p)) or "skull-stripped" for p in provenances}
     if len(kinds) > 1:
         raise SystemExit("the scans are whole heads and skull-stripped brains: a study measures one kind")
     return options, kinds.pop()
