@@ -366,25 +366,18 @@ def cmd_analyse_localised(args) -> int:
     recs = _load(work, args.report)
     if not recs:
         raise SystemExit("no cases of the --report cohorts in " + str(work / "cases"))
-    unlocalised = sorted(r["name"] for r in recs if not (r.get("localisation") or {}).get("applied"))
-    if unlocalised:
-        raise SystemExit(f"{len(unlocalised)} scan(s) were not localised (run --localise auto on whole heads): "
-                         + ", ".join(unlocalised[:5]))
-    from basalseg.localise import HEAD_FRACTION
-
-    stripped = sorted(r["name"] for r in recs
-                      if float((r["localisation"].get("contrast") or {}).get("head_tissue_fraction") or 0.0) < HEAD_FRACTION)
-    if stripped:
-        raise SystemExit(f"{len(stripped)} scan(s) have no head around the brain (the localisation's head-tissue "
-                         "check): this study is of whole heads: " + ", ".join(stripped[:5]))
+    options, kind = _effective(recs)  # one way and one kind of input, by basalseg.longitudinal's rules
+    if kind is None:
+        raise SystemExit("the scans were not localised (run --localise auto on whole heads)")
+    if kind != "whole head":
+        raise SystemExit("the scans have no head around the brain (the localisation's head-tissue check): "
+                         "this study is of whole heads")
     table_path = Path(args.into)
     table = json.loads(table_path.read_text())
     sha = {r.get("student_sha256") for r in recs}
     if sha != {table.get("student_sha256")}:
         raise SystemExit(f"the scans were segmented by another student ({', '.join(map(str, sha))}) than the table's "
                          f"({table.get('student_sha256')})")
-    options = dict(recs[0]["options"])
-    options["localise"] = "on"  # what the localisation did (basalseg.longitudinal.effective_options)
     differ = sorted({k for r in recs for k in table.get("options", {})  # every scan's, "localise" by what it did
                      if k != "localise" and r["options"].get(k) != table["options"][k]})
     if differ:

@@ -99,6 +99,27 @@ def test_cohort_drops_failed_registrations_and_resumes(posed_case, tmp_path, mon
         localise_cohort(src, out, transform="rigid")
 
 
+def test_an_interrupted_cohort_of_another_transform_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    """A run stopped before its dataset.json, resumed with another transform: refused up front, not after
+    the cases before the old record were localised with the new transform into the same folder."""
+    import basalseg.data.localised as mod
+
+    src, out = tmp_path / "src", tmp_path / "localised"
+    small = Volume(np.ones((8, 8, 8), np.float32), np.eye(4))
+    lab = np.zeros((8, 8, 8), np.int16)
+    lab[2:4, 2:4, 2:4] = STRUCTURES[0].label
+    for name in ("a_first", "b_second"):
+        _write(src, name, small, lab)
+    (out / "localisation").mkdir(parents=True)
+    # a record written before 2026-12-07 (no localise_transform key: rigid) for the second case only
+    (out / "localisation" / "b_second.json").write_text(json.dumps({"name": "b_second", "status": "kept"}))
+    monkeypatch.setattr(mod, "localise_case", lambda *a, **k: pytest.fail("localised a case before refusing"))
+    with pytest.raises(ValueError, match="b_second was localised with the rigid transform, not affine"):
+        localise_cohort(src, out)
+    assert not case_paths(out, "a_first")[0].exists() and not (out / "localisation" / "a_first.json").exists()
+    assert not (out / "dataset.json").exists()
+
+
 def test_low_label_overlap_is_dropped(posed_case, tmp_path):
     """A registration whose labels land away from the template's counts as failed (here: a bar no case meets)."""
     volume, labels = posed_case

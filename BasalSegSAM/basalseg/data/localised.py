@@ -100,6 +100,25 @@ def _method(strip_margin_mm: float, min_overlap: float, transform: str) -> dict:
             "failed": "dropped (localisation error, or label_overlap < min_overlap)"}
 
 
+def _done_records(root: Path, cases, transform: str) -> dict:
+    """The per-case records already in ``root/localisation`` (a resumed run), by case name.
+
+    Raises:
+        ValueError: a record was made with another transform (records before 2026-12-07 name
+            none: rigid), so resuming would mix two transforms in one cohort.
+    """
+    done = {}
+    for case in cases:
+        rec_path = root / "localisation" / f"{case.name}.json"
+        if rec_path.is_file():
+            record = json.loads(rec_path.read_text(encoding="utf-8"))
+            if record.get("localise_transform", "rigid") != transform:
+                raise ValueError(f"{root}: {case.name} was localised with the {record.get('localise_transform', 'rigid')} "
+                                 f"transform, not {transform}; choose another folder (one cohort, one transform)")
+            done[case.name] = record
+    return done
+
+
 def localise_cohort(source: str | os.PathLike, out_dir: str | os.PathLike, *, strip_margin_mm: float = 3.0,
                     min_overlap: float = MIN_OVERLAP, threads: int = 1, progress=None, transform: str = "affine") -> list:
     """Localise every case of the cohort ``source`` into a new cohort ``out_dir`` (module docstring).
@@ -132,15 +151,13 @@ def localise_cohort(source: str | os.PathLike, out_dir: str | os.PathLike, *, st
                              "choose another folder (one cohort, one transform)")
     cases = read_cohort(source)
     (root / "localisation").mkdir(parents=True, exist_ok=True)
+    done = _done_records(root, cases, transform)  # checked before any case is written
     records, kept = [], []
     for n, case in enumerate(cases):
         rec_path = root / "localisation" / f"{case.name}.json"
         image_path, label_path = case_paths(root, case.name)
-        if rec_path.is_file():
-            record = json.loads(rec_path.read_text(encoding="utf-8"))
-            if record.get("localise_transform", "rigid") != transform:  # records before 2026-12-07: rigid
-                raise ValueError(f"{root}: {case.name} was localised with the {record.get('localise_transform', 'rigid')} "
-                                 f"transform, not {transform}; choose another folder (one cohort, one transform)")
+        if case.name in done:
+            record = done[case.name]
         else:
             volume, labels = case.load()
             t0 = time.perf_counter()
