@@ -110,7 +110,11 @@ def test_describe_cohort_records_head_localisation_and_artefacts(tmp_path):
                                            "head": {"artefact_prob": 0.7, "skull_stripped": False}},
                                   {"function": "basalseg.localise.localise(mode='on')", "n_dropped": 1}))
     assert head["head"] is True and head["artefact_prob"] == 0.7 and head["skull_stripped"] is False
-    assert head["localised"] == {"function": "basalseg.localise.localise(mode='on')", "dropped": 1}
+    assert head["localised"] == {"function": "basalseg.localise.localise(mode='on')", "dropped": 1, "transform": "rigid"}
+    affine = describe_cohort(cohort("affine", {"generator_version": 1, "cohort_seed": 9, "cases": cases},
+                                    {"function": "basalseg.localise.localise(mode='on')", "n_dropped": 0,
+                                     "transform": "affine"}))
+    assert affine["localised"]["transform"] == "affine"
     assert head["cohort_seed"] == 8 and head["contrast"] == "template" and head["cases"] == 3
 
 

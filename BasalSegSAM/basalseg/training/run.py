@@ -149,9 +149,9 @@ def describe_cohort(folder: str | Path) -> dict:
     """What a training cohort was, for a weights manifest: its name, size and, for a synthetic cohort
     (``basalseg synth``), the seed, templates, atlas and contrast it was generated with, and for
     head-like cohorts (``--head``) whether they were skull-stripped (``--skull-stripped``), put
-    through the brain localisation (``--localised``: with the number of heads it dropped) and the
-    probability of k-space artefacts (``--artefacts``); not the local path, which means nothing on
-    another machine."""
+    through the brain localisation (``--localised``: with the number of heads it dropped and its
+    transform) and the probability of k-space artefacts (``--artefacts``); not the local path, which
+    means nothing on another machine."""
     folder = Path(folder)
     out: dict = {"name": folder.name}
     try:
@@ -175,7 +175,9 @@ def describe_cohort(folder: str | Path) -> dict:
                         "artefact_prob": float(head.get("artefact_prob", 0.0))})
     localised = data.get("basalseg_localised")
     if isinstance(localised, dict):
-        out["localised"] = {"function": localised.get("function"), "dropped": localised.get("n_dropped")}
+        out["localised"] = {"function": localised.get("function"), "dropped": localised.get("n_dropped"),
+                            # cohorts localised before 2026-12-07 record no transform: they were rigid
+                            "transform": localised.get("transform", "rigid")}
     return out
 
 
