@@ -333,7 +333,8 @@ if [ "${AFF_RETRAIN:-0}" = 1 ]; then
     .venv/bin/python -c "import torch; ck = torch.load('$R/student_36fab0f.pt', map_location='cpu', weights_only=False); ck['meta'].pop('calibration', None); torch.save(ck, '$S0')"; }
   echo '{"val": ["lhead_gmm_0000", "lhead_tpl_0002", "train_gmm_0001", "train_gmm_0007"]}' > "$R/split.json"
   A="--cohort $C/atrain_lhead_tpl --cohort $C/atrain_lhead_gmm --cohort $C/atrain_lhead_art --cohort $C/atrain_tpl12 --cohort $C/atrain_gmm8 --cohort $C/atrain_wide --work $R/train --split $R/split.json"
-  PR=BasalSegSAM/basalseg/weights/prompter.pt
+  # the prompter shipped at 36fab0f (steps 1-2b above export networks of their own into the weights folder)
+  PR="$R/prompter_36fab0f.pt"; [ -f "$PR" ] || git show 36fab0f:BasalSegSAM/basalseg/weights/prompter.pt > "$PR"
   mkdir -p "$R/train/prompter" && cp -n "$PR" "$R/train/prompter/prompter.pt"
   $B train $A --threads 2 --stage prepare
   $B train $A --threads 1 --stage cache --jitter 2 --context --shard 0/2 & $B train $A --threads 1 --stage cache --jitter 2 --context --shard 1/2; wait
@@ -343,7 +344,9 @@ if [ "${AFF_RETRAIN:-0}" = 1 ]; then
   V="--cohort $C/aval_lhead --cohort $C/aval_icbm --cohort $C/aval_mni"
   $B evaluate-cohort $V --work "$R/eval_val" --prompter "$PR" --threads 2 \
     --student "new, uncalibrated=$S1" --student "shipped, uncalibrated=$S0" --out "$R/report_val"
-  WN="$R/weights_new"; mkdir -p "$WN"; git show 36fab0f:BasalSegSAM/basalseg/weights/manifest.json > "$WN/manifest.json"; cp "$PR" "$WN/"
+  WN="$R/weights_new"; mkdir -p "$WN"; git show 36fab0f:BasalSegSAM/basalseg/weights/manifest.json > "$WN/manifest.json"; cp "$PR" "$WN/prompter.pt"
+  # (the shipped manifest also names the prompter's cohorts' transform, "rigid": added by hand, since export_weights
+  #  leaves the prompter's entry of 36fab0f as it was)
   .venv/bin/python -c "from pathlib import Path; from basalseg.training.run import export_weights; export_weights(None, Path('$S1'), Path('$WN'), 'litemedsam', cohorts=['$C/atrain_lhead_tpl', '$C/atrain_lhead_gmm', '$C/atrain_lhead_art', '$C/atrain_tpl12', '$C/atrain_gmm8', '$C/atrain_wide'])"
   $B calibrate $V --work "$R/eval_val" --prompter "$PR" --student "$S1" --out "$WN/student_litemedsam.pt" --overwrite --manifest "$WN" --threads 2
   E="scripts/evaluate_heads.py --threads 1 --weights $WN"
@@ -353,11 +356,18 @@ if [ "${AFF_RETRAIN:-0}" = 1 ]; then
   if [ "${SHIP:-0}" = 1 ]; then
     cp "$WN/student_litemedsam.pt" "$WN/manifest.json" BasalSegSAM/basalseg/weights/
     # the repeatability table for the shipped student (docs/UNCERTAINTY.md): step 13's and step 15's rescans, localised
+    [ -f "$C/rescan_val_903/dataset.json" ] || $B synth --out "$C/rescan_val_903" --n 3 --seed 903 --template mni152 --contrast template --prefix rescan_val_903 --rescans 2
     [ -f "$C/rescan_val_904/dataset.json" ] || $B synth --out "$C/rescan_val_904" --n 3 --seed 904 --template mni152 --template icbm2009c --contrast template --prefix rescan_val_904 --rescans 2
+    [ -f "$C/rescan_heldout_mni_901/dataset.json" ] || $B synth --out "$C/rescan_heldout_mni_901" --n 3 --seed 901 --template mni152 --contrast template --prefix heldout_mni_seed --rescans 2
+    [ -f "$C/rescan_heldout_icbm_902/dataset.json" ] || $B synth --out "$C/rescan_heldout_icbm_902" --n 3 --seed 902 --template icbm2009c --contrast template --prefix heldout_icbm --rescans 2
+    [ -f "$C/rescan_head_921/dataset.json" ] || $B synth --out "$C/rescan_head_921" --n 6 --seed 921 --template mni152 --template icbm2009c --contrast t1_gmm --head --rescans 2 --prefix rhead
+    [ -f "$C/rescan_head_922/dataset.json" ] || $B synth --out "$C/rescan_head_922" --n 4 --seed 922 --template mni152 --template icbm2009c --contrast t1_gmm --head --rescans 2 --prefix rhead922
     S="--cohort $C/rescan_val_903 --cohort $C/rescan_val_904 --cohort $C/rescan_heldout_mni_901 --cohort $C/rescan_heldout_icbm_902"
     H="--cohort $C/rescan_head_921 --cohort $C/rescan_head_922"
+    pids=()
     for s in 0 1; do ( .venv/bin/python scripts/repeatability.py run $S --work "$W/rep8" --threads 1 --localise auto --start $s
-                       .venv/bin/python scripts/repeatability.py run $H --work "$W/rephead3" --threads 1 --localise auto --start $s ) & done; wait
+                       .venv/bin/python scripts/repeatability.py run $H --work "$W/rephead3" --threads 1 --localise auto --start $s ) & pids+=($!); done
+    for p in "${pids[@]}"; do wait "$p"; done   # a failed worker stops the script (set -e)
     .venv/bin/python scripts/repeatability.py analyse --work "$W/rep8" --fit rescan_val_903 --fit rescan_val_904 --report rescan_heldout_mni_901 \
       --report rescan_heldout_icbm_902 --table "$W/rep8/repeatability.json" --markdown "$W/rep8/analysis.md"
     .venv/bin/python scripts/repeatability.py analyse-localised --work "$W/rephead3" --report rescan_head_921 --report rescan_head_922 \
