@@ -61,14 +61,14 @@ def main(argv=None) -> int:
             paths = [args.out / "cases" / f"{case.name}__{v}.json" for v in variants]
             if all(p.is_file() for p in paths):
                 for path in paths:
-                    rows += json.loads(path.read_text())["rows"]
+                    rows += _scored_rows(json.loads(path.read_text()))
         write_tables(rows, args.out, [s.name for s in STRUCTURES])
         return 0
     for case in cases:
         for v in variants:
             path = args.out / "cases" / f"{case.name}__{v}.json"
             if path.is_file():
-                rows += json.loads(path.read_text())["rows"]
+                rows += _scored_rows(json.loads(path.read_text()))
                 continue
             volume = load_volume(case.image_path)
             ref = np.asarray(load_volume(case.label_path).data).round().astype(np.int16)
@@ -90,14 +90,19 @@ def main(argv=None) -> int:
                 n_ref = int((ref == s.label).sum())
                 r["signed_volume_error"] = (int((pred == s.label).sum()) / n_ref - 1.0) if n_ref else float("nan")
                 r["seconds"] = record.get("seconds")
-                r["failed"] = "error" in record  # scored as an empty prediction; left out of the volume slope
             record["rows"] = case_rows
             path.write_text(json.dumps(record, indent=1, default=float))
             print(f"{case.name} {v}: mean Dice {np.nanmean([r['dice'] for r in case_rows]):.3f} "
                   f"({record.get('seconds', 'error')} s) {record.get('error', '')}", flush=True)
-            rows += case_rows
+            rows += _scored_rows(record)
     write_tables(rows, args.out, [s.name for s in STRUCTURES])
     return 0
+
+
+def _scored_rows(record: dict) -> list[dict]:
+    """A stored (case, variant) record's rows, each marked ``failed`` when the pipeline refused the case
+    (its empty prediction counts in the means, not in the volume slope)."""
+    return [dict(r, failed="error" in record) for r in record["rows"]]
 
 
 def write_tables(rows: list[dict], out: Path, structures: list[str]) -> None:

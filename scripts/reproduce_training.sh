@@ -305,6 +305,31 @@ if [ "${HEAD_REPEAT:-0}" = 1 ]; then
   .venv/bin/python scripts/repeatability.py analyse-localised --work "$W/rephead" --report rescan_head_921 --report rescan_head_922 \
     --into BasalSegSAM/basalseg/weights/repeatability.json --table "$W/rephead/repeatability.json" --markdown "$W/rephead/analysis.md"
 fi
+# Shared by steps 16 and 17 (they use the cohorts folder $C of their own step):
+# score_heldout WEIGHTS OUT: the held-out cohorts scored on their input grids with a weights folder, into OUT/{icbm,mni,
+#   head6262,heads911}, two runs at a time (a failed run stops the script, set -e);
+# refit_repeatability REP REPHEAD: both repeatability studies run (two workers of one thread) into the work folders REP
+#   (skull-stripped rescans) and REPHEAD (whole heads), analysed, and the table installed in the weights folder.
+score_heldout() {
+  local E="scripts/evaluate_heads.py --threads 1 --weights $1" p
+  .venv/bin/python $E --cohort "$C/heldout_icbm" --out "$2/icbm" --localise on & p=$!
+  .venv/bin/python $E --cohort "$C/heldout_mni_seed" --out "$2/mni" --localise on; wait "$p"
+  [ -f "$C/head_6262/dataset.json" ] || $B synth --out "$C/head_6262" --n 8 --seed 6262 --head --template mni152 --template icbm2009c --contrast t1_gmm --artefacts 0.3
+  .venv/bin/python $E --cohort "$C/head_6262" --out "$2/head6262" --localise auto & p=$!
+  .venv/bin/python $E --cohort "$C/heldout_head" --out "$2/heads911" --localise auto; wait "$p"
+}
+refit_repeatability() {
+  local S="--cohort $C/rescan_val_903 --cohort $C/rescan_val_904 --cohort $C/rescan_heldout_mni_901 --cohort $C/rescan_heldout_icbm_902"
+  local H="--cohort $C/rescan_head_921 --cohort $C/rescan_head_922" pids=() s p
+  for s in 0 1; do ( .venv/bin/python scripts/repeatability.py run $S --work "$1" --threads 1 --localise auto --start $s
+                     .venv/bin/python scripts/repeatability.py run $H --work "$2" --threads 1 --localise auto --start $s ) & pids+=($!); done
+  for p in "${pids[@]}"; do wait "$p"; done   # a failed worker stops the script (set -e)
+  .venv/bin/python scripts/repeatability.py analyse --work "$1" --fit rescan_val_903 --fit rescan_val_904 --report rescan_heldout_mni_901 \
+    --report rescan_heldout_icbm_902 --table "$1/repeatability.json" --markdown "$1/analysis.md"
+  .venv/bin/python scripts/repeatability.py analyse-localised --work "$2" --report rescan_head_921 --report rescan_head_922 \
+    --into "$1/repeatability.json" --markdown "$2/analysis.md"
+  cp "$1/repeatability.json" BasalSegSAM/basalseg/weights/repeatability.json
+}
 # 16. issue 11, 2026-12-07 afternoon (AFF_RETRAIN=1): the student trained on the inference path of the default since
 #     2026-12-07 (every input localised with the AFFINE transform). The cohorts of step 11 regenerated from the same
 #     seeds and put through that localisation (heads by synth --localised, skull-stripped subjects by localise_cohort),
@@ -349,10 +374,7 @@ if [ "${AFF_RETRAIN:-0}" = 1 ]; then
   #  leaves the prompter's entry of 36fab0f as it was)
   .venv/bin/python -c "from pathlib import Path; from basalseg.training.run import export_weights; export_weights(None, Path('$S1'), Path('$WN'), 'litemedsam', cohorts=['$C/atrain_lhead_tpl', '$C/atrain_lhead_gmm', '$C/atrain_lhead_art', '$C/atrain_tpl12', '$C/atrain_gmm8', '$C/atrain_wide'])"
   $B calibrate $V --work "$R/eval_val" --prompter "$PR" --student "$S1" --out "$WN/student_litemedsam.pt" --overwrite --manifest "$WN" --threads 2
-  E="scripts/evaluate_heads.py --threads 1 --weights $WN"
-  .venv/bin/python $E --cohort "$C/heldout_icbm" --out "$R/icbm" --localise on & .venv/bin/python $E --cohort "$C/heldout_mni_seed" --out "$R/mni" --localise on; wait
-  [ -f "$C/head_6262/dataset.json" ] || $B synth --out "$C/head_6262" --n 8 --seed 6262 --head --template mni152 --template icbm2009c --contrast t1_gmm --artefacts 0.3
-  .venv/bin/python $E --cohort "$C/head_6262" --out "$R/head6262" --localise auto & .venv/bin/python $E --cohort "$C/heldout_head" --out "$R/heads911" --localise auto; wait
+  score_heldout "$WN" "$R"
   if [ "${SHIP:-0}" = 1 ]; then
     cp "$WN/student_litemedsam.pt" "$WN/manifest.json" BasalSegSAM/basalseg/weights/
     # the repeatability table for the shipped student (docs/UNCERTAINTY.md): step 13's and step 15's rescans, localised
@@ -362,17 +384,7 @@ if [ "${AFF_RETRAIN:-0}" = 1 ]; then
     [ -f "$C/rescan_heldout_icbm_902/dataset.json" ] || $B synth --out "$C/rescan_heldout_icbm_902" --n 3 --seed 902 --template icbm2009c --contrast template --prefix heldout_icbm --rescans 2
     [ -f "$C/rescan_head_921/dataset.json" ] || $B synth --out "$C/rescan_head_921" --n 6 --seed 921 --template mni152 --template icbm2009c --contrast t1_gmm --head --rescans 2 --prefix rhead
     [ -f "$C/rescan_head_922/dataset.json" ] || $B synth --out "$C/rescan_head_922" --n 4 --seed 922 --template mni152 --template icbm2009c --contrast t1_gmm --head --rescans 2 --prefix rhead922
-    S="--cohort $C/rescan_val_903 --cohort $C/rescan_val_904 --cohort $C/rescan_heldout_mni_901 --cohort $C/rescan_heldout_icbm_902"
-    H="--cohort $C/rescan_head_921 --cohort $C/rescan_head_922"
-    pids=()
-    for s in 0 1; do ( .venv/bin/python scripts/repeatability.py run $S --work "$W/rep8" --threads 1 --localise auto --start $s
-                       .venv/bin/python scripts/repeatability.py run $H --work "$W/rephead3" --threads 1 --localise auto --start $s ) & pids+=($!); done
-    for p in "${pids[@]}"; do wait "$p"; done   # a failed worker stops the script (set -e)
-    .venv/bin/python scripts/repeatability.py analyse --work "$W/rep8" --fit rescan_val_903 --fit rescan_val_904 --report rescan_heldout_mni_901 \
-      --report rescan_heldout_icbm_902 --table "$W/rep8/repeatability.json" --markdown "$W/rep8/analysis.md"
-    .venv/bin/python scripts/repeatability.py analyse-localised --work "$W/rephead3" --report rescan_head_921 --report rescan_head_922 \
-      --into "$W/rep8/repeatability.json" --markdown "$W/rephead3/analysis.md"
-    cp "$W/rep8/repeatability.json" BasalSegSAM/basalseg/weights/repeatability.json
+    refit_repeatability "$W/rep8" "$W/rephead3"
   fi
 fi
 # 17. issue 11, 2026-12-07 evening (PROMPTER_RETRAIN=1): the prompter fine-tuned on the inference path too (step 16's
@@ -417,24 +429,10 @@ if [ "${PROMPTER_RETRAIN:-0}" = 1 ]; then
   mkdir -p "$WN"; git show 5a64e49:BasalSegSAM/basalseg/weights/manifest.json > "$WN/manifest.json"
   .venv/bin/python -c "from pathlib import Path; from basalseg.training.run import export_weights; export_weights(Path('$P2'), Path('$S2'), Path('$WN'), 'litemedsam', cohorts=['$C/atrain_lhead_tpl', '$C/atrain_lhead_gmm', '$C/atrain_lhead_art', '$C/atrain_tpl12', '$C/atrain_gmm8', '$C/atrain_wide'])"
   $B calibrate $V --work "$R/eval_val" --prompter "$P2" --student "$S2" --out "$WN/student_litemedsam.pt" --overwrite --manifest "$WN" --threads 2
-  E="scripts/evaluate_heads.py --threads 1 --weights $WN"
-  .venv/bin/python $E --cohort "$C/heldout_icbm" --out "$R/icbm" --localise on & p=$!
-  .venv/bin/python $E --cohort "$C/heldout_mni_seed" --out "$R/mni" --localise on; wait "$p"
-  .venv/bin/python $E --cohort "$C/head_6262" --out "$R/head6262" --localise auto & p=$!
-  .venv/bin/python $E --cohort "$C/heldout_head" --out "$R/heads911" --localise auto; wait "$p"
+  score_heldout "$WN" "$R"
   if [ "${SHIP:-0}" = 1 ]; then
     cp "$WN/prompter.pt" "$WN/student_litemedsam.pt" "$WN/manifest.json" BasalSegSAM/basalseg/weights/
     # the repeatability table refitted for the shipped pair (step 16's cohorts and commands, new work folders)
-    S="--cohort $C/rescan_val_903 --cohort $C/rescan_val_904 --cohort $C/rescan_heldout_mni_901 --cohort $C/rescan_heldout_icbm_902"
-    H="--cohort $C/rescan_head_921 --cohort $C/rescan_head_922"
-    pids=()
-    for s in 0 1; do ( .venv/bin/python scripts/repeatability.py run $S --work "$W/rep9" --threads 1 --localise auto --start $s
-                       .venv/bin/python scripts/repeatability.py run $H --work "$W/rephead4" --threads 1 --localise auto --start $s ) & pids+=($!); done
-    for p in "${pids[@]}"; do wait "$p"; done
-    .venv/bin/python scripts/repeatability.py analyse --work "$W/rep9" --fit rescan_val_903 --fit rescan_val_904 --report rescan_heldout_mni_901 \
-      --report rescan_heldout_icbm_902 --table "$W/rep9/repeatability.json" --markdown "$W/rep9/analysis.md"
-    .venv/bin/python scripts/repeatability.py analyse-localised --work "$W/rephead4" --report rescan_head_921 --report rescan_head_922 \
-      --into "$W/rep9/repeatability.json" --markdown "$W/rephead4/analysis.md"
-    cp "$W/rep9/repeatability.json" BasalSegSAM/basalseg/weights/repeatability.json
+    refit_repeatability "$W/rep9" "$W/rephead4"
   fi
 fi
