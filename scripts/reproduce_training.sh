@@ -310,6 +310,8 @@ fi
 #   head6262,heads911}, two runs at a time (a failed run stops the script, set -e);
 # refit_repeatability REP REPHEAD: both repeatability studies run (two workers of one thread) into the work folders REP
 #   (skull-stripped rescans) and REPHEAD (whole heads), analysed, and the table installed in the weights folder.
+# loc SRC DST: a skull-stripped cohort put through the localisation of transform $T (its step sets T), unless DST exists;
+loc() { [ -f "$2/dataset.json" ] || .venv/bin/python -c "from basalseg.data.localised import localise_cohort as l; l('$1', '$2', transform='$T')"; }
 score_heldout() {
   local E="scripts/evaluate_heads.py --threads 1 --weights $1" p
   .venv/bin/python $E --cohort "$C/heldout_icbm" --out "$2/icbm" --localise on & p=$!
@@ -340,7 +342,6 @@ refit_repeatability() {
 #     "Every input localised" runs/aff/*). SHIP=1 installs it (as was done), then the repeatability table is refitted.
 if [ "${AFF_RETRAIN:-0}" = 1 ]; then
   C="$W/cohorts"; R="$W/aret"; T=affine; mkdir -p "$R"
-  loc() { [ -f "$2/dataset.json" ] || .venv/bin/python -c "from basalseg.data.localised import localise_cohort as l; l('$1', '$2', transform='$T')"; }
   HS="--template mni152 --template icbm2009c --head --localised --localise-transform $T"
   [ -f "$C/atrain_lhead_tpl/dataset.json" ] || $B synth --out "$C/atrain_lhead_tpl" --n 10 --seed 121 $HS --contrast template --prefix lhead_tpl
   [ -f "$C/atrain_lhead_gmm/dataset.json" ] || $B synth --out "$C/atrain_lhead_gmm" --n 10 --seed 122 $HS --contrast t1_gmm --prefix lhead_gmm
@@ -461,7 +462,6 @@ PY
 if [ "${MORE_DATA:-0}" = 1 ]; then
   C="$W/cohorts"; R="$W/qret"; P="$W/pret"; T=affine; mkdir -p "$R"
   [ -f "$P/train/student-sdm-band5-litemedsam/student.pt" ] || { echo "step 18 needs step 17's work folder $P" >&2; exit 1; }
-  loc() { [ -f "$2/dataset.json" ] || .venv/bin/python -c "from basalseg.data.localised import localise_cohort as l; l('$1', '$2', transform='$T')"; }
   [ -f "$C/atrain_lhead_b/dataset.json" ] || $B synth --out "$C/atrain_lhead_b" --n 10 --seed 163 --template mni152 --template icbm2009c \
     --head --localised --localise-transform $T --contrast t1_gmm --artefacts 0.3 --prefix lhead_b
   [ -f "$C/train_ss_tpl/dataset.json" ] || $B synth --out "$C/train_ss_tpl" --n 12 --seed 161 --template mni152 --template icbm2009c --contrast template --prefix ss_tpl
@@ -483,8 +483,9 @@ if [ "${MORE_DATA:-0}" = 1 ]; then
     --student "more data, uncalibrated=$S3" --student "shipped student, uncalibrated=$S2" --out "$R/report_val"
   # the weights folder as shipping installs it: the networks of step 17 (git f319474) with the new student exported into
   # it (the prompter and its manifest entry stay), calibrated on aval
-  WS="$R/weights_ship"; mkdir -p "$WS"
-  for f in prompter.pt manifest.json; do git show "f319474:BasalSegSAM/basalseg/weights/$f" > "$WS/$f"; done
+  WOLD="$P/weights_f319474"; mkdir -p "$WOLD"   # the shipped networks of step 17 (git f319474)
+  for f in prompter.pt student_litemedsam.pt manifest.json; do git show "f319474:BasalSegSAM/basalseg/weights/$f" > "$WOLD/$f"; done
+  WS="$R/weights_ship"; mkdir -p "$WS"; cp "$WOLD/prompter.pt" "$WOLD/manifest.json" "$WS/"
   .venv/bin/python -c "import sys; from pathlib import Path; from basalseg.training.run import export_weights; export_weights(None, Path('$S3'), Path('$WS'), 'litemedsam', cohorts=sys.argv[1:])" $A9
   $B calibrate $V --work "$P/eval_val" --prompter "$P1" --student "$S3" --out "$WS/student_litemedsam.pt" --overwrite --manifest "$WS" --threads 2
   score_heldout "$WS" "$R"   # the four cohorts of the ship rule (against step 17's $P/*)
@@ -492,8 +493,6 @@ if [ "${MORE_DATA:-0}" = 1 ]; then
   [ -f "$C/heads_art8123/dataset.json" ] || $B synth --out "$C/heads_art8123" --n 8 --seed 8123 --template mni152 --template icbm2009c --contrast t1_gmm --head --artefacts 0.5
   [ -f "$C/heldout_stripped_posed/dataset.json" ] || $B synth --out "$C/heldout_stripped_posed" --n 8 --seed 943 \
     --template mni152 --template icbm2009c --contrast t1_gmm --head --skull-stripped --prefix stripped_posed
-  WOLD="$P/weights_f319474"; mkdir -p "$WOLD"   # the shipped networks of step 17 (git f319474)
-  for f in prompter.pt student_litemedsam.pt manifest.json; do git show "f319474:BasalSegSAM/basalseg/weights/$f" > "$WOLD/$f"; done
   for which in old new; do   # the confirmation cohorts, the shipped student and the new one
     if [ "$which" = old ]; then w="$WOLD"; o="$P"; else w="$WS"; o="$R"; fi
     .venv/bin/python $E --weights "$w" --cohort "$C/heldout_stripped_posed" --out "$o/posed" --localise auto & p=$!
