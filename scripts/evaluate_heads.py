@@ -14,8 +14,10 @@ voxel volume (as ``volumes.csv``). Resumable: each (case, variant) is stored in
 Writes ``OUT/metrics.csv`` and ``OUT/report.md`` (mean over structures and cases per variant, and
 per structure; with the **volume slope**, the least-squares slope of predicted on reference volume
 over the cases, per structure and its mean over the 8, :func:`basalseg.evaluation.volume_agreement`:
-1 = differences between subjects measured at full size; a case the pipeline refused counts as an
-empty prediction in the means and is left out of the slope).
+1 = differences between subjects measured at full size; and the **local slope**, the same on log
+volumes after dividing each case's volumes by its localisation's affine scale ``|det A|``: how much
+of each structure's own size, which the affine does not explain, reaches the output; a case the
+pipeline refused counts as an empty prediction in the means and is left out of both slopes).
 """
 
 from __future__ import annotations
@@ -101,8 +103,13 @@ def main(argv=None) -> int:
 
 def _scored_rows(record: dict) -> list[dict]:
     """A stored (case, variant) record's rows, each marked ``failed`` when the pipeline refused the case
-    (its empty prediction counts in the means, not in the volume slope)."""
-    return [dict(r, failed="error" in record) for r in record["rows"]]
+    (its empty prediction counts in the means, not in the volume slopes) and given the case's
+    ``affine_scale``: ``|det|`` of the localisation's template-to-input matrix, 1 when the case was
+    not localised (its volumes are read on its own grid)."""
+    loc = record.get("localisation") or {}
+    matrix = loc.get("template_to_input") if loc.get("applied") else None
+    scale = abs(float(np.linalg.det(np.asarray(matrix, dtype=np.float64)[:3, :3]))) if matrix is not None else 1.0
+    return [dict(r, failed="error" in record, affine_scale=scale) for r in record["rows"]]
 
 
 def write_tables(rows: list[dict], out: Path, structures: list[str]) -> None:
@@ -120,24 +127,26 @@ def write_tables(rows: list[dict], out: Path, structures: list[str]) -> None:
 
     # the slope over the cases that ran (a failed case's empty prediction counts in the means, not here)
     slopes = {v: volume_agreement([r for r in rows if r["variant"] == v and not r.get("failed")]) for v in variants}
-    md = ["| variant | cases | Dice | vol. acc. | HD95 mm | signed vol. err. | vol. slope | s per case |",
-          "|---|---|---|---|---|---|---|---|"]
+    md = ["| variant | cases | Dice | vol. acc. | HD95 mm | signed vol. err. | vol. slope | local slope | s per case |",
+          "|---|---|---|---|---|---|---|---|---|"]
     for v in variants:
         sel = [r for r in rows if r["variant"] == v]
         n = len({r["case"] for r in sel})
         secs = [r["seconds"] for r in sel if r.get("seconds")]
         slope = [e["slope"] for e in slopes[v].values() if np.isfinite(e["slope"])]
+        local = [e["local_slope"] for e in slopes[v].values() if np.isfinite(e["local_slope"])]
         md.append(f"| {v} | {n} | {mean(sel, 'dice'):.3f} | {mean(sel, 'volume_accuracy'):.3f} | {mean(sel, 'hd95_mm'):.2f} "
                   f"| {100 * mean(sel, 'signed_volume_error'):+.1f} % | {np.mean(slope) if slope else float('nan'):.2f} "
-                  f"| {np.mean(secs) if secs else float('nan'):.0f} |")
-    md += ["", "| structure | " + " | ".join(f"{v}: Dice | vol. acc. | HD95 | vol. slope" for v in variants) + " |",
-           "|---|" + "---|---|---|---|" * len(variants)]
+                  f"| {np.mean(local) if local else float('nan'):.2f} | {np.mean(secs) if secs else float('nan'):.0f} |")
+    md += ["", "| structure | " + " | ".join(f"{v}: Dice | vol. acc. | HD95 | vol. slope | local slope" for v in variants) + " |",
+           "|---|" + "---|---|---|---|---|" * len(variants)]
     for s in structures:
         cells = []
         for v in variants:
             sel = [r for r in rows if r["variant"] == v and r["structure"] == s]
             cells.append(f"{mean(sel, 'dice'):.3f} | {mean(sel, 'volume_accuracy'):.3f} | {mean(sel, 'hd95_mm'):.2f} "
-                         f"| {slopes[v].get(s, {}).get('slope', float('nan')):.2f}")
+                         f"| {slopes[v].get(s, {}).get('slope', float('nan')):.2f} "
+                         f"| {slopes[v].get(s, {}).get('local_slope', float('nan')):.2f}")
         md.append(f"| {s} | " + " | ".join(cells) + " |")
     (out / "report.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

@@ -18,6 +18,13 @@ voxel counts times the voxel volume):
   means differences between subjects are measured at their size; a slope of 0.6 means a true
   difference of 10 % reads as about 6 % (predictions shrunk toward the training anatomy), which
   matters for following volume change over time.
+* **Local slope** (:func:`volume_agreement`, when each row carries its case's ``affine_scale``
+  ``s = |det A|``, A the linear part of the brain localisation's template-to-input affine): the
+  least-squares slope of ``log(V_P / s)`` on ``log(V_R / s)``. The localisation's affine scale
+  carries each subject's overall head size to the output exactly; what it does not explain is
+  each structure's own size relative to the brain, which the student has to read from the
+  image. A local slope of 0.6 means a structure 10 % larger than its brain's size predicts reads
+  about 6 % larger (shrunk toward the templates' shapes).
 
 Means over structures skip NaNs.
 """
@@ -151,14 +158,15 @@ def volume_agreement(rows: list[dict]) -> dict:
     """Per structure, over the cases in ``rows`` (one variant; rows of :func:`structure_metrics`
     with ``volume_pred_ml``/``volume_ref_ml``): ``n`` (cases with a reference volume),
     ``signed_error_pct`` mean and ``signed_error_sd_pct``, ``slope`` (least squares of V_P on
-    V_R) and ``r`` (Pearson; NaN with fewer than 3 cases or no spread in either volume).
-    Module docstring for the definitions."""
+    V_R), ``r`` (Pearson; NaN with fewer than 3 cases or no spread in either volume) and
+    ``local_slope`` (NaN unless every such row has an ``affine_scale``). Module docstring for the
+    definitions."""
     out: dict = {}
     for s in STRUCTURES:
         pairs = np.array([(float(r["volume_ref_ml"]), float(r["volume_pred_ml"])) for r in rows
                           if r["structure"] == s.name and float(r["volume_ref_ml"]) > 0], dtype=np.float64)
         entry = {"n": int(len(pairs)), "signed_error_pct": float("nan"), "signed_error_sd_pct": float("nan"),
-                 "slope": float("nan"), "r": float("nan")}
+                 "slope": float("nan"), "r": float("nan"), "local_slope": float("nan")}
         if len(pairs):
             err = 100.0 * (pairs[:, 1] / pairs[:, 0] - 1.0)
             entry["signed_error_pct"] = float(err.mean())
@@ -168,6 +176,13 @@ def volume_agreement(rows: list[dict]) -> dict:
             entry["slope"] = float((ref * pred).sum() / (ref * ref).sum())
             if pred.std() > 0:
                 entry["r"] = float((ref * pred).sum() / math.sqrt((ref * ref).sum() * (pred * pred).sum()))
+        scales = [r.get("affine_scale") for r in rows if r["structure"] == s.name and float(r["volume_ref_ml"]) > 0]
+        if len(pairs) >= 3 and all(x is not None and float(x) > 0 for x in scales) and (pairs[:, 1] > 0).all():
+            log_s = np.log(np.asarray(scales, dtype=np.float64))
+            ref, pred = np.log(pairs[:, 0]) - log_s, np.log(pairs[:, 1]) - log_s
+            ref, pred = ref - ref.mean(), pred - pred.mean()
+            if (ref * ref).sum() > 0:
+                entry["local_slope"] = float((ref * pred).sum() / (ref * ref).sum())
         out[s.name] = entry
     return out
 

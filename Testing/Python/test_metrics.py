@@ -66,6 +66,25 @@ def test_volume_agreement_slope_r_and_signed_error():
     assert abs(b["slope"] - 1.1) < 1e-9 and abs(b["signed_error_pct"] - 10.0) < 1e-9 and b["signed_error_sd_pct"] < 1e-9
     empty = out[STRUCTURES[2].name]
     assert empty["n"] == 0 and np.isnan(empty["slope"]) and np.isnan(empty["signed_error_pct"])
+    assert np.isnan(a["local_slope"])  # no affine_scale on the rows
+
+
+def test_local_slope_takes_out_the_localisation_scale():
+    """Each case's volumes = its affine scale x the structure's own size relative to the brain; a prediction
+    that carries the scale exactly but reads the own size at 60 % has local slope 0.6, while its plain
+    slope is near 1 because the scale dominates."""
+    from basalseg.evaluation import volume_agreement
+    from basalseg.structures import STRUCTURES
+
+    name = STRUCTURES[0].name
+    scales = [0.8, 1.0, 1.25, 0.9, 1.1]
+    own = [1.05, 0.95, 1.0, 1.1, 0.92]
+    rows = [{"structure": name, "affine_scale": s, "volume_ref_ml": 10 * s * o, "volume_pred_ml": 10 * s * o ** 0.6}
+            for s, o in zip(scales, own)]
+    a = volume_agreement(rows)[name]
+    assert abs(a["local_slope"] - 0.6) < 1e-9 and a["slope"] > 0.8
+    rows[0]["affine_scale"] = None  # one case without a localisation scale: undefined
+    assert np.isnan(volume_agreement(rows)[name]["local_slope"])
 
 
 def test_evaluate_files_names_how_the_grids_differ(tmp_path):

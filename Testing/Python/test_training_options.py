@@ -1,5 +1,5 @@
-"""Training options for fine-tuning: the student's left-right mirror augmentation and ``--split``
-(validating a fine-tuned network on an earlier run's validation cases)."""
+"""Training options for fine-tuning: the student's left-right mirror augmentation, its elastic
+deformation and ``--split`` (validating a fine-tuned network on an earlier run's validation cases)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from basalseg.errors import BasalSegError
 from basalseg.structures import NUM_CLASSES, STRUCTURES, get_structure, left_right_permutation
-from basalseg.training.train_student import mirror_left_right
+from basalseg.training.train_student import mirror_left_right, student_transforms
 
 
 def test_left_right_permutation_pairs_every_structure_with_its_twin():
@@ -45,6 +45,62 @@ def test_mirror_of_a_t1_only_input_and_a_wrong_channel_count():
     np.testing.assert_array_equal(mx, x[:, ::-1])
     with pytest.raises(ValueError, match="channels"):
         mirror_left_right(np.zeros((3, 5, 2, 2), np.float32), np.zeros((5, 2, 2), np.uint8))
+
+
+def _blob_sample(side=40):
+    """Two spheres (classes 1 and 2) with the T1 and a prior channel per class that equal the labels."""
+    g = np.indices((side,) * 3).astype(np.float32)
+    label = np.zeros((side,) * 3, np.uint8)
+    label[((g - np.array([14, 20, 20])[:, None, None, None]) ** 2).sum(0) < 7 ** 2] = 1
+    label[((g - np.array([27, 20, 20])[:, None, None, None]) ** 2).sum(0) < 5 ** 2] = 2
+    prior = np.stack([(label == c).astype(np.float32) for c in range(1, NUM_CLASSES)])
+    return {"image": (label > 0).astype(np.float32)[None], "prior": prior, "label": label[None].astype(np.float32)}
+
+
+def test_elastic_deformation_moves_labels_image_and_prior_together():
+    """``--elastic 1``: the structures change shape and volume, and the T1 and the prior channels move with
+    the labels (a voxel inside a deformed structure is still inside it on every channel)."""
+    changed, moved, unmoved = [], [], []
+    dice = lambda a, b: 2 * (a & b).sum() / (a.sum() + b.sum())
+    for seed in range(4):
+        sample = _blob_sample()
+        out = student_transforms(seed, True, (40, 40, 40), elastic=1.0)(dict(sample))
+        label = np.asarray(out["label"])[0].round()
+        image, prior = np.asarray(out["image"])[0], np.asarray(out["prior"])
+        inside = label == 1
+        assert inside.sum() > 100
+        moved.append(dice(prior[0] > 0.5, inside))
+        unmoved.append(dice(sample["prior"][0] > 0.5, inside))
+        # labels are resampled nearest, the prior linearly: they differ only on the rim
+        assert dice(prior[0] > 0.5, inside) > 0.9 and dice(prior[1] > 0.5, label == 2) > 0.85
+        # the T1 also had gamma and noise (intensity only)
+        assert dice(image > 0.5, label > 0) > 0.85
+        changed.append(np.abs((label == 1).sum() / (sample["label"][0] == 1).sum() - 1))
+    assert max(changed) > 0.02  # the shapes did change
+    assert np.mean(moved) > np.mean(unmoved) + 0.05  # and the prior followed them
+
+
+def test_elastic_off_by_default_and_its_probability_checked():
+    names = [type(t).__name__ for t in student_transforms(0, True).transforms]
+    assert "Rand3DElasticd" not in names
+    assert "Rand3DElasticd" in [type(t).__name__ for t in student_transforms(0, True, elastic=0.5).transforms]
+    with pytest.raises(ValueError, match="elastic"):
+        student_transforms(0, True, elastic=1.5)
+
+
+def test_probability_options_are_checked_when_parsed(capsys):
+    """``train --elastic/--mirror`` and ``synth --artefacts`` take probabilities: anything else is a usage error
+    before any cohort is read."""
+    from basalseg.commands.app import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["train", "--cohort", "c", "--work", "w", "--elastic", "0.5"]).elastic == 0.5
+    for argv in (["train", "--cohort", "c", "--work", "w", "--elastic", "1.5"],
+                 ["train", "--cohort", "c", "--work", "w", "--mirror", "-0.1"],
+                 ["synth", "--out", "o", "--artefacts", "often"]):
+        with pytest.raises(SystemExit) as info:
+            parser.parse_args(argv)
+        assert info.value.code == 2 and "probability" in capsys.readouterr().err
 
 
 def _tiny_cohort(folder, names):

@@ -11,6 +11,17 @@ from .options import add_device_option, add_foundation_options, add_threads_opti
 __all__ = ["register", "run_train", "run_synth"]
 
 
+def _probability(text: str) -> float:
+    """An argparse type: a probability in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects a probability such as 0.5; got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expects a probability in [0, 1]; got {text!r}")
+    return value
+
+
 def register(sub) -> None:
     p = sub.add_parser("train", help="train the prompt generator and the student on labelled cohorts")
     p.add_argument("--cohort", action="append", required=True, type=Path,
@@ -41,9 +52,12 @@ def register(sub) -> None:
     p.add_argument("--split", type=Path, default=None, metavar="SPLIT_JSON",
                    help="validate on the validation cases of this earlier run's split.json (instead of --val); "
                         "for fine-tuning on a larger cohort")
-    p.add_argument("--mirror", type=float, default=0.0, metavar="P",
+    p.add_argument("--mirror", type=_probability, default=0.0, metavar="P",
                    help="student: probability of a left-right mirror augmentation (left/right labels and prior "
                         "channels swapped; default 0: none)")
+    p.add_argument("--elastic", type=_probability, default=0.0, metavar="P",
+                   help="student: probability of an elastic deformation of the training patch (image, foundation "
+                        "masks and labels together; about 7 %% volume change per structure; default 0: none)")
     p.add_argument("--boundary-weight", type=float, default=0.5, help="final weight of the boundary loss")
     p.add_argument("--patch", type=int, default=96, help="student training patch side (voxels)")
     p.add_argument("--seed", type=int, default=0)
@@ -71,7 +85,7 @@ def register(sub) -> None:
     p.add_argument("--localise-transform", default=LOCALISE_TRANSFORMS[0], choices=list(LOCALISE_TRANSFORMS),
                    help="with --localised: the localisation's transform (default affine, inference's default since "
                         "2026-12-07; the localised cohorts of the shipped weights were made rigid)")
-    p.add_argument("--artefacts", type=float, default=0.0, metavar="P",
+    p.add_argument("--artefacts", type=_probability, default=0.0, metavar="P",
                    help="with --head: probability of k-space artefacts per subject (Gibbs ringing and motion-like "
                         "ghosts; default 0: none)")
     p.add_argument("--structure-volume-range", type=float, default=None, metavar="R",
@@ -98,7 +112,8 @@ def run_train(args: argparse.Namespace) -> int:
           lr=args.lr, max_minutes=args.max_minutes, mode=args.mode, band=args.band, jitter=args.jitter,
           shard=args.shard, boundary_weight=args.boundary_weight, patch=args.patch, seed=args.seed,
           resume=args.resume, export=args.export, context=args.context, init=args.init,
-          mirror=args.mirror, split=args.split, prompter_init=args.prompter_init)
+          mirror=args.mirror, split=args.split, prompter_init=args.prompter_init,
+          elastic=args.elastic)
     return 0
 
 

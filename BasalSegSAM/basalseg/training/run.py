@@ -47,7 +47,7 @@ def train(cohorts: list[Path], work: Path, *, label_mapping: str | None, stage: 
           steps_per_epoch: int, lr: float, max_minutes: float | None, mode: str, band: float, jitter: int, shard: str,
           boundary_weight: float, patch: int, seed: int, resume: bool, export: Path | None, context: bool = False,
           init: Path | None = None, mirror: float = 0.0, split: Path | None = None,
-          prompter_init: Path | None = None) -> None:
+          prompter_init: Path | None = None, elastic: float = 0.0) -> None:
     """Run the training stages (module docstring) on ``cohorts`` in the working folder ``work``.
 
     Args:
@@ -61,6 +61,7 @@ def train(cohorts: list[Path], work: Path, *, label_mapping: str | None, stage: 
             inference), in its own folder ``work/foundation/<backend>-ctx3``.
         init: a student checkpoint to start the student from (fine-tuning; same input mode).
         mirror: probability of the student's left-right mirror augmentation (0 = none).
+        elastic: probability of the student's elastic deformation augmentation (0 = none).
         prompter_init: a prompter checkpoint to start the prompter from (fine-tuning).
         split: an earlier run's ``split.json``: its validation cases are validated on here too (all
             must be in ``cohorts``; ``val`` is then ignored), so a network fine-tuned on a larger
@@ -138,7 +139,7 @@ def train(cohorts: list[Path], work: Path, *, label_mapping: str | None, stage: 
                                                      [cache_dir / f"{n}.npz" for n in val_names], run_dir, cfg,
                                                      mode, band, resume, str(device),
                                                      a_max=boundary_weight, patch=patch, init=init,
-                                                     mirror=mirror))
+                                                     mirror=mirror, elastic=elastic))
     if export:
         export_weights(prompter_dir / "prompter.pt", run_dir / "student.pt", export, foundation,
                        cohorts=[str(c) for c in cohorts])
