@@ -305,7 +305,7 @@ if [ "${HEAD_REPEAT:-0}" = 1 ]; then
   .venv/bin/python scripts/repeatability.py analyse-localised --work "$W/rephead" --report rescan_head_921 --report rescan_head_922 \
     --into BasalSegSAM/basalseg/weights/repeatability.json --table "$W/rephead/repeatability.json" --markdown "$W/rephead/analysis.md"
 fi
-# Shared by steps 16 to 18 (they use the cohorts folder $C of their own step):
+# Shared by steps 16 to 19 (they use the cohorts folder $C of their own step):
 # score_heldout WEIGHTS OUT: the held-out cohorts scored on their input grids with a weights folder, into OUT/{icbm,mni,
 #   head6262,heads911}, two runs at a time (a failed run stops the script, set -e);
 # refit_repeatability REP REPHEAD: both repeatability studies run (two workers of one thread) into the work folders REP
@@ -521,9 +521,9 @@ g = collections.defaultdict(list)
 for r in csv.DictReader(open(sys.argv[1])):
     g[r["variant"]].append(r)
 def summary(rs):   # mean Dice, and volume accuracy with each structure's mean log volume ratio over the cases removed
-    by = collections.defaultdict(list)
+    by = collections.defaultdict(list)   # (an empty prediction counts as 0.001 mL: a large error, not a crash)
     for r in rs:
-        by[r["structure"]].append(math.log(float(r["volume_pred_ml"]) / float(r["volume_ref_ml"])))
+        by[r["structure"]].append(math.log(max(float(r["volume_pred_ml"]), 1e-3) / float(r["volume_ref_ml"])))
     return st.mean(float(r["dice"]) for r in rs), st.mean(1 - abs(math.exp(x - st.mean(v)) - 1) for v in by.values() for x in v)
 new, old = summary(g["elastic, uncalibrated"]), summary(g["shipped student, uncalibrated"])
 print(f"aval: Dice {old[0]:.4f} -> {new[0]:.4f}, bias-free volume accuracy {old[1]:.4f} -> {new[1]:.4f}")

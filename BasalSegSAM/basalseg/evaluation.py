@@ -159,8 +159,8 @@ def volume_agreement(rows: list[dict]) -> dict:
     with ``volume_pred_ml``/``volume_ref_ml``): ``n`` (cases with a reference volume),
     ``signed_error_pct`` mean and ``signed_error_sd_pct``, ``slope`` (least squares of V_P on
     V_R), ``r`` (Pearson; NaN with fewer than 3 cases or no spread in either volume) and
-    ``local_slope`` (NaN unless every such row has an ``affine_scale``). Module docstring for the
-    definitions."""
+    ``local_slope`` (NaN unless every such row has an ``affine_scale``, with fewer than 3 cases or
+    when a prediction is empty). Module docstring for the definitions."""
     out: dict = {}
     for s in STRUCTURES:
         pairs = np.array([(float(r["volume_ref_ml"]), float(r["volume_pred_ml"])) for r in rows

@@ -136,8 +136,6 @@ def run_synth(args: argparse.Namespace) -> int:
         raise BasalSegError("--skull-stripped needs --head (the other subjects are skull-stripped already)")
     if args.artefacts and not args.head:
         raise BasalSegError("--artefacts needs --head")
-    if not 0 <= args.artefacts <= 1:
-        raise BasalSegError(f"--artefacts is a probability in [0, 1], got {args.artefacts}")
     brain = SynthConfig(contrast=args.contrast)
     if args.structure_volume_range is not None:
         try:
