@@ -163,28 +163,31 @@ def volume_agreement(rows: list[dict]) -> dict:
     when a prediction is empty). Module docstring for the definitions."""
     out: dict = {}
     for s in STRUCTURES:
-        pairs = np.array([(float(r["volume_ref_ml"]), float(r["volume_pred_ml"])) for r in rows
-                          if r["structure"] == s.name and float(r["volume_ref_ml"]) > 0], dtype=np.float64)
+        sel = [r for r in rows if r["structure"] == s.name and float(r["volume_ref_ml"]) > 0]
+        pairs = np.array([(float(r["volume_ref_ml"]), float(r["volume_pred_ml"])) for r in sel], dtype=np.float64)
         entry = {"n": int(len(pairs)), "signed_error_pct": float("nan"), "signed_error_sd_pct": float("nan"),
                  "slope": float("nan"), "r": float("nan"), "local_slope": float("nan")}
         if len(pairs):
             err = 100.0 * (pairs[:, 1] / pairs[:, 0] - 1.0)
             entry["signed_error_pct"] = float(err.mean())
             entry["signed_error_sd_pct"] = float(err.std(ddof=1)) if len(err) > 1 else float("nan")
-        if len(pairs) >= 3 and pairs[:, 0].std() > 0:
+        if len(pairs) >= 3:
+            entry["slope"] = _ls_slope(pairs[:, 0], pairs[:, 1])
             ref, pred = pairs[:, 0] - pairs[:, 0].mean(), pairs[:, 1] - pairs[:, 1].mean()
-            entry["slope"] = float((ref * pred).sum() / (ref * ref).sum())
-            if pred.std() > 0:
+            if ref.std() > 0 and pred.std() > 0:
                 entry["r"] = float((ref * pred).sum() / math.sqrt((ref * ref).sum() * (pred * pred).sum()))
-        scales = [r.get("affine_scale") for r in rows if r["structure"] == s.name and float(r["volume_ref_ml"]) > 0]
-        if len(pairs) >= 3 and all(x is not None and float(x) > 0 for x in scales) and (pairs[:, 1] > 0).all():
-            log_s = np.log(np.asarray(scales, dtype=np.float64))
-            ref, pred = np.log(pairs[:, 0]) - log_s, np.log(pairs[:, 1]) - log_s
-            ref, pred = ref - ref.mean(), pred - pred.mean()
-            if (ref * ref).sum() > 0:
-                entry["local_slope"] = float((ref * pred).sum() / (ref * ref).sum())
+            scales = [r.get("affine_scale") for r in sel]
+            if all(x is not None and float(x) > 0 for x in scales) and (pairs[:, 1] > 0).all():
+                log_s = np.log(np.asarray(scales, dtype=np.float64))
+                entry["local_slope"] = _ls_slope(np.log(pairs[:, 0]) - log_s, np.log(pairs[:, 1]) - log_s)
         out[s.name] = entry
     return out
+
+
+def _ls_slope(x: np.ndarray, y: np.ndarray) -> float:
+    """Least-squares slope of ``y`` on ``x`` (NaN when ``x`` has no spread)."""
+    x, y = x - x.mean(), y - y.mean()
+    return float((x * y).sum() / (x * x).sum()) if (x * x).sum() > 0 else float("nan")
 
 
 def _nanmean(values) -> float:
